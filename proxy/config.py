@@ -1,0 +1,198 @@
+"""The config schema (SPEC §3) as frozen dataclasses.
+
+Field names are the YAML keys, so an error's ``path.to.field`` is the field path, and
+defaults here are the documented defaults. ``config_parser`` turns YAML into these;
+nothing else constructs them from user input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from proxy.units import Bytes, Percent, Seconds
+
+KIB = 1024
+MIB = 1024 * KIB
+
+ROLES_BY_KEY = ("stable", "canary", "shadow", "fallback")
+NOTIFY_KINDS = (
+    "rollback",
+    "promote",
+    "step",
+    "weight",
+    "resume",
+    "kill",
+    "reload",
+    "reload_refused",
+    "canary_unhealthy",
+    "canary_healthy",
+    "verified",
+    "verify_failed",
+)
+DEFAULT_NOTIFY_KINDS = ("rollback", "promote", "verify_failed", "kill", "reload_refused")
+
+
+def _frozen() -> dict[str, bool]:
+    return {"frozen": True, "slots": True, "kw_only": True}
+
+
+@dataclass(**_frozen())
+class ServerConfig:
+    listen: str = "0.0.0.0:8080"
+    max_body: Bytes = 10 * MIB
+    inspect_body: Bytes = 1 * MIB
+    header_timeout: Seconds = 10.0
+    drain_timeout: Seconds = 30.0
+
+
+@dataclass(**_frozen())
+class AdminConfig:
+    listen: str = "127.0.0.1:9901"
+    token_env: str = "FLIPBACK_ADMIN_TOKEN"
+
+
+@dataclass(**_frozen())
+class StateConfig:
+    file: str | None = ".flipback/state.json"
+    redis: str | None = None
+
+
+@dataclass(**_frozen())
+class LogConfig:
+    access: bool = False
+
+
+@dataclass(**_frozen())
+class NotifyConfig:
+    webhook: str | None = None
+    timeout: Seconds = 2.0
+    kinds: tuple[str, ...] = DEFAULT_NOTIFY_KINDS
+
+
+@dataclass(**_frozen())
+class HealthConfig:
+    path: str | None = None
+    interval: Seconds = 5.0
+    timeout: Seconds = 1.0
+    unhealthy_after: int = 2
+    healthy_after: int = 2
+
+
+@dataclass(**_frozen())
+class UpstreamConfig:
+    name: str
+    url: str
+    connect_timeout: Seconds = 2.0
+    timeout: Seconds = 120.0
+    idle_timeout: Seconds = 60.0
+    max_connections: int = 512
+    max_pending: int = 1024
+    headers: tuple[tuple[str, str], ...] = ()
+    health: HealthConfig = field(default_factory=HealthConfig)
+    # Derived from ``url`` by the parser: where to connect and what Host to send.
+    scheme: str = "http"
+    host: str = "127.0.0.1"
+    port: int = 80
+    base_path: str = ""  # prefix joined before the client's path ("" for none)
+
+
+@dataclass(**_frozen())
+class MatchConfig:
+    path_prefix: str = "/"
+    methods: tuple[str, ...] = ()  # empty: any method
+    headers: tuple[tuple[str, str], ...] = ()  # lower-cased names; exact value match
+
+
+@dataclass(**_frozen())
+class CanaryConfig:
+    upstream: str
+    weight: Percent = 0.0
+
+
+@dataclass(**_frozen())
+class ProgressiveConfig:
+    steps: tuple[Percent, ...] = (1.0, 5.0, 25.0, 50.0, 100.0)
+    interval: Seconds = 60.0
+
+
+@dataclass(**_frozen())
+class StickyConfig:
+    header: str | None = None
+    cookie: str | None = None
+    json_field: str | None = None
+    ttl: Seconds = 3600.0
+    max_sessions: int = 1_000_000
+
+
+@dataclass(**_frozen())
+class CompareConfig:
+    status: bool = True
+    json_paths: tuple[str, ...] = ()
+    record: str | None = ".flipback/shadow-diffs.jsonl"
+    record_max: Bytes = 10 * MIB
+    bodies: bool = False  # flipback extension: store both bodies in the record
+
+
+@dataclass(**_frozen())
+class ShadowConfig:
+    upstream: str
+    sample: Percent = 10.0
+    by: str = "request"  # or "session"
+    max_in_flight: int = 32
+    timeout: Seconds = 30.0
+    compare: CompareConfig | None = None
+
+
+@dataclass(**_frozen())
+class RollbackConfig:
+    enabled: bool = True
+    window: Seconds = 10.0
+    min_requests: int = 20
+    max_error_rate: Percent | None = 5.0
+    max_p99: Seconds | None = 0.5
+    max_p99_ratio: float | None = None
+    consecutive_failures: int | None = 5
+    compare_to_stable: bool = True
+    latency: str = "ttfb"  # or "total"
+    # Every status code that counts as a failure, expanded from "5xx", "4xx", 429, ...
+    failure_statuses: frozenset[int] = frozenset(range(500, 600))
+    verify: Seconds | None = 60.0
+
+
+@dataclass(**_frozen())
+class KillSwitchConfig:
+    enabled: bool = False
+    status: int = 503
+    content_type: str = "application/json"
+    body: str = '{"error":"model temporarily disabled"}'
+    openai_message: str | None = None
+
+
+@dataclass(**_frozen())
+class RouteConfig:
+    name: str
+    match: MatchConfig
+    stable: str
+    canary: CanaryConfig | None = None
+    progressive: ProgressiveConfig | None = None
+    sticky: StickyConfig | None = None
+    shadow: ShadowConfig | None = None
+    fallback: str | None = None
+    retry_canary_on_stable: bool = True
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
+    kill_switch: KillSwitchConfig = field(default_factory=KillSwitchConfig)
+    override_header: str | None = None  # lower-cased
+
+
+@dataclass(**_frozen())
+class ProxyConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    notify: NotifyConfig | None = None
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    source: str = "<memory>"  # the file it came from, for messages
+    sha256: str = ""  # content hash of that file
