@@ -1,0 +1,216 @@
+"""The admin API (SPEC §8) on its own listener: health, metrics, routes, events, actions."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.rollback import figures_of
+from proxy.rollout import Rollout, RolloutConflict
+from proxy.runtime import Runtime
+
+RUNTIME = web.AppKey("runtime", Runtime)
+TOKEN = web.AppKey("token", str)  # "" when no token is set
+LOOPBACK_ONLY = web.AppKey("loopback_only", bool)
+RELOAD = web.AppKey("reload", Callable[[], Awaitable[dict[str, Any]]])
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(listen_host: str) -> bool:
+    host = listen_host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_token(token_env: str) -> str:
+    return os.environ.get(token_env, "")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method != "POST":
+        return await handler(request)
+    token = request.app[TOKEN]
+    if token:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _error(401, "unauthorized: a valid 'Authorization: Bearer <token>' is needed")
+    elif not request.app[LOOPBACK_ONLY]:
+        return _error(401, "unauthorized: no admin token is set and the listener is not loopback")
+    return await handler(request)
+
+
+def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
+    """The ROUTE object of SPEC §8."""
+    upstreams: dict[str, Any] = {}
+    for lane in rollout.lanes.values():
+        stats = rollout.window_stats(lane)
+        figures = figures_of(stats) if stats is not None else {}
+        upstreams[lane.upstream] = {
+            "role": lane.role,
+            "healthy": None,
+            "requests": figures.get("requests", 0),
+            "failures": figures.get("failures", 0),
+            "error_rate": figures.get("error_rate", 0.0),
+            "p50_ms": figures.get("p50_ms"),
+            "p99_ms": figures.get("p99_ms"),
+            "in_flight": lane.in_flight.value,
+        }
+    last = runtime.events.last_for(rollout.name)
+    return {
+        "name": rollout.name,
+        "state": rollout.state,
+        "configured_weight": rollout.configured_weight,
+        "effective_weight": rollout.effective_weight,
+        "upstreams": upstreams,
+        "sticky_sessions": 0,
+        "last_event": last.as_json() if last is not None else None,
+        "latch": rollout.latch,
+    }
+
+
+def _rollout(request: web.Request) -> Rollout:
+    name = request.match_info["name"]
+    rollout = request.app[RUNTIME].rollout(name)
+    if rollout is None:
+        raise web.HTTPNotFound(
+            body=orjson.dumps({"error": f"unknown route {name!r}"}),
+            content_type="application/json",
+        )
+    return rollout
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise web.HTTPBadRequest(body=orjson.dumps({"error": "body is not valid JSON"}),
+                                 content_type="application/json") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(body=orjson.dumps({"error": "body must be a JSON object"}),
+                                 content_type="application/json")
+    return data
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    body = {
+        "status": "draining" if runtime.draining else "ready",
+        "upstreams": {name: {"healthy": None} for name in runtime.snapshot.pools},
+        "redis": None,
+    }
+    return _json(body, 503 if runtime.draining else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def list_routes(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    return _json({"routes": [route_view(r, runtime) for r in runtime.snapshot.rollouts.values()]})
+
+
+async def get_route(request: web.Request) -> web.Response:
+    return _json(route_view(_rollout(request), request.app[RUNTIME]))
+
+
+async def events(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        return _error(400, "limit must be a whole number")
+    if limit < 1:
+        return _error(400, "limit must be 1 or more")
+    runtime = request.app[RUNTIME]
+    route = request.query.get("route")
+    return _json({"events": [e.as_json() for e in runtime.events.recent(limit, route)]})
+
+
+def _action(apply: Callable[[Rollout, dict[str, Any]], None]) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        rollout = _rollout(request)
+        data = await _body(request)
+        try:
+            apply(rollout, data)
+        except RolloutConflict as exc:
+            return _error(exc.status, str(exc))
+        return _json(route_view(rollout, request.app[RUNTIME]))
+
+    return handler
+
+
+def _do_rollback(rollout: Rollout, data: dict[str, Any]) -> None:
+    reason = data.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise RolloutConflict("reason must be a string", status=400)
+    rollout.rollback(reason)
+
+
+def _do_weight(rollout: Rollout, data: dict[str, Any]) -> None:
+    weight = data.get("weight")
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise RolloutConflict("body must be {\"weight\": 0-100}", status=400)
+    rollout.set_weight(float(weight))
+
+
+def _do_kill(rollout: Rollout, data: dict[str, Any]) -> None:
+    enabled = data.get("enabled")
+    if not isinstance(enabled, bool):
+        raise RolloutConflict("body must be {\"enabled\": true|false}", status=400)
+    rollout.kill(enabled)
+
+
+async def reload(request: web.Request) -> web.Response:
+    if RELOAD not in request.app:
+        return _error(503, "reload is not available")
+    result = await request.app[RELOAD]()
+    return _json(result, 200 if result.get("ok") else 400)
+
+
+def create_admin_app(runtime: Runtime, *, token: str, loopback_only: bool) -> web.Application:
+    app = web.Application(middlewares=[_auth])
+    app[RUNTIME] = runtime
+    app[TOKEN] = token
+    app[LOOPBACK_ONLY] = loopback_only
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/routes", list_routes)
+    app.router.add_get("/routes/{name}", get_route)
+    app.router.add_get("/events", events)
+    app.router.add_post("/routes/{name}/rollback", _action(_do_rollback))
+    app.router.add_post("/routes/{name}/promote", _action(lambda r, d: r.promote()))
+    app.router.add_post("/routes/{name}/weight", _action(_do_weight))
+    app.router.add_post("/routes/{name}/resume", _action(lambda r, d: r.resume()))
+    app.router.add_post("/routes/{name}/kill", _action(_do_kill))
+    app.router.add_post("/reload", reload)
+    return app

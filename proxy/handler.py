@@ -1,0 +1,260 @@
+"""The data-plane request path (SPEC §4, §5), read top to bottom.
+
+match route -> kill switch -> body (buffered only when a retry could need it) -> pick
+stable or canary -> send -> on a failure before any byte reached the client, retry on
+the next lane (canary -> stable -> fallback) -> stream the response -> record.
+This is the only place on the request path with a broad ``except``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+from aiohttp.streams import StreamReader
+
+from proxy.errors import BodyTooLarge, UpstreamError
+from proxy.headers import downstream_headers, new_request_id, upstream_headers
+from proxy.killswitch import kill_response
+from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
+from proxy.rollout import Lane, Rollout
+from proxy.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("proxy.access")
+
+_JSON = "application/json"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class _Body:
+    """A streamed request body that enforces ``max_body`` while it flows."""
+
+    __slots__ = ("_content", "_limit", "_prefix", "too_large")
+
+    def __init__(self, content: StreamReader, limit: int, prefix: bytes = b"") -> None:
+        self._content = content
+        self._limit = limit
+        self._prefix = prefix
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = len(self._prefix)
+        if self._prefix:
+            yield self._prefix
+        async for chunk in self._content.iter_any():
+            seen += len(chunk)
+            if seen > self._limit:
+                self.too_large = True
+                raise BodyTooLarge(f"request body over {self._limit} bytes")
+            yield chunk
+
+
+class Proxy:
+    """Holds what every request needs, hoisted out of the per-request path."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        server = runtime.snapshot.config.server
+        self.max_body = server.max_body
+        self.inspect_body = server.inspect_body
+        self.access_log = runtime.snapshot.config.log.access
+        self._loop_time = asyncio.get_running_loop().time
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            logger.exception("unexpected error on %s %s", request.method, request.raw_path)
+            rid = request.headers.get("x-request-id") or ""
+            return json_error(502, "internal proxy error", rid)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        snap = self.runtime.snapshot
+        raw_path = request.raw_path
+        path = raw_path.partition("?")[0]
+        rid = request.headers.get("x-request-id") or new_request_id()
+        rollout = snap.table.match(request.method, path, request.headers)
+        if rollout is None:
+            return json_error(404, f"no route for {request.method} {path}", rid)
+        if rollout.killed:
+            return await self._killed(request, rollout, rid)
+        content_length = request.content_length
+        if content_length is not None and content_length > self.max_body:
+            return json_error(413, f"request body over {self.max_body} bytes", rid)
+
+        lane = rollout.pick()
+        body: bytes | _Body | None
+        replayable = True
+        if not request.body_exists:
+            body = b"" if content_length == 0 else None
+        elif self._next_lane(rollout, lane) is None:
+            body = _Body(request.content, self.max_body)
+            replayable = False
+        else:
+            body = await self._buffer(request, content_length)
+            if isinstance(body, _Body):
+                replayable = False
+                self.runtime.metrics.body_not_replayable_total.labels(route=rollout.name).inc()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        headers, _host = upstream_headers(
+            request.raw_headers,
+            client_ip=peer[0] if peer else "unknown",
+            proto=b"http",
+            request_id=rid.encode(),
+        )
+        return await self._forward(request, rollout, lane, headers, body, replayable, rid)
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        rollout: Rollout,
+        lane: Lane,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | _Body | None,
+        replayable: bool,
+        rid: str,
+    ) -> web.StreamResponse:
+        now = self._loop_time
+        failure_statuses = rollout.route.rollback.failure_statuses
+        role = lane.role
+        method = request.method
+        target = request.raw_path
+        content_length = request.content_length if isinstance(body, _Body) else None
+        while True:
+            started = lane.begin()
+            t0 = now()
+            try:
+                up = await lane.pool.send(method, target, headers, body,
+                                          content_length=content_length)
+            except UpstreamError as exc:
+                lane.end(started, role=role, outcome=_outcome_of(exc), failed=True, ttfb=None,
+                         total=now() - t0)
+                if isinstance(body, _Body) and body.too_large:
+                    return json_error(413, f"request body over {self.max_body} bytes", rid)
+                nxt = self._next_lane(rollout, lane) if replayable else None
+                if nxt is None:
+                    return json_error(exc.status, f"upstream {lane.upstream}: {exc}", rid)
+                lane = nxt
+                role = nxt.role
+                continue
+            except BaseException:
+                lane.cancel(started)
+                raise
+            ttfb = now() - t0
+            status = up.status
+            failed = status in failure_statuses
+            if replayable and (failed if lane is rollout.canary else status >= 500):
+                nxt = self._next_lane(rollout, lane)
+                if nxt is not None:
+                    up.release()
+                    lane.end(started, role=role, outcome=outcome_index(status), failed=failed,
+                             ttfb=ttfb, total=ttfb)
+                    lane = nxt
+                    role = nxt.role
+                    continue
+            break
+
+        resp = web.StreamResponse(status=status, reason=up.reason,
+                                  headers=downstream_headers(up.headers))
+        resp.headers["x-flipback-upstream"] = lane.upstream
+        resp.headers["x-request-id"] = rid
+        if up.content_length is not None and status not in _NO_BODY_STATUSES:
+            resp.content_length = up.content_length
+        try:
+            await resp.prepare(request)
+            read = up.read
+            write = resp.write
+            while chunk := await read():
+                await write(chunk)
+            await resp.write_eof()
+        except UpstreamError as exc:
+            # Broke after the client got headers: the client must see a broken response,
+            # never a clean end of stream (a cut SSE stream must not look complete).
+            up.release()
+            lane.end(started, role=role, outcome=_outcome_of(exc), failed=True, ttfb=ttfb,
+                     total=now() - t0)
+            if request.transport is not None:
+                request.transport.abort()
+            self._log(request, rollout.name, lane.upstream, role, 0, now() - t0, rid)
+            return resp
+        except BaseException:
+            up.release()
+            lane.cancel(started)
+            raise
+        up.release()
+        total = now() - t0
+        lane.end(started, role=role, outcome=outcome_index(status), failed=failed, ttfb=ttfb,
+                 total=total)
+        if self.access_log:
+            self._log(request, rollout.name, lane.upstream, role, status, total, rid)
+        return resp
+
+    @staticmethod
+    def _next_lane(rollout: Rollout, lane: Lane) -> Lane | None:
+        """Where a request goes when ``lane`` failed before any byte reached the client."""
+        if lane is rollout.canary:
+            return rollout.stable if rollout.route.retry_canary_on_stable else None
+        if lane is rollout.stable:
+            return rollout.fallback
+        return None
+
+    async def _buffer(self, request: web.BaseRequest, length: int | None) -> bytes | _Body:
+        """Read the body into memory when it fits ``inspect_body``, so it can be replayed;
+        a larger one streams through (what was read so far goes first)."""
+        limit = self.inspect_body
+        content = request.content
+        if length is not None:
+            if length > limit:
+                return _Body(content, self.max_body)
+            return await content.readexactly(length) if length else b""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in content.iter_any():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return _Body(content, self.max_body, prefix=b"".join(parts))
+        return b"".join(parts)
+
+    async def _killed(self, request: web.BaseRequest, rollout: Rollout,
+                      rid: str) -> web.StreamResponse:
+        t0 = self._loop_time()
+        body = b""
+        if rollout.route.kill_switch.openai_message is not None and request.body_exists:
+            got = await self._buffer(request, request.content_length)
+            body = got if isinstance(got, bytes) else b""
+        resp = kill_response(rollout.route.kill_switch, body, rid)
+        status = resp.status
+        series = self.runtime.metrics.series(rollout.name, "-", "static")
+        series.observe(outcome_index(status), None, self._loop_time() - t0)
+        return resp
+
+    def _log(self, request: web.BaseRequest, route: str, upstream: str, role: str,
+             status: int, seconds: float, rid: str) -> None:
+        if not self.access_log:
+            return
+        access_logger.info(orjson.dumps({
+            "request_id": rid, "method": request.method, "path": request.raw_path,
+            "route": route, "upstream": upstream, "role": role, "status": status,
+            "ms": round(seconds * 1000, 3),
+        }).decode())
+
+
+def _outcome_of(exc: UpstreamError) -> int:
+    return OUTCOME_TIMEOUT if exc.kind == "timeout" else OUTCOME_ERROR
+
+
+def json_error(status: int, message: str, request_id: str) -> web.Response:
+    """Errors the proxy makes itself (SPEC §4)."""
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": message, "request_id": request_id}),
+        content_type=_JSON,
+        headers={"x-request-id": request_id},
+    )

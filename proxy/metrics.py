@@ -1,0 +1,226 @@
+"""Prometheus metrics (SPEC §9) on a private registry.
+
+Per-request figures are plain Python ints in slotted objects that the request path holds
+directly (no label lookup, no lock per request); a collector turns them into metric
+families at scrape time. Route-level gauges (weight, state) are read from the live
+rollouts at scrape time too, so they cannot drift from the truth.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
+OUTCOME_ERROR = 4
+OUTCOME_TIMEOUT = 5
+ROUTE_STATES = ("stable", "canary", "waiting", "promoted", "rolled_back", "killed")
+# Seconds; wide on the right because an LLM stream can legitimately last minutes.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+           60.0, 120.0, 300.0)
+
+
+def outcome_index(status: int) -> int:
+    """Index into OUTCOMES for an HTTP status (1xx counts with 2xx: it never ends a request)."""
+    klass = status // 100
+    return 0 if klass < 2 else min(klass - 2, 3)
+
+
+class Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(BUCKETS, self.counts, strict=False):
+            running += count
+            out.append((repr(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+class Series:
+    """Counters for one (route, upstream, role): what one request outcome updates."""
+
+    __slots__ = ("outcomes", "duration", "ttfb")
+
+    def __init__(self) -> None:
+        self.outcomes = [0] * len(OUTCOMES)
+        self.duration = Histogram()
+        self.ttfb = Histogram()
+
+    def observe(self, outcome: int, ttfb: float | None, total: float) -> None:
+        self.outcomes[outcome] += 1
+        self.duration.observe(total)
+        if ttfb is not None:
+            self.ttfb.observe(ttfb)
+
+
+class InFlight:
+    """Requests under way for one (route, upstream)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteGauges:
+    """What the collector reads of one route at scrape time."""
+
+    route: str
+    state: str
+    canary_weight: float
+    sticky_sessions: int
+
+
+class Metrics:
+    """Owns the registry. One instance per process (tests make one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._series: dict[tuple[str, str, str], Series] = {}
+        self._in_flight: dict[tuple[str, str], InFlight] = {}
+        self._route_gauges: Callable[[], Iterable[RouteGauges]] = lambda: ()
+        self._upstream_health: Callable[[], Iterable[tuple[str, bool | None]]] = lambda: ()
+        r = self.registry
+        self.rollbacks_total = Counter(
+            "flipback_rollbacks_total", "Rollbacks by route and reason", ["route", "reason"],
+            registry=r,
+        )
+        self.config_reloads_total = Counter(
+            "flipback_config_reloads_total", "Config reloads by result", ["result"], registry=r
+        )
+        self.config_info = Gauge(
+            "flipback_config_info", "1 for the loaded config's content hash", ["sha256"],
+            registry=r,
+        )
+        self.shadow_total = Counter(
+            "flipback_shadow_total", "Shadow copies by outcome", ["route", "outcome"], registry=r
+        )
+        self.shadow_mismatch_total = Counter(
+            "flipback_shadow_mismatch_total", "Shadow disagreements", ["route", "kind"],
+            registry=r,
+        )
+        self.verifications_total = Counter(
+            "flipback_verifications_total", "Post-rollback verifications", ["route", "result"],
+            registry=r,
+        )
+        self.notifications_total = Counter(
+            "flipback_notifications_total", "Webhook notifications", ["result"], registry=r
+        )
+        self.body_not_replayable_total = Counter(
+            "flipback_body_not_replayable_total",
+            "Requests whose body was too large to buffer, so not retried or mirrored",
+            ["route"],
+            registry=r,
+        )
+        r.register(_Collector(self))
+
+    def series(self, route: str, upstream: str, role: str) -> Series:
+        key = (route, upstream, role)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series()
+        return found
+
+    def in_flight(self, route: str, upstream: str) -> InFlight:
+        key = (route, upstream)
+        found = self._in_flight.get(key)
+        if found is None:
+            found = self._in_flight[key] = InFlight()
+        return found
+
+    def set_sources(
+        self,
+        routes: Callable[[], Iterable[RouteGauges]],
+        upstream_health: Callable[[], Iterable[tuple[str, bool | None]]],
+    ) -> None:
+        """Where scrape-time gauges come from (the runtime sets this once)."""
+        self._route_gauges = routes
+        self._upstream_health = upstream_health
+
+    def set_config(self, sha256: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(sha256=sha256).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        requests = CounterMetricFamily(
+            "flipback_requests", "Proxied requests", labels=["route", "upstream", "role", "outcome"]
+        )
+        duration = HistogramMetricFamily(
+            "flipback_request_duration_seconds", "Whole request duration",
+            labels=["route", "upstream", "role"],
+        )
+        ttfb = HistogramMetricFamily(
+            "flipback_upstream_ttfb_seconds", "Time to upstream response headers",
+            labels=["route", "upstream", "role"],
+        )
+        for (route, upstream, role), s in list(m._series.items()):
+            for name, count in zip(OUTCOMES, s.outcomes, strict=True):
+                if count:
+                    requests.add_metric([route, upstream, role, name], count)
+            duration.add_metric([route, upstream, role], s.duration.buckets(), s.duration.total)
+            ttfb.add_metric([route, upstream, role], s.ttfb.buckets(), s.ttfb.total)
+        yield requests
+        yield duration
+        yield ttfb
+        in_flight = GaugeMetricFamily(
+            "flipback_in_flight", "Requests under way", labels=["route", "upstream"]
+        )
+        for (route, upstream), cell in list(m._in_flight.items()):
+            in_flight.add_metric([route, upstream], cell.value)
+        yield in_flight
+        weight = GaugeMetricFamily(
+            "flipback_canary_weight", "Effective canary weight (percent)", labels=["route"]
+        )
+        state = GaugeMetricFamily(
+            "flipback_route_state", "1 for the route's current state", labels=["route", "state"]
+        )
+        sticky = GaugeMetricFamily(
+            "flipback_sticky_sessions", "Pinned sticky sessions", labels=["route"]
+        )
+        for g in m._route_gauges():
+            weight.add_metric([g.route], g.canary_weight)
+            for name in ROUTE_STATES:
+                state.add_metric([g.route, name], 1.0 if g.state == name else 0.0)
+            sticky.add_metric([g.route], g.sticky_sessions)
+        yield weight
+        yield state
+        yield sticky
+        healthy = GaugeMetricFamily(
+            "flipback_upstream_healthy", "1 healthy, 0 unhealthy (only probed upstreams)",
+            labels=["upstream"],
+        )
+        for name, ok in m._upstream_health():
+            if ok is not None:
+                healthy.add_metric([name], 1.0 if ok else 0.0)
+        yield healthy

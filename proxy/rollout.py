@@ -1,0 +1,372 @@
+"""Per-route rollout state machine (SPEC §5): who gets the next request, and when to flip.
+
+A ``Rollout`` owns one route's live state: configured and manual weights, the rollback
+latch, the kill switch override, the progressive step, and one ``Lane`` per upstream
+(window + metric cells). Decisions are synchronous and do no I/O, so a trip lands on the
+very next request; persistence is a callback the runtime turns into a background write.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from proxy import rollback
+from proxy.config import RouteConfig
+from proxy.events import EventLog
+from proxy.metrics import InFlight, Metrics, Series
+from proxy.upstream import UpstreamPool
+from proxy.windows import SlidingWindow, WindowStats
+
+Clock = Callable[[], float]
+
+
+class RolloutConflict(Exception):
+    """An admin action that does not fit the route's state (maps to HTTP 409/400)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Lane:
+    """One upstream as seen from one route: what a request to it must touch on the way."""
+
+    __slots__ = ("upstream", "role", "pool", "window", "in_flight", "_series", "_metrics",
+                 "_route", "_after_end", "_use_ttfb")
+
+    def __init__(
+        self,
+        *,
+        route: str,
+        upstream: str,
+        role: str,
+        pool: UpstreamPool,
+        window: SlidingWindow | None,
+        metrics: Metrics,
+        use_ttfb: bool,
+    ) -> None:
+        self.upstream = upstream
+        self.role = role
+        self.pool = pool
+        self.window = window
+        self.in_flight: InFlight = metrics.in_flight(route, upstream)
+        self._metrics = metrics
+        self._route = route
+        self._series: dict[str, Series] = {role: metrics.series(route, upstream, role)}
+        self._after_end: Callable[[bool], None] | None = None
+        self._use_ttfb = use_ttfb
+
+    def series(self, role: str) -> Series:
+        found = self._series.get(role)
+        if found is None:
+            found = self._series[role] = self._metrics.series(self._route, self.upstream, role)
+        return found
+
+    def begin(self) -> float:
+        """A request to this upstream starts; returns the token to pass to ``end``."""
+        self.in_flight.value += 1
+        if self.window is not None:
+            return self.window.begin()
+        return 0.0
+
+    def end(
+        self,
+        started: float,
+        *,
+        role: str,
+        outcome: int,
+        failed: bool,
+        ttfb: float | None,
+        total: float,
+    ) -> None:
+        """The request ended (or failed): metrics, window, then the trip check."""
+        self.in_flight.value -= 1
+        self.series(role).observe(outcome, ttfb, total)
+        window = self.window
+        if window is not None:
+            latency = ttfb if (self._use_ttfb and ttfb is not None) else total
+            window.end(started, latency, failed)
+            if self._after_end is not None:
+                self._after_end(failed)
+
+    def cancel(self, started: float) -> None:
+        """The client went away: the request ends without judging the upstream."""
+        self.in_flight.value -= 1
+        if self.window is not None:
+            self.window.forget(started)
+
+
+class Rollout:
+    """State machine of one route. Created by the runtime; survives reloads of the route."""
+
+    def __init__(
+        self,
+        *,
+        route: RouteConfig,
+        pools: dict[str, UpstreamPool],
+        events: EventLog,
+        metrics: Metrics,
+        on_change: Callable[[], None],
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.route = route
+        self.name = route.name
+        self._events = events
+        self._metrics = metrics
+        self._on_change = on_change
+        self._clock = clock
+        self._random = (rng or random.Random()).random
+        policy = route.rollback
+        watched = route.canary is not None and policy.enabled
+        use_ttfb = policy.latency == "ttfb"
+
+        # Every lane keeps a window (the admin API shows its figures); only a watched
+        # canary is judged against it.
+        def lane(upstream: str, role: str) -> Lane:
+            win = SlidingWindow(policy.window, clock)
+            return Lane(route=route.name, upstream=upstream, role=role, pool=pools[upstream],
+                        window=win, metrics=metrics, use_ttfb=use_ttfb)
+
+        self.stable = lane(route.stable, "stable")
+        self.canary = lane(route.canary.upstream, "canary") if route.canary else None
+        self.fallback = lane(route.fallback, "fallback") if route.fallback else None
+        if self.canary is not None and watched:
+            self.canary._after_end = self._after_canary_end
+        self.lanes = {ln.upstream: ln for ln in (self.stable, self.canary, self.fallback) if ln}
+        # Live state (persisted by the runtime through ``state_dict``).
+        self.manual_weight: float | None = None
+        self.latch: dict[str, Any] | None = None
+        self.kill_override: bool | None = None
+        self.step: int | None = 0 if route.progressive and route.canary else None
+        self._step_since = clock()
+        self._p = 0.0
+        self._refresh()
+
+    # -- the request path -------------------------------------------------------------
+    def pick(self) -> Lane:
+        """Stable or canary for the next request: canary with probability weight/100."""
+        p = self._p
+        if p and (p >= 1.0 or self._random() < p):
+            return self.canary  # type: ignore[return-value]
+        return self.stable
+
+    @property
+    def killed(self) -> bool:
+        if self.kill_override is not None:
+            return self.kill_override
+        return self.route.kill_switch.enabled
+
+    # -- derived state ----------------------------------------------------------------
+    @property
+    def configured_weight(self) -> float:
+        canary = self.route.canary
+        if canary is None:
+            return 0.0
+        if self.step is not None and self.route.progressive is not None:
+            return self.route.progressive.steps[self.step]
+        return canary.weight
+
+    @property
+    def weight(self) -> float:
+        """The weight the operator or the rollout asks for, before latch and health."""
+        if self.manual_weight is not None:
+            return self.manual_weight
+        return self.configured_weight
+
+    @property
+    def effective_weight(self) -> float:
+        return self._p * 100.0
+
+    @property
+    def state(self) -> str:
+        if self.killed:
+            return "killed"
+        if self.latch is not None:
+            return "rolled_back"
+        if self.canary is None or self.weight <= 0:
+            return "stable"
+        if self.weight >= 100:
+            return "promoted"
+        return "canary"
+
+    def _refresh(self) -> None:
+        if self.canary is None or self.latch is not None:
+            self._p = 0.0
+        else:
+            self._p = min(max(self.weight, 0.0), 100.0) / 100.0
+
+    def _changed(self) -> None:
+        self._refresh()
+        self._on_change()
+
+    # -- automatic decisions ----------------------------------------------------------
+    def _after_canary_end(self, failed: bool) -> None:
+        if self.latch is None and self._p:
+            self.evaluate()
+
+    def evaluate(self) -> rollback.Trip | None:
+        """Judge the canary's window now; trips (and latches) the route if it is bad."""
+        if self.canary is None or self.latch is not None or not self.route.rollback.enabled:
+            return None
+        policy = self.route.rollback
+        assert self.canary.window is not None and self.stable.window is not None
+        slow_after = policy.max_p99
+        canary = self.canary.window.stats(slow_after)
+        stable = self.stable.window.stats(slow_after)
+        trip = rollback.evaluate(policy, canary, stable)
+        if trip is not None:
+            self._trip(trip)
+        return trip
+
+    def _trip(self, trip: rollback.Trip) -> None:
+        self.latch = {
+            "reason": trip.reason.value,
+            "detail": trip.detail,
+            "actor": "auto",
+            "time": time.time(),
+        }
+        self._changed()
+        self._metrics.rollbacks_total.labels(route=self.name, reason=trip.reason.value).inc()
+        figures = dict(trip.figures)
+        figures["trip"] = trip.reason.value
+        self._events.emit(route=self.name, kind="rollback", actor="auto", reason=trip.detail,
+                          figures=figures)
+
+    def tick(self) -> None:
+        """Called about every 100 ms: catches hung canaries and takes progressive steps."""
+        if self.canary is None or self.latch is not None or self.killed:
+            return
+        if self._p:
+            self.evaluate()
+        if self.latch is None and self.step is not None and self.manual_weight is None:
+            self._maybe_step()
+
+    def _maybe_step(self) -> None:
+        prog = self.route.progressive
+        assert prog is not None and self.step is not None and self.canary is not None
+        if self.step >= len(prog.steps) - 1:
+            return
+        now = self._clock()
+        if now - self._step_since < prog.interval:
+            return
+        assert self.canary.window is not None
+        stats = self.canary.window.stats(self.route.rollback.max_p99)
+        if stats.requests < self.route.rollback.min_requests:
+            return  # not enough evidence yet: wait, do not step blind
+        self.step += 1
+        self._step_since = now
+        weight = prog.steps[self.step]
+        self._changed()
+        kind = "promote" if weight >= 100 else "step"
+        self._events.emit(route=self.name, kind=kind, actor="auto",
+                          reason=f"healthy window: weight {weight:g}%",
+                          figures=rollback.figures_of(stats))
+
+    # -- operator actions (admin API) -------------------------------------------------
+    def rollback(self, reason: str | None, actor: str = "admin") -> None:
+        """Manual rollback: idempotent; effective on the very next request."""
+        self._need_canary()
+        if self.latch is not None:
+            return
+        text = reason or "manual rollback"
+        self.latch = {"reason": "manual", "detail": text, "actor": actor, "time": time.time()}
+        self._changed()
+        self._metrics.rollbacks_total.labels(route=self.name, reason="manual").inc()
+        self._events.emit(route=self.name, kind="rollback", actor=actor, reason=text,
+                          figures=self.figures())
+
+    def promote(self, actor: str = "admin") -> None:
+        self._need_canary()
+        self._need_unlatched()
+        self.manual_weight = 100.0
+        self._changed()
+        self._events.emit(route=self.name, kind="promote", actor=actor,
+                          reason="promoted to 100%", figures=self.figures())
+
+    def set_weight(self, weight: float, actor: str = "admin") -> None:
+        self._need_canary()
+        self._need_unlatched()
+        if not 0.0 <= weight <= 100.0:
+            raise RolloutConflict("weight must be between 0 and 100", status=400)
+        self.manual_weight = weight
+        self._changed()
+        self._events.emit(route=self.name, kind="weight", actor=actor,
+                          reason=f"weight set to {weight:g}%", figures=self.figures())
+
+    def resume(self, actor: str = "admin") -> None:
+        """Clear the latch and manual overrides: back to the configured weight."""
+        self.latch = None
+        self.manual_weight = None
+        if self.step is not None:
+            self.step = 0
+            self._step_since = self._clock()
+        for lane in (self.stable, self.canary):
+            if lane is not None and lane.window is not None:
+                lane.window.reset()
+        self._changed()
+        self._events.emit(route=self.name, kind="resume", actor=actor,
+                          reason=f"resumed at {self.weight:g}%", figures={})
+
+    def kill(self, enabled: bool, actor: str = "admin") -> None:
+        self.kill_override = enabled
+        self._changed()
+        self._events.emit(route=self.name, kind="kill", actor=actor,
+                          reason="kill switch on" if enabled else "kill switch off", figures={})
+
+    def _need_canary(self) -> None:
+        if self.canary is None:
+            raise RolloutConflict(f"route {self.name!r} has no canary", status=400)
+
+    def _need_unlatched(self) -> None:
+        if self.latch is not None:
+            raise RolloutConflict(f"route {self.name!r} is rolled_back: resume it first")
+
+    # -- views and persistence ----------------------------------------------------------
+    def figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for lane in (self.stable, self.canary):
+            if lane is not None and lane.window is not None:
+                out[lane.role] = rollback.figures_of(lane.window.stats(self.route.rollback.max_p99))
+        return out
+
+    def window_stats(self, lane: Lane) -> WindowStats | None:
+        if lane.window is None:
+            return None
+        return lane.window.stats(self.route.rollback.max_p99)
+
+    def fingerprint(self) -> str:
+        """Identity of the rollout: a config change here starts a new one (clears latch)."""
+        c = self.route.canary
+        if c is None:
+            return ""
+        upstream = self.canary.pool.describe() if self.canary else ""
+        return f"{c.upstream}|{upstream}|{c.weight:g}|{self.route.progressive!r}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint(),
+            "latch": self.latch,
+            "manual_weight": self.manual_weight,
+            "kill_override": self.kill_override,
+            "step": self.step,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Apply persisted state; a canary that changed since then is a new rollout."""
+        self.kill_override = saved.get("kill_override")
+        if saved.get("fingerprint") == self.fingerprint() and self.canary is not None:
+            self.latch = saved.get("latch")
+            self.manual_weight = saved.get("manual_weight")
+            step = saved.get("step")
+            if self.step is not None and isinstance(step, int):
+                assert self.route.progressive is not None
+                self.step = min(step, len(self.route.progressive.steps) - 1)
+        self._refresh()
+
+    def __repr__(self) -> str:
+        return (f"<Rollout {self.name} {self.state} weight={self.weight:g} "
+                f"effective={self.effective_weight:g}>")

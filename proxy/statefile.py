@@ -1,0 +1,98 @@
+"""Latches and manual overrides on disk (SPEC ``state.file``), so they survive restarts.
+
+Writes are atomic (temp file, fsync, rename) and run in a thread: a flip never waits on
+the disk. Several changes in a burst are coalesced into one write of the latest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+logger = logging.getLogger(__name__)
+
+
+def load_state(path: str | None) -> dict[str, Any]:
+    """The saved state, or {} when there is none (or it is unreadable: logged, not fatal)."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        logger.error("state file %s unreadable, starting fresh: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_state(path: str, data: dict[str, Any]) -> None:
+    """Atomic replace: readers see the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class StateWriter:
+    """Coalescing background writer: ``schedule()`` is cheap and safe on the request path."""
+
+    def __init__(self, path: str | None, collect: Callable[[], dict[str, Any]]) -> None:
+        self._path = path
+        self._collect = collect
+        self._dirty = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._path:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="state-writer")
+
+    def schedule(self) -> None:
+        if self._path:
+            self._idle.clear()
+            self._dirty.set()
+
+    async def _run(self) -> None:
+        assert self._path is not None
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            data = self._collect()
+            try:
+                await asyncio.to_thread(write_state, self._path, data)
+            except OSError as exc:
+                logger.error("cannot write state file %s: %s", self._path, exc)
+            if not self._dirty.is_set():
+                self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until everything scheduled so far is on disk."""
+        if self._task is not None:
+            await self._idle.wait()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await asyncio.wait_for(self.flush(), timeout=5.0)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

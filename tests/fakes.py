@@ -1,0 +1,104 @@
+"""A scriptable toy model server: a real aiohttp server whose behaviour a test changes
+while traffic flows (answer, fail with a status, hang, slow first byte, reset, stream
+SSE, cut a stream midway)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    raw_headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass
+class Behaviour:
+    mode: str = "ok"  # ok | status | hang | reset | sse | cut | slow_body
+    status: int = 200
+    delay: float = 0.0  # before the response headers
+    events: int = 3  # SSE events
+    event_gap: float = 0.0
+    body: bytes | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeModel:
+    """One upstream. ``behaviour`` may be replaced at any time; ``seen`` records requests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.behaviour = Behaviour()
+        self.seen: list[Seen] = []
+        self.disconnects = 0
+        self.in_handler = 0
+        self.server: Any = None
+        self.started = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=200 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers),
+                              list(request.raw_headers), body))
+        self.started.set()
+        b = self.behaviour
+        self.in_handler += 1
+        try:
+            if b.delay:
+                await asyncio.sleep(b.delay)
+            if b.mode == "hang":
+                await asyncio.sleep(3600)
+            if b.mode == "reset":
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response()
+            if b.mode in ("sse", "cut"):
+                return await self._sse(request, b)
+            payload = b.body if b.body is not None else orjson.dumps({
+                "model": self.name,
+                "choices": [{"finish_reason": "stop", "message": {"content": "hi"}}],
+                "echo_len": len(body),
+            })
+            return web.Response(status=b.status, body=payload, content_type="application/json",
+                                headers=b.extra_headers)
+        except asyncio.CancelledError:
+            self.disconnects += 1
+            raise
+        finally:
+            self.in_handler -= 1
+
+    async def _sse(self, request: web.Request, b: Behaviour) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(b.events):
+            await resp.write(b"data: " + orjson.dumps({"i": i, "model": self.name}) + b"\n\n")
+            if b.mode == "cut" and i == b.events // 2:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if b.event_gap:
+                await asyncio.sleep(b.event_gap)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
