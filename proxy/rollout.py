@@ -8,6 +8,7 @@ very next request; persistence is a callback the runtime turns into a background
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -123,11 +124,13 @@ class Rollout:
         policy = route.rollback
         watched = route.canary is not None and policy.enabled
         use_ttfb = policy.latency == "ttfb"
+        # 100 ms slots: a hung request counts as slow within ~0.1 s of passing max_p99.
+        slots = min(max(20, math.ceil(policy.window / 0.1)), 3000)
 
         # Every lane keeps a window (the admin API shows its figures); only a watched
         # canary is judged against it.
         def lane(upstream: str, role: str) -> Lane:
-            win = SlidingWindow(policy.window, clock)
+            win = SlidingWindow(policy.window, clock, slots=slots)
             return Lane(route=route.name, upstream=upstream, role=role, pool=pools[upstream],
                         window=win, metrics=metrics, use_ttfb=use_ttfb)
 

@@ -1,0 +1,180 @@
+"""Decide whether a canary must be flipped back to stable (SPEC §5, Trip).
+
+``evaluate`` is pure and cheap: it runs inline each time a canary request ends, so a
+bad canary is caught within a second. It only reads two window readings and the
+route's policy; acting on a trip (weight 0, latch, unpin, events) is ``rollout``'s job.
+
+Rules, in the order checked (the first that holds names the trip):
+
+* Nothing trips unless ``policy.enabled`` and the canary window holds at least
+  ``min_requests`` requests (SPEC: the minimum applies to every rule, the failure
+  streak included, so a handful of early errors on a quiet route never latches it).
+* ``consecutive_failures``: that many canary failures in a row (a value < 1 is off).
+* ``error_rate``: canary error rate > ``max_error_rate``. With ``compare_to_stable``
+  the canary must also be worse than stable: stable is within the threshold (or has
+  fewer than ``min_requests`` requests, too few to judge, so the canary alone
+  decides), or, when stable is over the threshold too, the canary's rate exceeds
+  stable's by more than the threshold. Both failing alike means the fault is
+  elsewhere and flipping helps nobody; stable at or above the canary's rate never trips.
+* ``latency``: canary p99 > ``max_p99``.
+* ``latency_ratio``: canary p99 / stable p99 > ``max_p99_ratio``, only when stable has
+  at least ``min_requests`` requests and a p99 to compare with.
+
+A threshold set to None never trips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from proxy.config import RollbackConfig
+from proxy.units import format_duration
+from proxy.windows import WindowStats
+
+
+class TripReason(StrEnum):
+    """Why a route flipped back; values are the ``reason`` metric label."""
+
+    ERROR_RATE = "error_rate"
+    LATENCY = "latency"
+    LATENCY_RATIO = "latency_ratio"
+    CONSECUTIVE_FAILURES = "consecutive_failures"
+    MANUAL = "manual"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trip:
+    """A decision to flip back: the reason, one human line, and JSON-able figures
+    (``canary``, ``stable`` and ``thresholds``) for the latch, events and admin API."""
+
+    reason: TripReason
+    detail: str
+    figures: dict[str, object]
+
+
+def figures_of(stats: WindowStats) -> dict[str, object]:
+    """A window reading as JSON-able figures, latencies in milliseconds."""
+    return {
+        "requests": stats.requests,
+        "failures": stats.failures,
+        "error_rate": round(stats.error_rate, 3),
+        "p50_ms": _ms(stats.p50),
+        "p99_ms": _ms(stats.p99),
+        "in_flight": stats.in_flight,
+    }
+
+
+def evaluate(policy: RollbackConfig, canary: WindowStats, stable: WindowStats) -> Trip | None:
+    """Return the ``Trip`` the canary's window calls for, or None to carry on."""
+    if not policy.enabled or canary.requests < policy.min_requests:
+        return None
+    n = canary.requests
+    limit = policy.consecutive_failures
+    if limit is not None and limit > 0 and canary.consecutive_failures >= limit:
+        return _trip(
+            TripReason.CONSECUTIVE_FAILURES,
+            f"canary failed {canary.consecutive_failures} requests in a row "
+            f"(limit {limit}) over {n} requests",
+            policy,
+            canary,
+            stable,
+        )
+    max_rate = policy.max_error_rate
+    if (
+        max_rate is not None
+        and canary.error_rate > max_rate
+        and (
+            not policy.compare_to_stable
+            or _worse_than_stable(max_rate, policy.min_requests, canary, stable)
+        )
+    ):
+        return _trip(
+            TripReason.ERROR_RATE,
+            f"canary error rate {canary.error_rate:.1f}% > {max_rate:g}% over {n} requests "
+            f"(stable {stable.error_rate:.1f}%)",
+            policy,
+            canary,
+            stable,
+        )
+    max_p99 = policy.max_p99
+    p99 = canary.p99
+    if max_p99 is not None and p99 is not None and p99 > max_p99:
+        hung = f", {canary.slow_in_flight} still in flight" if canary.slow_in_flight else ""
+        return _trip(
+            TripReason.LATENCY,
+            f"canary p99 {_human(p99)} > {_human(max_p99)} over {n} requests{hung} "
+            f"(stable p99 {_human(stable.p99)})",
+            policy,
+            canary,
+            stable,
+        )
+    ratio = policy.max_p99_ratio
+    stable_p99 = stable.p99
+    if (
+        ratio is not None
+        and p99 is not None
+        and stable_p99
+        and stable.requests >= policy.min_requests
+        and p99 / stable_p99 > ratio
+    ):
+        return _trip(
+            TripReason.LATENCY_RATIO,
+            f"canary p99 {_human(p99)} is {p99 / stable_p99:.1f}x stable p99 "
+            f"{_human(stable_p99)} > {ratio:g}x over {n} requests",
+            policy,
+            canary,
+            stable,
+        )
+    return None
+
+
+def _worse_than_stable(
+    max_rate: float, min_requests: int, canary: WindowStats, stable: WindowStats
+) -> bool:
+    """Is the canary's error rate to blame, rather than something both share?"""
+    if stable.requests < min_requests or stable.error_rate <= max_rate:
+        return True
+    return canary.error_rate - stable.error_rate > max_rate
+
+
+def _trip(
+    reason: TripReason,
+    detail: str,
+    policy: RollbackConfig,
+    canary: WindowStats,
+    stable: WindowStats,
+) -> Trip:
+    return Trip(
+        reason=reason,
+        detail=detail,
+        figures={
+            "canary": _full_figures(canary),
+            "stable": _full_figures(stable),
+            "thresholds": {
+                "window_s": policy.window,
+                "min_requests": policy.min_requests,
+                "max_error_rate": policy.max_error_rate,
+                "max_p99_ms": _ms(policy.max_p99),
+                "max_p99_ratio": policy.max_p99_ratio,
+                "consecutive_failures": policy.consecutive_failures,
+                "compare_to_stable": policy.compare_to_stable,
+                "latency": policy.latency,
+            },
+        },
+    )
+
+
+def _full_figures(stats: WindowStats) -> dict[str, object]:
+    figures = figures_of(stats)
+    figures["consecutive_failures"] = stats.consecutive_failures
+    figures["slow_in_flight"] = stats.slow_in_flight
+    return figures
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def _human(seconds: float | None) -> str:
+    return "-" if seconds is None else format_duration(seconds)
