@@ -1,0 +1,339 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from proxy import config_parser
+from proxy.config import (
+    CanaryConfig,
+    CompareConfig,
+    HealthConfig,
+    KillSwitchConfig,
+    MatchConfig,
+    NotifyConfig,
+    ProgressiveConfig,
+    RollbackConfig,
+    ServerConfig,
+    ShadowConfig,
+    StickyConfig,
+)
+from proxy.config_parser import load_config, parse_config, summarize
+from proxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+BAD = Path(__file__).resolve().parent / "configs" / "bad"
+BAD_CASES = sorted(p.stem for p in BAD.glob("*.yaml"))
+
+MINIMAL = """\
+upstreams:
+  a: {url: "http://127.0.0.1:9001"}
+routes:
+  - name: r
+    match: {}
+    stable: a
+"""
+
+FULL = """\
+server:
+  listen: "[::1]:8080"
+  max_body: 20MiB
+  inspect_body: 64KiB
+  header_timeout: 5s
+  drain_timeout: 0
+admin: {listen: "127.0.0.1:9901", token_env: MY_TOKEN}
+state: {file: null, redis: "redis://127.0.0.1:6379/0"}
+log: {access: true}
+notify:
+  webhook: "http://127.0.0.1:9099/hooks/flipback"
+  timeout: 500ms
+  kinds: [rollback, kill, rollback]
+upstreams:
+  llm-v1:
+    url: "https://models.internal/api/v1/"
+    connect_timeout: 1.5
+    timeout: 2m
+    idle_timeout: 30s
+    max_connections: 8
+    max_pending: 0
+    headers: {Authorization: "Bearer x"}
+    health: {path: /health, interval: 2s, timeout: 250ms, unhealthy_after: 3, healthy_after: 1}
+  llm-v2: {url: "http://[::1]:9002"}
+  llm-v3: {url: "http://127.0.0.1:9003"}
+  small: {url: "http://127.0.0.1:9004"}
+routes:
+  - name: chat
+    match: {path_prefix: /v1/, methods: [post, Get], headers: {X-Tenant: acme}}
+    stable: llm-v1
+    canary: {upstream: llm-v2, weight: 0.5}
+    progressive: {steps: [1, 5, 25, 50, 100], interval: 1m}
+    sticky: {header: X-Session-Id, cookie: sid, json_field: user, ttl: 1h, max_sessions: 10}
+    shadow:
+      upstream: llm-v3
+      sample: "2.5%"
+      by: session
+      max_in_flight: 4
+      timeout: 10s
+      compare: {status: false, json_paths: [choices.0.finish_reason], record: null,
+                record_max: 1MiB, bodies: true}
+    fallback: small
+    retry_canary_on_stable: false
+    rollback:
+      enabled: true
+      window: 5s
+      min_requests: 10
+      max_error_rate: null
+      max_p99: 250ms
+      max_p99_ratio: 2
+      consecutive_failures: null
+      compare_to_stable: false
+      latency: total
+      failure_statuses: [5xx, 429, "408"]
+      verify: null
+    kill_switch: {enabled: true, status: 200, content_type: text/plain, body: "",
+                  openai_message: "Back soon."}
+    override_header: X-Flipback-Upstream
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "f.yaml")
+    return info.value.errors
+
+
+@pytest.fixture
+def all_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_parser, "UNSUPPORTED", {})
+
+
+@pytest.mark.usefixtures("all_supported")
+def test_parse_config_reads_every_section() -> None:
+    cfg = parse_config(FULL, "full.yaml")
+    assert cfg.source == "full.yaml"
+    assert cfg.server == ServerConfig(
+        listen="[::1]:8080",
+        max_body=20 * 1024**2,
+        inspect_body=64 * 1024,
+        header_timeout=5.0,
+        drain_timeout=0.0,
+    )
+    assert (cfg.admin.listen, cfg.admin.token_env) == ("127.0.0.1:9901", "MY_TOKEN")
+    assert (cfg.state.file, cfg.state.redis) == (None, "redis://127.0.0.1:6379/0")
+    assert cfg.log.access is True
+    assert cfg.notify == NotifyConfig(
+        webhook="http://127.0.0.1:9099/hooks/flipback", timeout=0.5, kinds=("rollback", "kill")
+    )
+    assert list(cfg.upstreams) == ["llm-v1", "llm-v2", "llm-v3", "small"]
+    v1 = cfg.upstreams["llm-v1"]
+    assert v1.name == "llm-v1"
+    assert (v1.scheme, v1.host, v1.port, v1.base_path) == (
+        "https",
+        "models.internal",
+        443,
+        "/api/v1",
+    )
+    assert (v1.connect_timeout, v1.timeout, v1.idle_timeout) == (1.5, 120.0, 30.0)
+    assert (v1.max_connections, v1.max_pending) == (8, 0)
+    assert v1.headers == (("Authorization", "Bearer x"),)
+    assert v1.health == HealthConfig(
+        path="/health", interval=2.0, timeout=0.25, unhealthy_after=3, healthy_after=1
+    )
+    v2 = cfg.upstreams["llm-v2"]
+    assert (v2.scheme, v2.host, v2.port, v2.base_path) == ("http", "::1", 9002, "")
+
+    (route,) = cfg.routes
+    assert route.name == "chat"
+    assert route.match == MatchConfig(
+        path_prefix="/v1/", methods=("POST", "GET"), headers=(("x-tenant", "acme"),)
+    )
+    assert route.stable == "llm-v1"
+    assert route.canary == CanaryConfig(upstream="llm-v2", weight=0.5)
+    assert route.progressive == ProgressiveConfig(
+        steps=(1.0, 5.0, 25.0, 50.0, 100.0), interval=60.0
+    )
+    assert route.sticky == StickyConfig(
+        header="x-session-id", cookie="sid", json_field="user", ttl=3600.0, max_sessions=10
+    )
+    assert route.shadow == ShadowConfig(
+        upstream="llm-v3",
+        sample=2.5,
+        by="session",
+        max_in_flight=4,
+        timeout=10.0,
+        compare=CompareConfig(
+            status=False,
+            json_paths=("choices.0.finish_reason",),
+            record=None,
+            record_max=1024**2,
+            bodies=True,
+        ),
+    )
+    assert route.fallback == "small"
+    assert route.retry_canary_on_stable is False
+    assert route.rollback == RollbackConfig(
+        enabled=True,
+        window=5.0,
+        min_requests=10,
+        max_error_rate=None,
+        max_p99=0.25,
+        max_p99_ratio=2.0,
+        consecutive_failures=None,
+        compare_to_stable=False,
+        latency="total",
+        failure_statuses=frozenset(range(500, 600)) | {429, 408},
+        verify=None,
+    )
+    assert route.kill_switch == KillSwitchConfig(
+        enabled=True, status=200, content_type="text/plain", body="", openai_message="Back soon."
+    )
+    assert route.override_header == "x-flipback-upstream"
+
+
+def test_parse_config_applies_defaults() -> None:
+    cfg = parse_config(MINIMAL, "min.yaml")
+    assert cfg.server == ServerConfig()
+    assert cfg.state.file == ".flipback/state.json" and cfg.state.redis is None
+    assert cfg.notify is None and cfg.log.access is False
+    up = cfg.upstreams["a"]
+    assert (up.timeout, up.max_connections, up.headers, up.health) == (
+        120.0,
+        512,
+        (),
+        HealthConfig(),
+    )
+    (route,) = cfg.routes
+    assert route.match == MatchConfig()
+    assert route.canary is route.progressive is route.sticky is route.shadow is None
+    assert route.fallback is route.override_header is None
+    assert route.retry_canary_on_stable is True
+    assert route.rollback == RollbackConfig()
+    assert route.kill_switch == KillSwitchConfig()
+
+
+def test_parse_config_fills_omitted_keys_of_present_sections() -> None:
+    text = MINIMAL.replace("a: {url", "b: {url: 'http://127.0.0.1:9002'}\n  a: {url")
+    text += "    canary: {upstream: b}\n    rollback: {enabled: false}\n"
+    (route,) = parse_config(text, "f.yaml").routes
+    assert route.canary == CanaryConfig(upstream="b", weight=0.0)
+    assert route.rollback == RollbackConfig(enabled=False)
+
+
+def test_parse_config_shrinks_default_inspect_body_to_max_body() -> None:
+    cfg = parse_config("server: {max_body: 4KiB}\n" + MINIMAL, "f.yaml")
+    assert cfg.server.inspect_body == 4096
+
+
+def test_parse_config_expands_yaml_merge_keys() -> None:
+    text = """\
+upstreams:
+  a: &base {url: "http://127.0.0.1:9001", timeout: 5s}
+  b: {<<: *base, url: "http://127.0.0.1:9002"}
+routes: [{name: r, match: {}, stable: a, canary: {upstream: b, weight: 1}}]
+"""
+    b = parse_config(text, "f.yaml").upstreams["b"]
+    assert (b.port, b.timeout) == (9002, 5.0)
+
+
+def test_parse_config_refuses_unsupported_features() -> None:
+    text = MINIMAL + "    sticky: {header: x-session-id}\n"
+    assert errors_of(text) == ["f.yaml:7: routes[0].sticky: not supported yet in this version"]
+
+
+def test_parse_config_accepts_a_feature_once_its_unsupported_entry_is_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rest = {k: v for k, v in config_parser.UNSUPPORTED.items() if k != "routes[].sticky"}
+    monkeypatch.setattr(config_parser, "UNSUPPORTED", rest)
+    cfg = parse_config(MINIMAL + "    sticky: {header: x-session-id}\n", "f.yaml")
+    assert cfg.routes[0].sticky == StickyConfig(header="x-session-id")
+
+
+def test_parse_config_treats_null_optional_sections_as_absent() -> None:
+    text = MINIMAL + "    sticky: null\n    canary: ~\n    override_header: null\n"
+    route = parse_config(text, "f.yaml").routes[0]
+    assert route.sticky is None and route.canary is None and route.override_header is None
+
+
+def test_parse_config_reports_syntax_error_with_yaml_line() -> None:
+    assert errors_of("upstreams:\n  a: [\n") == [
+        "f.yaml:3: (syntax): expected the node content, but found '<stream end>'"
+        " (while parsing a flow node)"
+    ]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_load_config_reports_every_error_of_bad_config(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(BAD)
+    expected = (BAD / f"{case}.expected").read_text().splitlines()
+    with pytest.raises(ConfigError) as info:
+        load_config(f"{case}.yaml")
+    assert info.value.errors == expected
+
+
+def test_bad_configs_cover_enough_cases() -> None:
+    assert len(BAD_CASES) >= 12
+    assert all((BAD / f"{case}.expected").exists() for case in BAD_CASES)
+
+
+def test_load_config_sets_source_and_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "flipback.yaml"
+    path.write_text(MINIMAL)
+    cfg = load_config(str(path))
+    assert cfg.source == str(path)
+    assert cfg.sha256 == hashlib.sha256(MINIMAL.encode()).hexdigest()
+
+
+def test_load_config_reports_unreadable_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    assert info.value.errors == [f"{missing}: cannot read: No such file or directory"]
+
+
+def test_load_config_accepts_example_config() -> None:
+    cfg = load_config(str(ROOT / "config" / "flipback.yaml"))
+    assert [r.name for r in cfg.routes] == ["chat", "predict"]
+    chat = cfg.routes[0]
+    assert chat.canary == CanaryConfig(upstream="llm-v2", weight=10.0)
+    assert chat.rollback == RollbackConfig()
+    assert cfg.upstreams["small"].port == 9004
+    assert (cfg.server.listen, cfg.admin.listen) == ("127.0.0.1:8080", "127.0.0.1:9901")
+
+
+def test_summarize_shows_routes_and_rollback(all_supported: None) -> None:
+    text = summarize(parse_config(FULL, "full.yaml"))
+    assert "listen [::1]:8080, admin 127.0.0.1:9901" in text
+    assert "https://models.internal/api/v1/" in text
+    assert "chat: POST,GET /v1/* [x-tenant: acme]" in text
+    assert "stable llm-v1, canary llm-v2 at 0.5%" in text
+    assert "shadow llm-v3 2.5% by session" in text
+    assert "kill switch ON: answers an OpenAI-style message" in text
+    assert (
+        "    rollback: window 5s (min 10 req, total, failing 5xx,408,429):"
+        " p99>250ms | p99>2x stable\n" in text + "\n"
+    )
+    assert "Bearer" not in text  # upstream headers may hold secrets
+    assert len(text.splitlines()) < 30
+
+
+def test_summarize_marks_plain_route_without_rollback() -> None:
+    text = summarize(parse_config(MINIMAL, "min.yaml"))
+    assert "  r: * /*\n    stable a" in text
+    assert "rollback" not in text
+
+
+def test_parse_config_reports_control_character_on_one_line() -> None:
+    assert errors_of(MINIMAL + "log: {access: \x00}\n") == [
+        "f.yaml:7: (syntax): unacceptable character #x0000: special characters are not allowed"
+    ]
+
+
+def test_parse_config_explains_a_yaml_date_given_for_a_string() -> None:
+    assert errors_of(MINIMAL.replace("name: r", "name: 2024-01-01")) == [
+        "f.yaml:4: routes[0].name: expected a string, got 2024-01-01"
+        " (YAML reads it as a date; quote it)"
+    ]
