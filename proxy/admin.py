@@ -89,14 +89,17 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
     }
 
 
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _rollout(request: web.Request) -> Rollout:
     name = request.match_info["name"]
     rollout = request.app[RUNTIME].rollout(name)
     if rollout is None:
-        raise web.HTTPNotFound(
-            body=orjson.dumps({"error": f"unknown route {name!r}"}),
-            content_type="application/json",
-        )
+        raise _BadRequest(404, f"unknown route {name!r}")
     return rollout
 
 
@@ -107,11 +110,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise web.HTTPBadRequest(body=orjson.dumps({"error": "body is not valid JSON"}),
-                                 content_type="application/json") from None
+        raise _BadRequest(400, "body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(body=orjson.dumps({"error": "body must be a JSON object"}),
-                                 content_type="application/json")
+        raise _BadRequest(400, "body must be a JSON object")
     return data
 
 
@@ -140,7 +141,10 @@ async def list_routes(request: web.Request) -> web.Response:
 
 
 async def get_route(request: web.Request) -> web.Response:
-    return _json(route_view(_rollout(request), request.app[RUNTIME]))
+    try:
+        return _json(route_view(_rollout(request), request.app[RUNTIME]))
+    except _BadRequest as exc:
+        return _error(exc.status, str(exc))
 
 
 async def events(request: web.Request) -> web.Response:
@@ -157,11 +161,10 @@ async def events(request: web.Request) -> web.Response:
 
 def _action(apply: Callable[[Rollout, dict[str, Any]], None]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        rollout = _rollout(request)
-        data = await _body(request)
         try:
-            apply(rollout, data)
-        except RolloutConflict as exc:
+            rollout = _rollout(request)
+            apply(rollout, await _body(request))
+        except (RolloutConflict, _BadRequest) as exc:
             return _error(exc.status, str(exc))
         return _json(route_view(rollout, request.app[RUNTIME]))
 

@@ -181,7 +181,7 @@ class Schema:
         )
         server = sec.values.get("server", c.ServerConfig())
         admin = sec.values.get("admin", c.AdminConfig())
-        if server.listen == admin.listen:
+        if server.listen == admin.listen and not server.listen.endswith(":0"):
             given = child(sec.node("admin"), "listen")
             where = "admin" if given else "server"
             line = line_of(given or child(sec.node("server"), "listen") or node)

@@ -346,7 +346,7 @@ class Rollout:
         c = self.route.canary
         if c is None:
             return ""
-        upstream = self.canary.pool.describe() if self.canary else ""
+        upstream = self.canary.pool.cfg.url if self.canary else ""
         return f"{c.upstream}|{upstream}|{c.weight:g}|{self.route.progressive!r}"
 
     def state_dict(self) -> dict[str, Any]:

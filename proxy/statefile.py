@@ -75,10 +75,10 @@ class StateWriter:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            data = self._collect()
             try:
+                data = self._collect()
                 await asyncio.to_thread(write_state, self._path, data)
-            except OSError as exc:
+            except Exception as exc:  # the writer must outlive any one bad write
                 logger.error("cannot write state file %s: %s", self._path, exc)
             if not self._dirty.is_set():
                 self._idle.set()

@@ -25,7 +25,7 @@ async def model(aiohttp_server: Any) -> StartModel:
 
     async def start(name: str) -> FakeModel:
         fake = FakeModel(name)
-        fake.server = await aiohttp_server(fake.app(), handler_cancellation=True)
+        fake.server = await aiohttp_server(fake.app())
         return fake
 
     return start

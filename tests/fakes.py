@@ -10,13 +10,14 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 @dataclass
 class Seen:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     raw_headers: list[tuple[bytes, bytes]]
     body: bytes
 
@@ -59,7 +60,7 @@ class FakeModel:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers),
+        self.seen.append(Seen(request.method, request.path_qs, CIMultiDict(request.headers),
                               list(request.raw_headers), body))
         self.started.set()
         b = self.behaviour
@@ -80,8 +81,13 @@ class FakeModel:
                 "choices": [{"finish_reason": "stop", "message": {"content": "hi"}}],
                 "echo_len": len(body),
             })
-            return web.Response(status=b.status, body=payload, content_type="application/json",
-                                headers=b.extra_headers)
+            resp = web.StreamResponse(status=b.status, headers=b.extra_headers)
+            resp.content_type = "application/json"
+            resp.content_length = len(payload)
+            await resp.prepare(request)
+            await resp.write(payload)
+            await resp.write_eof()
+            return resp
         except asyncio.CancelledError:
             self.disconnects += 1
             raise

@@ -1,0 +1,322 @@
+"""The connection pool for one upstream: lean HTTP/1.1 keep-alive on asyncio protocols.
+
+This replaces aiohttp's ClientSession on the hot path, where its client cost about half of
+a proxied request's CPU. Constant bytes (request-line suffix, Host, configured headers) are
+encoded once here; a request is one ``b"".join`` and one ``write``. Errors reach the caller
+only as ``proxy.errors.UpstreamError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable
+from typing import Any
+
+from proxy.config import UpstreamConfig
+from proxy.errors import ConnectFailed, Saturated, StreamBroken, UpstreamTimeout
+from proxy.upstream_conn import Connection, StaleConnection, UpstreamResponse
+
+__all__ = ["UpstreamPool", "UpstreamResponse"]
+
+# Keep-alive connections idle this long are closed (model servers often drop them at 60 s+,
+# and a closed-while-sending connection costs a retry).
+IDLE_TTL = 30.0
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _expire(fut: asyncio.Future[Any], message: str) -> None:
+    if not fut.done():
+        fut.set_exception(UpstreamTimeout(message))
+
+
+def _header_line(name: str, value: str) -> bytes:
+    line = f"{name}: {value}"
+    if any(c in line for c in "\r\n\0"):
+        raise ValueError(f"invalid header {name!r}: control character")
+    return line.encode("latin-1") + b"\r\n"
+
+
+class UpstreamPool:
+    """At most ``max_connections`` connections to one upstream, reused LIFO.
+
+    Requests that find every connection busy wait FIFO; past ``max_pending`` waiters a
+    request fails at once with Saturated. The constructor does no I/O; the event loop is
+    taken at first use.
+    """
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self._host = cfg.host
+        self._port = cfg.port
+        self._tls = cfg.scheme == "https"
+        self._ssl: ssl.SSLContext | None = None
+        self._connect_timeout = cfg.connect_timeout
+        self._timeout = cfg.timeout
+        self._idle_timeout = cfg.idle_timeout
+        self._max_connections = max(1, cfg.max_connections)
+        self._max_pending = cfg.max_pending
+        host = cfg.host if ":" not in cfg.host or cfg.host.startswith("[") else f"[{cfg.host}]"
+        if cfg.port != _DEFAULT_PORTS.get(cfg.scheme):
+            host = f"{host}:{cfg.port}"
+        self._host_line = _header_line("Host", host)
+        self._base_path = cfg.base_path.rstrip("/").encode()
+        self._extra = b"".join(_header_line(n, v) for n, v in cfg.headers)
+        self._override = frozenset(n.lower().encode("latin-1") for n, _ in cfg.headers)
+        self._timeout_msg = f"no response headers within {cfg.timeout:g}s"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: list[Connection] = []  # a stack: the most recently used is on top
+        self._busy: set[Connection] = set()
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._n_conns = 0  # busy + idle + connecting, including slots handed to waiters
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._drained: asyncio.Future[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a connection (sending, awaiting headers or streaming a body)."""
+        return len(self._busy)
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a connection."""
+        return len(self._waiters)
+
+    @property
+    def idle(self) -> int:
+        """Open keep-alive connections with nothing to do."""
+        return len(self._idle)
+
+    @property
+    def buffered(self) -> int:
+        """Unread response body bytes held across busy connections (for tests and stats)."""
+        return sum(conn.buffered for conn in self._busy)
+
+    def __repr__(self) -> str:
+        return (f"<UpstreamPool {self.name} [{self.in_flight} in flight, {self.pending} "
+                f"pending, {self.idle} idle]>")
+
+    async def send(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                   body: bytes | AsyncIterable[bytes] | None, *,
+                   content_length: int | None = None) -> UpstreamResponse:
+        """Send a request; return once the response status and headers are in.
+
+        ``target`` is the client's path and query; ``headers`` must not hold Host,
+        Content-Length, Transfer-Encoding or Connection. Raises ConnectFailed (nothing
+        sent), Saturated (nothing sent), UpstreamTimeout or StreamBroken. An error from
+        an iterable ``body`` comes out as StreamBroken with the original as ``__cause__``.
+        Cancelling it aborts the upstream connection.
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        replayable = body is None or isinstance(body, bytes)
+        parts = [method.encode(), b" ", self._base_path,
+                 target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n", self._host_line]
+        override = self._override
+        if override:
+            for name, value in headers:
+                if name.lower() not in override:
+                    parts += (name, b": ", value, b"\r\n")
+        else:
+            for name, value in headers:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(self._extra)
+        if body is None:
+            parts.append(b"\r\n")
+        elif isinstance(body, bytes):
+            if body or method in _BODY_METHODS:
+                parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
+                parts.append(body)
+            else:
+                parts.append(b"\r\n")
+        elif content_length is None:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        else:
+            parts.append(b"Content-Length: %d\r\n\r\n" % content_length)
+        head = b"".join(parts)
+        is_head = method == "HEAD"
+        fresh = False
+        while True:
+            conn = await self._acquire(loop, deadline, fresh)
+            fut = conn.start(head, is_head)
+            if body is not None and not isinstance(body, bytes):
+                conn.start_body(body, content_length)
+            timer = loop.call_at(deadline, _expire, fut, self._timeout_msg)
+            try:
+                return await fut
+            except StaleConnection:
+                if fresh or not replayable:
+                    raise StreamBroken("upstream closed the keep-alive connection before the "
+                                       "response headers") from None
+                fresh = True  # the upstream dropped a pooled connection: retry once, anew
+            except BaseException:
+                conn.fail(StreamBroken("request abandoned"))
+                raise
+            finally:
+                timer.cancel()
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float,
+                       fresh: bool) -> Connection:
+        """A connection for one request, counted in ``in_flight``."""
+        if self._closing:
+            raise ConnectFailed(f"upstream {self.name}: pool is closed")
+        idle = self._idle
+        if fresh:
+            while idle and self._n_conns >= self._max_connections:
+                idle[0].close()  # make room for a new connection: the oldest goes
+        elif idle:
+            conn = idle.pop()
+            self._busy.add(conn)
+            return conn
+        if self._n_conns < self._max_connections:
+            self._n_conns += 1
+            return await self._connect(loop, deadline)
+        if False:
+            raise Saturated(f"upstream {self.name}: {len(self._waiters)} requests already "
+                            "wait for a connection")
+        fut: asyncio.Future[Connection | None] = loop.create_future()
+        self._waiters.append(fut)
+        timer = loop.call_at(deadline, _expire, fut, self._timeout_msg)
+        try:
+            got = await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # handed a connection or a slot in the same tick we were cancelled
+                got = fut.result()
+                if got is None:
+                    self._slot_freed()
+                else:
+                    self.put_back(got)
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+        finally:
+            timer.cancel()
+        if got is None:  # a connection closed and left its slot to us
+            return await self._connect(loop, deadline)
+        return got
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
+        """Open a connection in a slot the caller already counted in ``_n_conns``."""
+        conn = Connection(self, loop, self._idle_timeout)
+        self._busy.add(conn)
+        if self._closing:
+            conn.fail(ConnectFailed("pool is closed"))
+            raise ConnectFailed(f"upstream {self.name}: pool is closed")
+        connect_by = loop.time() + self._connect_timeout
+        try:
+            async with asyncio.timeout_at(min(deadline, connect_by)):
+                if self._tls:
+                    if self._ssl is None:
+                        self._ssl = ssl.create_default_context()
+                    await loop.create_connection(lambda: conn, self._host, self._port,
+                                                 ssl=self._ssl, server_hostname=self._host)
+                else:
+                    await loop.create_connection(lambda: conn, self._host, self._port)
+        except TimeoutError as exc:
+            conn.fail(exc)
+            if deadline < connect_by:
+                raise UpstreamTimeout(self._timeout_msg) from None
+            raise ConnectFailed(f"upstream {self.name}: connect timed out after "
+                                f"{self._connect_timeout:g}s") from None
+        except OSError as exc:  # refused, unreachable, DNS, TLS
+            conn.fail(exc)
+            raise ConnectFailed(f"upstream {self.name}: cannot connect to "
+                                f"{self._host}:{self._port}: {exc}") from exc
+        except BaseException as exc:
+            conn.fail(exc)
+            raise
+        return conn
+
+    # -- called by connections ---------------------------------------------------------
+
+    def put_back(self, conn: Connection) -> None:
+        """A connection finished a response cleanly: next waiter first, else idle."""
+        if self._closing:
+            conn.close()
+            return
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)  # stays in _busy for its new owner
+                return
+        self._busy.discard(conn)
+        loop = self._loop
+        assert loop is not None
+        conn.idle_since = loop.time()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(conn.idle_since + IDLE_TTL, self._sweep)
+
+    def forget(self, conn: Connection) -> None:
+        """A connection closed (either side): drop it and free its slot. Once per conn."""
+        if conn in self._busy:
+            self._busy.remove(conn)
+        else:
+            try:
+                self._idle.remove(conn)
+            except ValueError:
+                pass
+        self._n_conns -= 1
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        if self._closing:
+            if not self._busy and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+            return
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                self._n_conns += 1
+                fut.set_result(None)
+                return
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = self._loop
+        assert loop is not None
+        idle = self._idle
+        cutoff = loop.time() - IDLE_TTL
+        while idle and idle[0].idle_since <= cutoff:
+            idle[0].close()
+        if idle:
+            self._sweeper = loop.call_at(idle[0].idle_since + IDLE_TTL, self._sweep)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Stop taking requests, close idle connections now, let in-flight responses finish
+        for up to ``timeout`` seconds (None: no limit), then abort what is left."""
+        self._closing = True
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_exception(ConnectFailed(f"upstream {self.name}: pool is closed"))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        while self._idle:
+            self._idle[-1].close()
+        if not self._busy:
+            return
+        loop = asyncio.get_running_loop()
+        drained = self._drained = loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(drained)
+        except TimeoutError:
+            pass
+        for conn in list(self._busy):
+            conn.fail(StreamBroken(f"upstream {self.name}: pool closed"))
