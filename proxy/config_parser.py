@@ -25,7 +25,6 @@ NOT_YET = "not supported yet in this version"
 UNSUPPORTED: dict[str, str] = {
     "routes[].sticky": NOT_YET,
     "routes[].shadow": NOT_YET,
-    "routes[].progressive": NOT_YET,
     "routes[].override_header": NOT_YET,
     "state.redis": NOT_YET,
     "notify": NOT_YET,

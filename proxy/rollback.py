@@ -12,7 +12,7 @@ Rules, in the order checked (the first that holds names the trip):
 * ``consecutive_failures``: that many canary failures in a row (a value < 1 is off).
 * ``error_rate``: canary error rate > ``max_error_rate``. With ``compare_to_stable``
   the canary must also be worse than stable: stable is within the threshold (or has
-  fewer than ``min_requests`` requests, too few to judge, so the canary alone
+  fewer than min(``min_requests``, 5) requests, too few to judge, so the canary alone
   decides), or, when stable is over the threshold too, the canary's rate exceeds
   stable's by more than the threshold. Both failing alike means the fault is
   elsewhere and flipping helps nobody; stable at or above the canary's rate never trips.
@@ -129,11 +129,16 @@ def evaluate(policy: RollbackConfig, canary: WindowStats, stable: WindowStats) -
     return None
 
 
+STABLE_EVIDENCE = 5
+
+
 def _worse_than_stable(
     max_rate: float, min_requests: int, canary: WindowStats, stable: WindowStats
 ) -> bool:
     """Is the canary's error rate to blame, rather than something both share?"""
-    if stable.requests < min_requests or stable.error_rate <= max_rate:
+    # Stable is judged once it has a few requests (at most min_requests): at a high canary
+    # weight stable sees little traffic, and a handful of stable failures is evidence.
+    if stable.requests < min(min_requests, STABLE_EVIDENCE) or stable.error_rate <= max_rate:
         return True
     return canary.error_rate - stable.error_rate > max_rate
 

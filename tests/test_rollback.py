@@ -142,7 +142,7 @@ def test_evaluate_compare_to_stable_canary_worse_trips() -> None:
 
 
 def test_evaluate_compare_to_stable_with_too_few_stable_requests_lets_canary_decide() -> None:
-    assert tripped(evaluate(POLICY, stats(failures=12), stats(requests=5, failures=5))) is (
+    assert tripped(evaluate(POLICY, stats(failures=12), stats(requests=4, failures=4))) is (
         TripReason.ERROR_RATE
     )
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,12 +72,14 @@ class RawServer:
 
 
 @contextlib.asynccontextmanager
-async def raw_server(handle: Handler) -> AsyncIterator[RawServer]:
+async def raw_server(handle: Handler, tls: ssl.SSLContext | None = None
+                     ) -> AsyncIterator[RawServer]:
     raw = RawServer(handle)
-    server = await asyncio.start_server(raw._on_conn, "127.0.0.1", 0)
+    server = await asyncio.start_server(raw._on_conn, "127.0.0.1", 0, ssl=tls)
     raw.port = server.sockets[0].getsockname()[1]
     try:
-        yield raw
+        async with asyncio.timeout(5):  # a broken pool fails the test instead of hanging it
+            yield raw
     finally:
         server.close()
         for writer in raw._writers:
@@ -103,9 +108,10 @@ async def read_all(resp: UpstreamResponse) -> bytes:
     return b"".join(parts)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait up to 2 s for a pool counter: the pool has no event for these, by design."""
+    async with asyncio.timeout(2):
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 
@@ -384,23 +390,64 @@ async def test_upstream_does_not_reuse_closing_connections(pools: Any, answer: b
 
 async def test_upstream_drops_idle_connections_closed_or_expired(
         pools: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    drop = asyncio.Event()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(OK)
         if srv.connections == 1:
-            await writer.drain()
+            await drop.wait()
             return  # the first connection is closed by the upstream once idle
         await wait_for_eof(reader)
 
-    monkeypatch.setattr(upstream_mod, "IDLE_TTL", 0.1)
     async with raw_server(handle) as srv:
         pool = pools(srv.port)
         await read_all(await pool.send("GET", "/", [], None))
+        assert pool.idle == 1
+        drop.set()
         await until(lambda: pool.idle == 0)  # upstream closed it: gone from the pool
+        monkeypatch.setattr(upstream_mod, "IDLE_TTL", 0.1)
+        pool = pools(srv.port)
         await read_all(await pool.send("GET", "/", [], None))
         assert pool.idle == 1
         await until(lambda: pool.idle == 0)  # idle past IDLE_TTL: closed by us
         assert srv.connections == 2
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for 127.0.0.1 and a server context using it."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    return cert, server_ctx
+
+
+async def test_upstream_https_verifies_the_certificate(
+        pools: Any, tls_cert: tuple[Path, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, server_ctx = tls_cert
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await read_request(reader))
+            writer.write(OK)
+
+    async with raw_server(handle, tls=server_ctx) as srv:
+        untrusted = pools(srv.port, scheme="https")
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.send("GET", "/", [], None)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read when the pool makes its context
+        pool = pools(srv.port, scheme="https")
+        for _ in range(2):
+            assert await read_all(await pool.send("GET", "/tls", [], None)) == b"ok"
+        assert seen[0].startswith(b"GET /tls HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % srv.port)
+        assert pool.idle == 1
 
 
 # -- failures ---------------------------------------------------------------------------
@@ -537,17 +584,21 @@ async def test_upstream_retries_stale_keepalive_connection_once(pools: Any) -> N
         assert srv.connections == 2
 
 
-async def test_upstream_does_not_retry_streamed_body_on_stale_connection(pools: Any) -> None:
+@pytest.mark.parametrize("streamed, partial", [(True, b""), (False, b"HTTP/1.1 2")])
+async def test_upstream_no_retry_for_streamed_body_or_after_a_response_byte(
+        pools: Any, streamed: bool, partial: bytes) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK)
         await read_request(reader)
+        writer.write(partial)
+        await writer.drain()
 
     async with raw_server(handle) as srv:
         pool = pools(srv.port)
         await read_all(await pool.send("GET", "/", [], None))
-        with pytest.raises(StreamBroken, match="keep-alive"):
-            await pool.send("POST", "/", [], _gen([b"x"], 0.05))
+        with pytest.raises(StreamBroken, match="keep-alive" if streamed else "before the resp"):
+            await pool.send("POST", "/", [], _gen([b"x"], 0.05) if streamed else b"x")
         assert srv.connections == 1
 
 
