@@ -61,6 +61,13 @@ class _TimedRequestHandler(RequestHandler):  # type: ignore[misc]
                 self._hdr_timer.cancel()
                 self._hdr_timer = None
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp logs a full traceback for every malformed client request; one line is
+        what an operator wants (the client already got its 400)."""
+        exc = kw.get("exc_info")
+        detail = str(exc).splitlines()[0] if isinstance(exc, BaseException) else ""
+        logger.info("bad client request: %s %s", args[0] if args else "", detail)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._hdr_timer is not None:
             self._hdr_timer.cancel()
