@@ -66,7 +66,8 @@ class _TimedRequestHandler(RequestHandler):  # type: ignore[misc]
         what an operator wants (the client already got its 400)."""
         exc = kw.get("exc_info")
         detail = str(exc).splitlines()[0] if isinstance(exc, BaseException) else ""
-        logger.info("bad client request: %s %s", args[0] if args else "", detail)
+        peer = args[1] if len(args) > 1 else "?"
+        logger.info("bad client request from %s: %s", peer, detail.strip())
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._hdr_timer is not None:

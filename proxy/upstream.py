@@ -9,6 +9,7 @@ only as ``proxy.errors.UpstreamError``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable
@@ -170,7 +171,7 @@ class UpstreamPool:
         idle = self._idle
         if fresh:
             while idle and self._n_conns >= self._max_connections:
-                idle[0].close()  # make room for a new connection: the oldest goes
+                idle.pop(0).close()  # make room for a new connection: the oldest goes
         elif idle:
             conn = idle.pop()
             self._busy.add(conn)
@@ -178,7 +179,7 @@ class UpstreamPool:
         if self._n_conns < self._max_connections:
             self._n_conns += 1
             return await self._connect(loop, deadline)
-        if False:
+        if len(self._waiters) >= self._max_pending:
             raise Saturated(f"upstream {self.name}: {len(self._waiters)} requests already "
                             "wait for a connection")
         fut: asyncio.Future[Connection | None] = loop.create_future()
@@ -195,10 +196,8 @@ class UpstreamPool:
                 else:
                     self.put_back(got)
             else:
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
-                except ValueError:
-                    pass
             raise
         finally:
             timer.cancel()
@@ -264,10 +263,8 @@ class UpstreamPool:
         if conn in self._busy:
             self._busy.remove(conn)
         else:
-            try:
+            with contextlib.suppress(ValueError):  # already popped by the pool
                 self._idle.remove(conn)
-            except ValueError:
-                pass
         self._n_conns -= 1
         self._slot_freed()
 
@@ -291,11 +288,11 @@ class UpstreamPool:
         idle = self._idle
         cutoff = loop.time() - IDLE_TTL
         while idle and idle[0].idle_since <= cutoff:
-            idle[0].close()
+            idle.pop(0).close()
         if idle:
             self._sweeper = loop.call_at(idle[0].idle_since + IDLE_TTL, self._sweep)
 
-    async def aclose(self, timeout: float | None = None) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Stop taking requests, close idle connections now, let in-flight responses finish
         for up to ``timeout`` seconds (None: no limit), then abort what is left."""
         self._closing = True
@@ -308,7 +305,7 @@ class UpstreamPool:
             self._sweeper.cancel()
             self._sweeper = None
         while self._idle:
-            self._idle[-1].close()
+            self._idle.pop().close()
         if not self._busy:
             return
         loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable
-from typing import Protocol
+from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -297,14 +297,13 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self.closed:
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
         state = self._state
-        if state == _HEAD or state == _BODY:
+        if state == _HEAD or state == _BODY:  # noqa: SIM109 - ints: faster than a tuple
             self.got_bytes = True
             try:
                 self._parser.feed_data(data)
@@ -388,9 +387,8 @@ class Connection(asyncio.Protocol):
             self._parser_stale = True
         else:
             self._state = _BODY
+            # llhttp's keep-alive answer already says no to a body delimited by EOF
             self._eof_body = length is None and not chunked and status != 204 and status != 304
-            if self._eof_body:
-                keep = False
         self._keep = keep
         fut = self._head_fut
         assert fut is not None
