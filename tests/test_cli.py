@@ -1,0 +1,135 @@
+"""The ``flipback`` command: exit codes, one-line errors, and a real process end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_check_example_config_ok(capsys):
+    assert main(["check", "-c", str(ROOT / "config/flipback.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "chat" in out and "llm-v1" in out
+
+
+def test_check_bad_config_exits_2_with_file_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams:\n  a: {url: 'http://127.0.0.1:1'}\nroutes:\n"
+                   "  - name: r\n    match: {path_prefix: /}\n    stable: b\n    weigth: 3\n")
+    assert main(["check", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert all(line.startswith(f"{bad}:") for line in err)
+    assert any("routes[0].stable" in line for line in err)
+    assert any("routes[0].weigth" in line for line in err)
+
+
+def test_check_missing_file_exits_2(tmp_path, capsys):
+    assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["weight", "chat", "150"])
+    assert info.value.code == 2
+    assert "between 0 and 100" in capsys.readouterr().err
+
+
+def test_admin_verb_unreachable_is_one_line_exit_1(capsys, unused_tcp_port):
+    code = main(["rollback", "chat", "--admin", f"http://127.0.0.1:{unused_tcp_port}"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach" in err[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_run_serves_and_drains_on_sigterm(model, tmp_path):
+    v1 = await model("v1")
+    port, admin = _free_port(), _free_port()
+    cfg = tmp_path / "fb.yaml"
+    cfg.write_text(f"""
+server: {{listen: "127.0.0.1:{port}", drain_timeout: 5s}}
+admin: {{listen: "127.0.0.1:{admin}"}}
+state: {{file: {tmp_path}/state.json}}
+upstreams:
+  v1: {{url: "{v1.url}"}}
+routes:
+  - name: plain
+    match: {{path_prefix: "/"}}
+    stable: v1
+""")
+    env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
+    env.pop("FLIPBACK_ADMIN_TOKEN", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("flipback did not become ready")
+            from tests.fakes import Behaviour
+
+            v1.behaviour = Behaviour(delay=0.5)
+            slow = asyncio.ensure_future(s.get(f"http://127.0.0.1:{port}/slow"))
+            await asyncio.wait_for(v1.started.wait(), 5)
+            proc.send_signal(signal.SIGTERM)
+            resp = await slow
+            assert resp.status == 200  # the in-flight request finished during the drain
+            assert (await resp.json())["model"] == "v1"
+            resp.release()
+        code = await asyncio.wait_for(proc.wait(), 10)
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_status_and_verbs_against_a_running_proxy(model, flipback, capsys):
+    v1, v2 = await model("v1"), await model("v2")
+    fb = await flipback("""
+upstreams:
+  v1: {{url: "{v1}"}}
+  v2: {{url: "{v2}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/"}}
+    stable: v1
+    canary: {{upstream: v2, weight: 10}}
+""", v1=v1.url, v2=v2.url)
+    from proxy import admin_client
+
+    assert await admin_client.status(fb.admin, None, watch=False) == 0
+    out = capsys.readouterr().out
+    assert "chat" in out and "canary" in out and "v2" in out
+    assert await admin_client.run_verb(fb.admin, None, "rollback", "chat", "bad") == 0
+    assert "rolled_back" in capsys.readouterr().out
+    assert fb.runtime.rollout("chat").state == "rolled_back"
+    assert await admin_client.run_verb(fb.admin, None, "resume", "chat") == 0
+    assert await admin_client.run_verb(fb.admin, None, "weight", "chat", 40.0) == 0
+    assert fb.runtime.rollout("chat").effective_weight == 40
+    assert await admin_client.run_verb(fb.admin, None, "promote", "ghost") == 2
