@@ -91,7 +91,8 @@ class Connection(asyncio.Protocol):
         "_owner", "_loop", "_idle_timeout", "_transport", "_parser", "_parser_stale",
         "_state", "_is_head", "_head_fut", "_reason", "_headers", "_buf", "_buf_size",
         "_body_waiter", "_error", "_eof_body", "_keep", "_read_paused", "_write_paused",
-        "_drain_waiter", "_pump", "_forgotten", "closed", "reused", "got_bytes", "idle_since",
+        "_drain_waiter", "_pump", "_forgotten", "_deadline", "_wait_since", "closed", "reused",
+        "got_bytes", "idle_since",
     )
 
     def __init__(self, owner: Owner, loop: asyncio.AbstractEventLoop,
@@ -118,6 +119,8 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._forgotten = False
+        self._deadline = 0.0  # for the response headers
+        self._wait_since = 0.0  # when read() began to wait for body bytes
         self.closed = False
         self.reused = False
         self.got_bytes = False
@@ -125,7 +128,8 @@ class Connection(asyncio.Protocol):
 
     # -- driven by the pool ------------------------------------------------------------
 
-    def start(self, head: bytes, is_head: bool) -> asyncio.Future[UpstreamResponse]:
+    def start(self, head: bytes, is_head: bool,
+              deadline: float) -> asyncio.Future[UpstreamResponse]:
         """Send ``head`` (request line, headers and any bytes body); the future resolves
         with the response once its headers are in, or fails with an UpstreamError."""
         if self._parser_stale:  # a HEAD response left llhttp expecting a body
@@ -137,6 +141,7 @@ class Connection(asyncio.Protocol):
         self._reason = b""
         self._headers = []
         self._error = None
+        self._deadline = deadline
         fut = self._head_fut = self._loop.create_future()
         assert self._transport is not None
         self._transport.write(head)
@@ -214,15 +219,13 @@ class Connection(asyncio.Protocol):
             raise self._error
         loop = self._loop
         waiter = self._body_waiter = loop.create_future()
-        timer = loop.call_later(self._idle_timeout, self._idle_expired, waiter)
+        self._wait_since = loop.time()
         try:
             await waiter
         except BaseException:  # cancelled: the client went away, so must the upstream
             self._body_waiter = None
             self.fail(StreamBroken("response read cancelled"))
             raise
-        finally:
-            timer.cancel()
         if self._buf:
             return self._take()
         if self._state == _DONE:
@@ -241,8 +244,12 @@ class Connection(asyncio.Protocol):
             self._transport.resume_reading()
         return data
 
-    def _idle_expired(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def check(self, now: float, timeout_msg: str) -> None:
+        """The pool's tick: fail this connection if its headers or body bytes are late."""
+        if self._state == _HEAD:
+            if now >= self._deadline:
+                self.fail(UpstreamTimeout(timeout_msg))
+        elif self._body_waiter is not None and now - self._wait_since >= self._idle_timeout:
             self.fail(UpstreamTimeout(f"no response body data for {self._idle_timeout:g}s"))
 
     def _wake_reader(self) -> None:

@@ -407,7 +407,7 @@ async def test_upstream_drops_idle_connections_closed_or_expired(
         drop.set()
         await until(lambda: pool.idle == 0)  # upstream closed it: gone from the pool
         monkeypatch.setattr(upstream_mod, "IDLE_TTL", 0.1)
-        pool = pools(srv.port)
+        pool = pools(srv.port, idle_timeout=0.2)  # ticks every 20 ms
         await read_all(await pool.send("GET", "/", [], None))
         assert pool.idle == 1
         await until(lambda: pool.idle == 0)  # idle past IDLE_TTL: closed by us
