@@ -18,7 +18,8 @@ from proxy.runtime import Runtime
 RUNTIME = web.AppKey("runtime", Runtime)
 TOKEN = web.AppKey("token", str)  # "" when no token is set
 LOOPBACK_ONLY = web.AppKey("loopback_only", bool)
-RELOAD = web.AppKey("reload", Callable[[], Awaitable[dict[str, Any]]])
+ReloadFn = Callable[[], Awaitable[dict[str, Any]]]
+RELOAD: web.AppKey[ReloadFn] = web.AppKey("reload")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

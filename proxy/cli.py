@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = _admin_url(args.admin)
         if args.command == "status":
             return asyncio.run(admin_client.status(url, token, watch=args.watch))
-        arg: object = None
+        arg: str | float | bool | None = None
         if args.command == "rollback":
             arg = args.reason
         elif args.command == "weight":

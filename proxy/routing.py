@@ -16,10 +16,7 @@ def matches(match: MatchConfig, method: str, path: str, headers: Mapping[str, st
         return False
     if match.methods and method not in match.methods:
         return False
-    for name, value in match.headers:
-        if headers.get(name) != value:
-            return False
-    return True
+    return all(headers.get(name) == value for name, value in match.headers)
 
 
 class RouteTable(Generic[T]):
@@ -32,11 +29,12 @@ class RouteTable(Generic[T]):
 
     def match(self, method: str, path: str, headers: Mapping[str, str]) -> T | None:
         for match, target in self._entries:
-            if path.startswith(match.path_prefix) and (
-                not match.methods or method in match.methods
+            if (
+                path.startswith(match.path_prefix)
+                and (not match.methods or method in match.methods)
+                and (not match.headers or matches(match, method, path, headers))
             ):
-                if not match.headers or matches(match, method, path, headers):
-                    return target
+                return target
         return None
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ objects that a new snapshot carries over by name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -104,10 +105,8 @@ class Runtime:
     async def aclose(self, timeout: float = 5.0) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-            except asyncio.CancelledError:
-                pass
         await self._writer.aclose()
         await asyncio.gather(*(p.aclose(timeout) for p in self.snapshot.pools.values()))
 

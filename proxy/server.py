@@ -26,7 +26,7 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _TimedRequestHandler(RequestHandler):  # type: ignore[misc]
+class _TimedRequestHandler(RequestHandler):
     """aiohttp's protocol plus a header timer (slowloris guard): from the first byte of a
     request (or the connection's start) the client has ``header_timeout`` to finish its
     headers, else the connection is closed. aiohttp itself has no such timer."""
@@ -83,7 +83,8 @@ class _DataPlaneServer(web.Server):
                                  {"header_timeout": header_timeout})
 
     def __call__(self) -> RequestHandler:
-        return self._handler_cls(self, loop=self._loop, **self._kwargs)
+        handler: RequestHandler = self._handler_cls(self, loop=self._loop, **self._kwargs)
+        return handler
 
 
 class App:

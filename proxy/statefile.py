@@ -7,6 +7,7 @@ the disk. Several changes in a burst are coalesced into one write of the latest 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -43,10 +44,8 @@ def write_state(path: str, data: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -78,7 +77,7 @@ class StateWriter:
             try:
                 data = self._collect()
                 await asyncio.to_thread(write_state, self._path, data)
-            except Exception as exc:  # the writer must outlive any one bad write
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any bad write
                 logger.error("cannot write state file %s: %s", self._path, exc)
             if not self._dirty.is_set():
                 self._idle.set()
@@ -92,7 +91,5 @@ class StateWriter:
         if self._task is not None:
             await asyncio.wait_for(self.flush(), timeout=5.0)
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
