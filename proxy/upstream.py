@@ -16,7 +16,7 @@ from collections.abc import AsyncIterable
 
 from proxy.config import UpstreamConfig
 from proxy.errors import ConnectFailed, Saturated, StreamBroken, UpstreamTimeout
-from proxy.upstream_conn import Connection, StaleConnection, UpstreamResponse
+from proxy.upstream_conn import Connection, StaleConnection
 
 __all__ = ["UpstreamPool", "UpstreamResponse"]
 
@@ -39,6 +39,48 @@ def _header_line(name: str, value: str) -> bytes:
     return line.encode("latin-1") + b"\r\n"
 
 
+class UpstreamResponse:
+    """Status and headers of an upstream response; the body is pulled with ``read``.
+
+    ``headers`` are raw and in order, hop-by-hop headers included. ``content_length`` is
+    the header's value (None when chunked or absent); HEAD/204/304 bodies are empty
+    whatever it says. ``release`` must be called exactly when the caller is done.
+    """
+
+    __slots__ = ("status", "reason", "headers", "content_length", "will_close", "_conn")
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]],
+                 content_length: int | None, will_close: bool, conn: Connection) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+        self.will_close = will_close
+        self._conn: Connection | None = conn
+
+    async def read(self) -> bytes:
+        """Return the body bytes received so far (waiting for some if none), b"" at the end.
+
+        Raises UpstreamTimeout after ``idle_timeout`` without a byte, StreamBroken if the
+        connection breaks first. Cancelling it aborts the upstream connection.
+        """
+        conn = self._conn
+        if conn is None:
+            return b""
+        return await conn.read()
+
+    def release(self) -> None:
+        """Done with the response: a complete one returns its connection to the pool, an
+        unfinished one aborts it (the upstream sees the disconnect and stops)."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.release()
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status} {self.reason!r}>"
+
+
 class UpstreamPool:
     """At most ``max_connections`` connections to one upstream, reused LIFO.
 
@@ -50,7 +92,7 @@ class UpstreamPool:
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
-        self._host = cfg.host
+        self._host = cfg.host.strip("[]")  # the socket wants a bare IPv6 address
         self._port = cfg.port
         self._tls = cfg.scheme == "https"
         self._ssl: ssl.SSLContext | None = None
@@ -59,7 +101,7 @@ class UpstreamPool:
         self._idle_timeout = cfg.idle_timeout
         self._max_connections = max(1, cfg.max_connections)
         self._max_pending = cfg.max_pending
-        host = cfg.host if ":" not in cfg.host or cfg.host.startswith("[") else f"[{cfg.host}]"
+        host = f"[{self._host}]" if ":" in self._host else self._host
         if cfg.port != _DEFAULT_PORTS.get(cfg.scheme):
             host = f"{host}:{cfg.port}"
         self._host_line = _header_line("Host", host)
@@ -152,7 +194,7 @@ class UpstreamPool:
             if self._ticker is None:
                 self._ticker = loop.call_later(self._tick_every, self._tick)
             try:
-                return await fut
+                return UpstreamResponse(*await fut, conn)
             except StaleConnection:
                 if fresh or not replayable:
                     raise StreamBroken("upstream closed the keep-alive connection before the "
@@ -202,6 +244,8 @@ class UpstreamPool:
             raise
         if got is None:  # a connection closed and left its slot to us
             return await self._connect(loop, deadline)
+        if got.closed:  # the upstream closed it before we ran: queue again, nothing sent
+            return await self._acquire(loop, deadline, fresh)
         return got
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
@@ -314,12 +358,15 @@ class UpstreamPool:
                 self._ticker.cancel()
                 self._ticker = None
             return
-        loop = asyncio.get_running_loop()
-        drained = self._drained = loop.create_future()
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(drained)
+                await asyncio.shield(self._drained)
         except TimeoutError:
             pass
         for conn in list(self._busy):
             conn.fail(StreamBroken(f"upstream {self.name}: pool closed"))
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None

@@ -42,46 +42,9 @@ class Owner(Protocol):
     def forget(self, conn: Connection) -> None: ...
 
 
-class UpstreamResponse:
-    """Status and headers of an upstream response; the body is pulled with ``read``.
-
-    ``headers`` are raw and in order, hop-by-hop headers included. ``content_length`` is
-    the header's value (None when chunked or absent); HEAD/204/304 bodies are empty
-    whatever it says. ``release`` must be called exactly when the caller is done.
-    """
-
-    __slots__ = ("status", "reason", "headers", "content_length", "will_close", "_conn")
-
-    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]],
-                 content_length: int | None, will_close: bool, conn: Connection) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.content_length = content_length
-        self.will_close = will_close
-        self._conn: Connection | None = conn
-
-    async def read(self) -> bytes:
-        """Return the body bytes received so far (waiting for some if none), b"" at the end.
-
-        Raises UpstreamTimeout after ``idle_timeout`` without a byte, StreamBroken if the
-        connection breaks first. Cancelling it aborts the upstream connection.
-        """
-        conn = self._conn
-        if conn is None:
-            return b""
-        return await conn.read()
-
-    def release(self) -> None:
-        """Done with the response: a complete one returns its connection to the pool, an
-        unfinished one aborts it (the upstream sees the disconnect and stops)."""
-        conn = self._conn
-        if conn is not None:
-            self._conn = None
-            conn.release()
-
-    def __repr__(self) -> str:
-        return f"<UpstreamResponse {self.status} {self.reason!r}>"
+# What the response-headers future resolves to: status, reason, headers, the
+# Content-Length (None if chunked or absent) and whether the connection will close.
+Head = tuple[int, str, list[tuple[bytes, bytes]], int | None, bool]
 
 
 class Connection(asyncio.Protocol):
@@ -105,7 +68,7 @@ class Connection(asyncio.Protocol):
         self._parser_stale = False
         self._state = _IDLE
         self._is_head = False
-        self._head_fut: asyncio.Future[UpstreamResponse] | None = None
+        self._head_fut: asyncio.Future[Head] | None = None
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._buf: list[bytes] = []
@@ -129,7 +92,7 @@ class Connection(asyncio.Protocol):
     # -- driven by the pool ------------------------------------------------------------
 
     def start(self, head: bytes, is_head: bool,
-              deadline: float) -> asyncio.Future[UpstreamResponse]:
+              deadline: float) -> asyncio.Future[Head]:
         """Send ``head`` (request line, headers and any bytes body); the future resolves
         with the response once its headers are in, or fails with an UpstreamError."""
         if self._parser_stale:  # a HEAD response left llhttp expecting a body
@@ -143,8 +106,11 @@ class Connection(asyncio.Protocol):
         self._error = None
         self._deadline = deadline
         fut = self._head_fut = self._loop.create_future()
-        assert self._transport is not None
-        self._transport.write(head)
+        if self.closed:  # handed over by the pool, then closed by the upstream
+            fut.set_exception(StaleConnection("keep-alive connection closed"))
+        else:
+            assert self._transport is not None
+            self._transport.write(head)
         return fut
 
     def start_body(self, body: AsyncIterable[bytes], content_length: int | None) -> None:
@@ -208,7 +174,7 @@ class Connection(asyncio.Protocol):
             self._forgotten = True
             self._owner.forget(self)
 
-    # -- body, read by UpstreamResponse ------------------------------------------------
+    # -- body, read through UpstreamResponse ------------------------------------------------
 
     async def read(self) -> bytes:
         if self._buf:
@@ -306,7 +272,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self.closed:
-            transport.abort()
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -400,9 +366,8 @@ class Connection(asyncio.Protocol):
         fut = self._head_fut
         assert fut is not None
         if not fut.done():
-            fut.set_result(UpstreamResponse(
-                status, self._reason.decode("latin-1"), headers,
-                None if chunked else length, not keep, self))
+            fut.set_result((status, self._reason.decode("latin-1"), headers,
+                            None if chunked else length, not keep))
 
     def on_body(self, body: bytes) -> None:
         if self._state != _BODY:

@@ -207,21 +207,25 @@ async def test_no_trip_below_min_requests(model, flipback):
 async def test_no_trip_when_stable_fails_as_badly(model, flipback):
     v1, v2 = await model("v1"), await model("v2")
     fb = await flipback(ROUTE, v1=v1.url, v2=v2.url,
-                        **_cfg(consecutive="null", retry="false", min_requests=10))
+                        **_cfg(weight=20, consecutive="null", retry="false", min_requests=10))
     v1.behaviour = Behaviour(mode="status", status=500)
     v2.behaviour = Behaviour(mode="status", status=500)
-    statuses = Counter()
-    for _ in range(80):
+    statuses: Counter[int] = Counter()
+    for _ in range(150):
         async with fb.session.post(fb.url + "/v1/chat", data=b"{}") as resp:
             statuses[resp.status] += 1
-    assert statuses[500] == 80
+    assert statuses[500] == 150
+    canary = fb.runtime.rollout("chat").canary.window.stats()
+    assert canary.requests >= 10  # enough canary evidence: a trip was possible
     assert fb.runtime.rollout("chat").state == "canary"
     # The same canary failures with a healthy stable do trip.
     v1.behaviour = Behaviour()
     fb.runtime.rollout("chat").stable.window.reset()
-    for _ in range(80):
+    for _ in range(200):
         async with fb.session.post(fb.url + "/v1/chat", data=b"{}") as resp:
             await resp.read()
+        if fb.runtime.rollout("chat").state == "rolled_back":
+            break
     assert fb.runtime.rollout("chat").state == "rolled_back"
 
 

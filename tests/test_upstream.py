@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -27,8 +28,8 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def make_cfg(port: int, **kw: Any) -> UpstreamConfig:
-    return UpstreamConfig(name="up", url=f"http://127.0.0.1:{port}", host="127.0.0.1",
-                          port=port, **kw)
+    kw.setdefault("host", "127.0.0.1")
+    return UpstreamConfig(name="up", url=f"http://127.0.0.1:{port}", port=port, **kw)
 
 
 @pytest.fixture
@@ -136,8 +137,6 @@ async def echo_server(aiohttp_server: Any) -> Any:
 async def send_json(pool: UpstreamPool, method: str, target: str = "/", body: Any = None,
                     headers: list[tuple[bytes, bytes]] | None = None,
                     **kw: Any) -> dict[str, Any]:
-    import orjson
-
     resp = await pool.send(method, target, headers or [], body, **kw)
     assert resp.status == 200
     data: dict[str, Any] = orjson.loads(await read_all(resp))
@@ -179,6 +178,7 @@ def test_upstream_host_header_omits_default_port() -> None:
     cfg = UpstreamConfig(name="u", url="https://models.internal", scheme="https",
                          host="models.internal", port=443)
     assert UpstreamPool(cfg)._host_line == b"Host: models.internal\r\n"
+    assert UpstreamPool(make_cfg(8080, host="::1"))._host_line == b"Host: [::1]:8080\r\n"
     with pytest.raises(ValueError):
         UpstreamPool(make_cfg(80, headers=(("X-Bad", "a\r\nInjected: 1"),)))
 
@@ -632,17 +632,25 @@ async def test_upstream_waits_fifo_then_saturates(pools: Any) -> None:
 async def test_upstream_waiting_for_a_connection_counts_toward_timeout(pools: Any) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
         await wait_for_eof(reader)
 
     async with raw_server(handle) as srv:
         pool = pools(srv.port, max_connections=1, timeout=0.3)
-        hold = asyncio.ensure_future(pool.send("GET", "/", [], None))
-        await until(lambda: pool.in_flight == 1)
+        held = await pool.send("GET", "/", [], None)  # holds the only connection
+        waiting = asyncio.ensure_future(pool.send("GET", "/", [], None))
+        await until(lambda: pool.pending == 1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pool.pending == 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         with pytest.raises(UpstreamTimeout):
             await pool.send("GET", "/", [], None)
-        assert pool.pending == 0
-        with pytest.raises(UpstreamTimeout):
-            await hold
+        assert 0.25 < loop.time() - started < 1.0
+        assert pool.pending == 0 and pool.in_flight == 1
+        held.release()
 
 
 @pytest.mark.parametrize("phase", ["headers", "body"])
@@ -762,3 +770,59 @@ async def test_upstream_aclose_timeout_aborts_the_rest(pools: Any) -> None:
         with pytest.raises(StreamBroken, match="pool closed"):
             await resp.read()
         assert pool.in_flight == 0
+
+
+def test_upstream_runs_on_uvloop() -> None:
+    """Production runs uvloop, whose transports differ (types, read sizes, writelines)."""
+    import uvloop
+
+    gone = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            if head.startswith(b"POST"):
+                body = b""
+                while not body.endswith(b"0\r\n\r\n"):
+                    body += await reader.read(65536)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            elif head.startswith(b"GET /big"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (32 << 20))
+                for _ in range(32):
+                    writer.write(b"b" * (1 << 20))
+                    await writer.drain()
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"5\r\nhello\r\n")
+                await writer.drain()
+                await wait_for_eof(reader)
+                gone.set()
+                return
+
+    async def scenario() -> None:
+        async with raw_server(handle) as srv:
+            pool = UpstreamPool(make_cfg(srv.port))
+            resp = await pool.send("POST", "/", [], _gen([b"ab", b"cd"]))
+            assert await read_all(resp) == b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"
+            resp = await pool.send("GET", "/big", [], None)
+            await asyncio.sleep(0.1)
+            got = peak = 0
+            while chunk := await resp.read():
+                got += len(chunk)
+                peak = max(peak, len(chunk))
+            resp.release()
+            assert got == 32 << 20 and peak <= HIGH_WATER + (256 << 10)
+            assert srv.connections == 1 and pool.idle == 1
+            resp = await pool.send("GET", "/stream", [], None)
+            assert await resp.read() == b"hello"
+            task = asyncio.ensure_future(resp.read())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            async with asyncio.timeout(1):
+                await gone.wait()
+            await pool.aclose(0)
+
+    uvloop.run(scenario())
