@@ -94,3 +94,10 @@ async def flipback(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Runn
         await running.app.aclose()
     await session.close()
     await asyncio.sleep(0)
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Tests run on uvloop, the loop flipback runs on in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

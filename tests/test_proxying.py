@@ -260,3 +260,7 @@ routes:
     seen = v1.seen[-1]
     assert seen.path == "/base/x"
     assert seen.headers["Authorization"] == "Bearer up"
+
+
+async def test_suite_runs_on_uvloop():
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
