@@ -108,7 +108,7 @@ def cmd_run(path: str) -> int:
     try:
         import uvloop
 
-        uvloop.run(serve(cfg))
+        uvloop.run(serve(cfg, config_path=path))
     except ProxyError as exc:
         print(f"flipback: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

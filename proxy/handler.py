@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
+from proxy.config import ProxyConfig
 from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.headers import downstream_headers, new_request_id, upstream_headers
 from proxy.killswitch import kill_response
@@ -58,11 +59,15 @@ class Proxy:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        server = runtime.snapshot.config.server
-        self.max_body = server.max_body
-        self.inspect_body = server.inspect_body
-        self.access_log = runtime.snapshot.config.log.access
         self._loop_time = asyncio.get_running_loop().time
+        self.configure(runtime.snapshot.config)
+        runtime.on_apply(self.configure)
+
+    def configure(self, config: ProxyConfig) -> None:
+        """Hoist the server settings the request path reads (again after a reload)."""
+        self.max_body = config.server.max_body
+        self.inspect_body = config.server.inspect_body
+        self.access_log = config.log.access
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:

@@ -358,6 +358,30 @@ class Rollout:
             "step": self.step,
         }
 
+    def adopt(self, old: Rollout) -> None:
+        """Carry live state over a reload. Windows of the same lanes always survive (and
+        requests still in flight on the old lanes report to this rollout); the latch,
+        manual weight and progressive step survive when the rollout is the same one,
+        i.e. the canary section did not change (a changed canary is a new rollout)."""
+        same_window = old.route.rollback.window == self.route.rollback.window
+        for name, prev in old.lanes.items():
+            lane = self.lanes.get(name)
+            if lane is None or lane.role != prev.role:
+                prev._after_end = None
+                continue
+            if same_window and prev.window is not None:
+                lane.window = prev.window
+            prev._after_end = lane._after_end
+        self.kill_override = old.kill_override
+        if old.fingerprint() == self.fingerprint():
+            self.latch = old.latch
+            self.manual_weight = old.manual_weight
+            if self.step is not None and old.step is not None:
+                assert self.route.progressive is not None
+                self.step = min(old.step, len(self.route.progressive.steps) - 1)
+                self._step_since = old._step_since
+        self._refresh()
+
     def restore(self, saved: dict[str, Any]) -> None:
         """Apply persisted state; a canary that changed since then is a new rollout."""
         self.kill_override = saved.get("kill_override")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +21,47 @@ from proxy.metrics import Metrics, RouteGauges
 from proxy.rollout import Rollout
 from proxy.routing import RouteTable
 from proxy.statefile import StateWriter, load_state
+from proxy.tasks import TaskSet
 from proxy.upstream import UpstreamPool
 
 logger = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between hung-canary checks and progressive steps
+RETIRE_GRACE = 2.0  # seconds a replaced pool keeps taking requests after a reload
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    changed: bool
+    reason: str
+    errors: list[str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "changed": self.changed, "reason": self.reason,
+                "errors": self.errors}
+
+
+def describe_diff(old: ProxyConfig, new: ProxyConfig) -> str:
+    """A short human diff: ``routes +a -b ~c; upstreams ~x``."""
+    parts: list[str] = []
+    for label, before, after in (
+        ("upstreams", dict(old.upstreams), dict(new.upstreams)),
+        ("routes", {r.name: r for r in old.routes}, {r.name: r for r in new.routes}),
+    ):
+        marks = [f"+{n}" for n in after if n not in before]
+        marks += [f"-{n}" for n in before if n not in after]
+        marks += [f"~{n}" for n in after if n in before and before[n] != after[n]]
+        if marks:
+            parts.append(f"{label} {' '.join(marks)}")
+    if [r.name for r in old.routes if r.name in {x.name for x in new.routes}] != [
+        r.name for r in new.routes if r.name in {x.name for x in old.routes}
+    ]:
+        parts.append("routes reordered")
+    for section in ("server", "admin", "state", "log", "notify"):
+        if getattr(old, section) != getattr(new, section):
+            parts.append(f"{section} changed")
+    return "; ".join(parts) or "no changes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,23 +88,79 @@ class Runtime:
         self.metrics.set_config(config.sha256)
         self.metrics.set_sources(self._route_gauges, self._upstream_health)
         self._ticker: asyncio.Task[None] | None = None
+        self._background = TaskSet("runtime")
+        self._on_apply: list[Callable[[ProxyConfig], None]] = []
         self._restore(load_state(config.state.file))
         self.events.subscribe(_log_event)
 
     # -- building -----------------------------------------------------------------------
     def _build(self, config: ProxyConfig, previous: Snapshot | None) -> Snapshot:
-        pools = {name: UpstreamPool(cfg) for name, cfg in config.upstreams.items()}
+        """A new snapshot; with ``previous``, unchanged upstreams keep their pools and
+        every route carries its windows (and, for the same rollout, its latch) over."""
+        old_pools = previous.pools if previous is not None else {}
+        pools: dict[str, UpstreamPool] = {}
+        for name, cfg in config.upstreams.items():
+            old = old_pools.get(name)
+            pools[name] = old if old is not None and old.cfg == cfg else UpstreamPool(cfg)
         rollouts: dict[str, Rollout] = {}
         for route in config.routes:
-            rollouts[route.name] = Rollout(
+            rollout = Rollout(
                 route=route,
                 pools=pools,
                 events=self.events,
                 metrics=self.metrics,
                 on_change=self._writer.schedule,
             )
+            if previous is not None and route.name in previous.rollouts:
+                rollout.adopt(previous.rollouts[route.name])
+            rollouts[route.name] = rollout
         table = RouteTable([(r.match, rollouts[r.name]) for r in config.routes])
         return Snapshot(config=config, table=table, rollouts=rollouts, pools=pools)
+
+    def apply(self, config: ProxyConfig) -> ReloadResult:
+        """Swap in a validated config between requests (SPEC §7). Requests already under
+        way keep the snapshot (and pools) they started with."""
+        previous = self.snapshot
+        old = previous.config
+        notes = [f"{field} changed: needs a restart (still {before})"
+                 for field, before, after in (
+                     ("server.listen", old.server.listen, config.server.listen),
+                     ("admin.listen", old.admin.listen, config.admin.listen),
+                     ("admin.token_env", old.admin.token_env, config.admin.token_env),
+                     ("state.file", old.state.file, config.state.file),
+                 ) if before != after]
+        diff = describe_diff(old, config)
+        self.snapshot = self._build(config, previous)
+        for name, pool in previous.pools.items():
+            if self.snapshot.pools.get(name) is not pool:
+                self._background.spawn(self._retire(pool), name=f"retire-{name}")
+        self.metrics.set_config(config.sha256)
+        self.metrics.config_reloads_total.labels(result="ok").inc()
+        changed = diff != "no changes"
+        reason = "; ".join([diff, *notes])
+        self.events.emit(route=None, kind="reload", actor="config", reason=reason,
+                         figures={"sha256": config.sha256, "notes": notes})
+        self._writer.schedule()
+        for listener in self._on_apply:
+            listener(config)
+        return ReloadResult(ok=True, changed=changed, reason=reason, errors=[])
+
+    def refuse(self, errors: list[str]) -> ReloadResult:
+        """An invalid config: the old one keeps serving; say why, once."""
+        self.metrics.config_reloads_total.labels(result="refused").inc()
+        reason = errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+        self.events.emit(route=None, kind="reload_refused", actor="config", reason=reason,
+                         figures={"errors": errors})
+        return ReloadResult(ok=False, changed=False, reason=reason, errors=errors)
+
+    def on_apply(self, listener: Callable[[ProxyConfig], None]) -> None:
+        self._on_apply.append(listener)
+
+    async def _retire(self, pool: UpstreamPool) -> None:
+        # Requests that read the old snapshot just before the swap may not have called
+        # send() yet: give them a moment, then let in-flight responses finish.
+        await asyncio.sleep(RETIRE_GRACE)
+        await pool.aclose(self.snapshot.config.server.drain_timeout)
 
     def _restore(self, saved: dict[str, Any]) -> None:
         routes = saved.get("routes")
@@ -108,6 +200,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         await self._writer.aclose()
+        await self._background.aclose(0)
         await asyncio.gather(*(p.aclose(timeout) for p in self.snapshot.pools.values()))
 
     async def flush_state(self) -> None:

@@ -12,11 +12,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.admin import admin_token, create_admin_app, is_loopback
+from proxy.admin import RELOAD, admin_token, create_admin_app, is_loopback
 from proxy.config import ProxyConfig
 from proxy.errors import ProxyError
 from proxy.handler import Proxy
+from proxy.reload import ConfigWatcher
 from proxy.runtime import Runtime
+from proxy.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,11 @@ class _TimedRequestHandler(RequestHandler):
 class _DataPlaneServer(web.Server):
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._handler_cls = type("RequestHandler", (_TimedRequestHandler,),
-                                 {"header_timeout": header_timeout})
+        self._handler_cls: type[_TimedRequestHandler] = type(
+            "RequestHandler", (_TimedRequestHandler,), {"header_timeout": header_timeout})
+
+    def set_header_timeout(self, seconds: float) -> None:
+        self._handler_cls.header_timeout = seconds
 
     def __call__(self) -> RequestHandler:
         handler: RequestHandler = self._handler_cls(self, loop=self._loop, **self._kwargs)
@@ -88,11 +93,13 @@ class _DataPlaneServer(web.Server):
 
 
 class App:
-    """A running flipback: data plane and admin listener over one ``Runtime``."""
+    """A running flipback: data plane and admin listener over one ``Runtime``. With
+    ``config_path``, the file is watched and hot reloaded (SPEC §7)."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, config_path: str | None = None) -> None:
         self.config = config
         self.runtime = Runtime(config)
+        self.watcher = ConfigWatcher(config_path, self.runtime) if config_path else None
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
         self.admin_port = 0
@@ -111,6 +118,7 @@ class App:
             )
         await self.runtime.start()
         proxy = Proxy(self.runtime)
+        self.runtime.on_apply(self._applied)
         self._server = _DataPlaneServer(
             proxy.handle,
             header_timeout=cfg.server.header_timeout,
@@ -120,11 +128,15 @@ class App:
         )
         data_runner = web.ServerRunner(self._server, handle_signals=False)
         await data_runner.setup()
-        admin_runner = web.AppRunner(
-            create_admin_app(self.runtime, token=token, loopback_only=loopback),
-            handle_signals=False,
-            access_log=None,
-        )
+        admin_app = create_admin_app(self.runtime, token=token, loopback_only=loopback)
+        if self.watcher is not None:
+            watcher = self.watcher
+
+            async def reload_now() -> dict[str, Any]:
+                return (await watcher.check(force=True)).as_json()
+
+            admin_app[RELOAD] = reload_now
+        admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin_runner.setup()
         self._runners = [data_runner, admin_runner]
         host, port = split_listen(cfg.server.listen)
@@ -137,10 +149,21 @@ class App:
         except OSError as exc:
             await self.aclose()
             raise ProxyError(f"cannot listen: {exc.strerror or exc}") from None
+        if self.watcher is not None:
+            self.watcher.start()
         self.data_port = _bound_port(data_runner)
         self.admin_port = _bound_port(admin_runner)
         logger.info("flipback serving on %s:%d, admin on %s:%d", host, self.data_port,
                     admin_host, self.admin_port)
+
+    def _applied(self, config: ProxyConfig) -> None:
+        if self._server is not None:
+            self._server.set_header_timeout(config.server.header_timeout)
+
+    async def reload(self) -> None:
+        """SIGHUP: reload the config file now."""
+        if self.watcher is not None:
+            await self.watcher.check(force=True)
 
     async def drain(self) -> None:
         """Readiness 503, stop accepting, finish in-flight up to drain_timeout, close."""
@@ -157,6 +180,8 @@ class App:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.aclose()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
@@ -175,14 +200,17 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     on_started: Callable[[App], None] | None = None,
+    config_path: str | None = None,
 ) -> None:
     """Run until ``shutdown_trigger`` completes (default: SIGTERM or SIGINT), then drain.
     A second signal during the drain exits at once."""
-    app = App(config)
+    app = App(config, config_path)
     await app.start()
     if on_started is not None:
         on_started(app)
     loop = asyncio.get_running_loop()
+    reloads = TaskSet("sighup", limit=1)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(app.reload()))
     stop = asyncio.Event()
     if shutdown_trigger is None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -203,5 +231,6 @@ async def serve(
             logger.warning("second signal: exiting without waiting for in-flight requests")
             drain.cancel()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        await reloads.aclose(1.0)

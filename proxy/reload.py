@@ -1,0 +1,95 @@
+"""Hot reload (SPEC §7): the config file is checked every second by content, on SIGHUP and
+on ``POST /reload``; a valid config is applied between requests, an invalid one refused.
+
+The check reads the file through its path every time, so it follows editors that write a
+temp file and rename it, and the ``..data`` symlink swap of Kubernetes ConfigMap volumes:
+neither inode nor mtime is trusted, only the content hash. Reading and parsing run in a
+thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import replace
+
+from proxy.config import ProxyConfig
+from proxy.config_parser import parse_config
+from proxy.errors import ConfigError
+from proxy.runtime import ReloadResult, Runtime
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0
+
+
+def _read_and_parse(path: str) -> tuple[str, ProxyConfig | None, list[str]]:
+    """(content sha256, config or None, errors). Runs in a worker thread."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return "", None, [f"{path}: cannot read: {exc.strerror or exc}"]
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return digest, None, [f"{path}:1: (root): the file is not UTF-8 text"]
+    try:
+        cfg = parse_config(text, path)
+    except ConfigError as exc:
+        return digest, None, exc.errors
+    return digest, _with_hash(cfg, digest), []
+
+
+def _with_hash(cfg: ProxyConfig, digest: str) -> ProxyConfig:
+    return replace(cfg, sha256=digest)
+
+
+class ConfigWatcher:
+    """Polls one config file and applies or refuses what it finds there."""
+
+    def __init__(self, path: str, runtime: Runtime, interval: float = POLL_INTERVAL) -> None:
+        self._path = path
+        self._runtime = runtime
+        self._interval = interval
+        self._current = runtime.snapshot.config.sha256
+        self._refused = ""  # hash of the last refused content: refuse it once, not every tick
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._poll(), name="config-watch")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check(force=False)
+            except Exception:  # the watch must outlive any one bad check
+                logger.exception("config check failed")
+
+    async def check(self, force: bool) -> ReloadResult:
+        """Reload if the file's content changed (or always, with ``force``: SIGHUP and
+        ``POST /reload``). Unreadable files during a swap are retried on the next tick."""
+        async with self._lock:
+            digest, cfg, errors = await asyncio.to_thread(_read_and_parse, self._path)
+            if not force and (not digest or digest in (self._current, self._refused)):
+                return ReloadResult(ok=True, changed=False, reason="unchanged", errors=[])
+            if cfg is None:
+                self._refused = digest
+                result = self._runtime.refuse(errors)
+                logger.error("config reload refused, old config keeps serving: %s",
+                             result.reason)
+                return result
+            self._refused = ""
+            self._current = digest
+            result = self._runtime.apply(cfg)
+            logger.info("config reloaded (%s): %s", digest[:12], result.reason)
+            return result

@@ -1,0 +1,277 @@
+"""Hot reload and lifecycle end to end (SPEC §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy import reload as reload_module
+from proxy.config_parser import load_config
+from proxy.server import App, serve
+from tests.fakes import Behaviour
+
+BASE = """
+server: {{listen: "127.0.0.1:0", drain_timeout: 5s}}
+admin: {{listen: "127.0.0.1:0"}}
+state: {{file: {state}}}
+upstreams:
+  v1: {{url: "{v1}"}}
+  v2: {{url: "{v2}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/"}}
+    stable: v1
+    canary: {{upstream: v2, weight: {weight}}}
+    rollback: {{min_requests: 5, window: {window}}}
+"""
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, v1: str, v2: str) -> None:
+        self.tmp = tmp_path
+        self.v1, self.v2 = v1, v2
+        self.path = tmp_path / "flipback.yaml"
+
+    def text(self, weight: float = 0, window: str = "10s", extra: str = "") -> str:
+        return BASE.format(state=self.tmp / "state.json", v1=self.v1, v2=self.v2,
+                           weight=weight, window=window) + extra
+
+    def write(self, text: str, path: Path | None = None) -> None:
+        target = path or self.path
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)  # what editors do: write a temp file, rename over
+
+
+@pytest.fixture
+async def setup(model, tmp_path):
+    v1, v2 = await model("v1"), await model("v2")
+    return Setup(tmp_path, v1.url, v2.url)
+
+
+@pytest.fixture
+async def running(setup):
+    apps: list[App] = []
+
+    async def start(path: Path | None = None) -> App:
+        p = str(path or setup.path)
+        app = App(load_config(p), p)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.aclose()
+
+
+async def _get(app: App, path: str = "/x") -> str:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{app.data_port}{path}") as r:
+        await r.read()
+        return r.headers.get("x-flipback-upstream", str(r.status))
+
+
+async def _events(app: App) -> list[dict]:
+    return [e.as_json() for e in app.runtime.events.recent(50)]
+
+
+async def _wait_for(predicate, timeout: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def test_file_change_is_applied_within_about_a_second(setup, running):
+    setup.write(setup.text(weight=0))
+    app = await running()
+    assert await _get(app) == "v1"
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    setup.write(setup.text(weight=100))
+    await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100)
+    assert loop.time() - t0 < 2.0
+    assert await _get(app) == "v2"
+    event = (await _events(app))[0]
+    assert event["kind"] == "reload" and event["actor"] == "config"
+    assert "routes ~chat" in event["reason"]
+    assert 'result="ok"' in app.runtime.metrics.render().decode()
+
+
+async def test_invalid_config_is_refused_then_valid_again_applies(setup, running):
+    setup.write(setup.text(weight=0))
+    app = await running()
+    setup.write(setup.text(weight=0).replace("weight: 0", "weight: 500"))
+    await _wait_for(lambda: any(e.kind == "reload_refused" for e in app.runtime.events.recent(9)))
+    event = (await _events(app))[0]
+    assert event["kind"] == "reload_refused"
+    assert event["reason"].startswith(f"{setup.path}:")
+    assert "routes[0].canary.weight" in event["reason"]
+    assert event["figures"]["errors"]
+    assert await _get(app) == "v1"  # old config still serving
+    text = app.runtime.metrics.render().decode()
+    assert 'flipback_config_reloads_total{result="refused"} 1.0' in text
+    await asyncio.sleep(1.5)  # the same bad content is refused once, not every second
+    assert sum(e.kind == "reload_refused" for e in app.runtime.events.recent(50)) == 1
+    setup.write(setup.text(weight=100))
+    await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100)
+
+
+async def test_kubernetes_configmap_symlink_swap(setup, running):
+    # The kubelet's layout: flipback.yaml -> ..data/flipback.yaml, ..data -> ..TIMESTAMP/
+    mount = setup.tmp / "mount"
+    mount.mkdir()
+    (mount / "..v1").mkdir()
+    (mount / "..v1" / "flipback.yaml").write_text(setup.text(weight=0))
+    os.symlink("..v1", mount / "..data")
+    os.symlink("..data/flipback.yaml", mount / "flipback.yaml")
+    app = await running(mount / "flipback.yaml")
+    assert await _get(app) == "v1"
+    (mount / "..v2").mkdir()
+    (mount / "..v2" / "flipback.yaml").write_text(setup.text(weight=100))
+    os.symlink("..v2", mount / "..data_tmp")
+    os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap
+    await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100)
+
+
+async def test_post_reload_and_its_errors(setup, running):
+    setup.write(setup.text(weight=0))
+    app = await running()
+    admin = f"http://127.0.0.1:{app.admin_port}/reload"
+    async with aiohttp.ClientSession() as s:
+        setup.write(setup.text(weight=100))
+        async with s.post(admin) as resp:
+            body = await resp.json()
+            assert resp.status == 200 and body["ok"] and body["changed"]
+        assert app.runtime.rollout("chat").effective_weight == 100
+        setup.write("routes: [")
+        async with s.post(admin) as resp:
+            body = await resp.json()
+            assert resp.status == 400 and not body["ok"]
+            assert body["errors"][0].startswith(f"{setup.path}:")
+
+
+async def test_latch_window_and_pool_survive_unrelated_reload(setup, running):
+    setup.write(setup.text(weight=50))
+    app = await running()
+    for _ in range(10):
+        await _get(app)
+    before = app.runtime.rollout("chat")
+    counted = before.stable.window.stats().requests + before.canary.window.stats().requests
+    assert counted == 10
+    pool = app.runtime.snapshot.pools["v1"]
+    before.rollback("bad answers")
+    setup.write(setup.text(weight=50, extra='log: {access: false}\n'))  # no route change
+    assert (await app.watcher.check(force=True)).ok
+    after = app.runtime.rollout("chat")
+    assert after is not before
+    assert after.state == "rolled_back"
+    assert after.stable.window.stats().requests + after.canary.window.stats().requests == 10
+    assert app.runtime.snapshot.pools["v1"] is pool
+    # A changed canary is a new rollout: the latch goes.
+    setup.write(setup.text(weight=20))
+    assert (await app.watcher.check(force=True)).ok
+    assert app.runtime.rollout("chat").state == "canary"
+
+
+async def test_changed_upstream_gets_new_pool_old_one_closed(setup, running, model, monkeypatch):
+    from proxy import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "RETIRE_GRACE", 0.05)
+    v3 = await model("v3")
+    setup.write(setup.text(weight=0))
+    app = await running()
+    assert await _get(app) == "v1"
+    old = app.runtime.snapshot.pools["v1"]
+    setup.write(setup.text(weight=0).replace(setup.v1, v3.url))
+    assert (await app.watcher.check(force=True)).ok
+    assert app.runtime.snapshot.pools["v1"] is not old
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{app.data_port}/x") as r:
+        assert (await r.json())["model"] == "v3"
+    await _wait_for(lambda: old.idle == 0 and old.in_flight == 0)
+
+
+async def test_twenty_reloads_under_load_lose_nothing(setup, running):
+    setup.write(setup.text(weight=50))
+    app = await running()
+    stop = asyncio.Event()
+    results: list[int] = []
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            try:
+                async with session.get(f"http://127.0.0.1:{app.data_port}/x") as r:
+                    await r.read()
+                    results.append(r.status)
+            except aiohttp.ClientError:
+                results.append(0)
+
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.ensure_future(client(session)) for _ in range(6)]
+        for i in range(20):
+            setup.write(setup.text(weight=10 + i * 4, window="10s" if i % 2 else "20s"))
+            assert (await app.watcher.check(force=True)).ok
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert len(results) > 50
+    assert set(results) == {200}, sorted(set(results))
+
+
+async def test_sighup_reloads(setup, monkeypatch):
+    monkeypatch.setattr(reload_module, "POLL_INTERVAL", 60.0)  # only the signal can do it
+    setup.write(setup.text(weight=0))
+    started: asyncio.Future[App] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    cfg = load_config(str(setup.path))
+    server = asyncio.ensure_future(serve(cfg, config_path=str(setup.path),
+                                         shutdown_trigger=stop.wait,
+                                         on_started=started.set_result))
+    app = await started
+    try:
+        setup.write(setup.text(weight=100))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100, 1.0)
+
+        stop.set()
+        await asyncio.wait_for(server, 10)
+    finally:
+        stop.set()
+        if not server.done():
+            server.cancel()
+
+
+async def test_drain_waits_for_slow_in_flight_request(model, tmp_path):
+    v1 = await model("v1")
+    v1.behaviour = Behaviour(delay=0.6)
+    path = tmp_path / "fb.yaml"
+    path.write_text(f"""
+server: {{listen: "127.0.0.1:0", drain_timeout: 5s}}
+admin: {{listen: "127.0.0.1:0"}}
+state: {{file: {tmp_path}/state.json}}
+upstreams:
+  v1: {{url: "{v1.url}"}}
+routes:
+  - {{name: plain, match: {{path_prefix: /}}, stable: v1}}
+""")
+    app = App(load_config(str(path)))
+    await app.start()
+    async with aiohttp.ClientSession() as s:
+        slow = asyncio.ensure_future(s.get(f"http://127.0.0.1:{app.data_port}/slow"))
+        await asyncio.wait_for(v1.started.wait(), 5)
+        drain = asyncio.ensure_future(app.drain())
+        await _wait_for(lambda: app.runtime.draining, 2.0)
+        async with s.get(f"http://127.0.0.1:{app.admin_port}/readyz") as r:
+            assert r.status == 503 and (await r.json())["status"] == "draining"
+        resp = await slow
+        assert resp.status == 200 and (await resp.json())["model"] == "v1"
+        resp.release()
+        await asyncio.wait_for(drain, 5)
