@@ -133,3 +133,49 @@ routes:
     assert await admin_client.run_verb(fb.admin, None, "weight", "chat", 40.0) == 0
     assert fb.runtime.rollout("chat").effective_weight == 40
     assert await admin_client.run_verb(fb.admin, None, "promote", "ghost") == 2
+
+
+async def test_second_signal_exits_at_once(model, tmp_path):
+    from tests.fakes import Behaviour
+
+    v1 = await model("v1")
+    v1.behaviour = Behaviour(mode="hang")
+    port, admin = _free_port(), _free_port()
+    cfg = tmp_path / "fb.yaml"
+    cfg.write_text(f"""
+server: {{listen: "127.0.0.1:{port}", drain_timeout: 30s}}
+admin: {{listen: "127.0.0.1:{admin}"}}
+state: {{file: {tmp_path}/state.json}}
+upstreams:
+  v1: {{url: "{v1.url}"}}
+routes:
+  - {{name: plain, match: {{path_prefix: /}}, stable: v1}}
+""")
+    env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                try:
+                    async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            hung = asyncio.ensure_future(s.get(f"http://127.0.0.1:{port}/hang"))
+            await asyncio.wait_for(v1.started.wait(), 5)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert proc.returncode is None  # draining: waits for the hung request
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 5)
+            assert loop.time() - t0 < 3
+            hung.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
