@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True)
-    sub.add_parser("demo", help="watch a bad canary get flipped back (self-contained)")
+    demo = sub.add_parser("demo", help="watch a bad canary get flipped back (self-contained)")
+    demo.add_argument("--duration-scale", type=float, default=1.0,
+                      help="stretch or shrink the acts (0.3 runs in ~11 s)")
+    demo.add_argument("--no-live", action="store_true", help="plain lines, no live view")
     status = sub.add_parser("status", help="routes, weights and windows of a running flipback")
     status.add_argument("--admin", default=None, help=f"admin URL (default {DEFAULT_ADMIN})")
     status.add_argument("--watch", action="store_true", help="refresh in place")
@@ -128,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from proxy.demo import run_demo
 
-            return run_demo()
+            return run_demo(["--duration-scale", str(args.duration_scale)]
+                            + (["--no-live"] if args.no_live else []))
         from proxy import admin_client
 
         url = _admin_url(args.admin)

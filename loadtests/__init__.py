@@ -1,0 +1,1 @@
+"""Load-test harness for flipback (not part of the installed package)."""

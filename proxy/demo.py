@@ -1,0 +1,72 @@
+"""``flipback demo`` (SPEC §2): a self-contained show of the canary split and automatic
+rollback, on one uvloop event loop and 127.0.0.1 only.
+
+Cast: a healthy stable ``llm-v1``, a canary ``llm-v2`` at 25%, a flipback with a generated
+config, an open-loop load of 80 req/s, and a watcher polling the admin API like an operator.
+Act 1: the canary starts answering HTTP 500 and must be flipped back; the demo then calls
+``resume`` (the operator verb). Act 2: the canary turns slow (2 s to the first byte against
+``max_p99`` 300 ms) and must be flipped back again. A summary measures both flips.
+
+Modules: this one is the command; ``demo_script`` plays the acts, ``demo_models`` holds the
+toy model servers and the load generator, ``demo_view`` the live view and the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import uvloop
+
+from proxy.demo_script import Demo, DemoOptions
+from proxy.demo_view import Report
+from proxy.errors import ProxyError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flipback demo", description=(
+        "Watch flipback flip a failing, then a slow, canary back to stable (~32 s)."))
+    p.add_argument("--duration-scale", type=_scale, default=1.0, metavar="FLOAT",
+                   help="stretch or shrink the acts (default 1.0: ~32 s; 0.3: ~11 s)")
+    p.add_argument("--no-live", action="store_true",
+                   help="print plain progress lines even on a terminal")
+    return p
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.05 <= value <= 2.0:
+        raise argparse.ArgumentTypeError("must be between 0.05 and 2")
+    return value
+
+
+def run_demo(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """``flipback demo``: 0 when both bad canaries were flipped back automatically, 1 when
+    not (the summary says why), 2 on bad arguments, 130 after Ctrl-C."""
+    try:
+        args = build_parser().parse_args([] if argv is None else list(argv))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    out = out or sys.stdout
+    options = DemoOptions(scale=args.duration_scale, live=False if args.no_live else None)
+    try:
+        report = uvloop.run(play(options, out))
+    except KeyboardInterrupt:  # Ctrl-C before the demo's own handler was in place
+        print("\nflipback demo: interrupted", file=out)
+        return 130
+    except (ProxyError, OSError) as exc:
+        print(f"flipback demo: {exc}", file=sys.stderr)
+        return 1
+    for problem in report.problems() if not report.interrupted else []:
+        print(f"flipback demo: {problem}", file=sys.stderr)
+    return report.exit_code
+
+
+async def play(options: DemoOptions, out: TextIO) -> Report:
+    """Run the whole demo on the running loop; returns the measurements."""
+    return await Demo(options, out).run()

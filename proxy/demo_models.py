@@ -1,0 +1,153 @@
+"""``flipback demo``'s cast: toy OpenAI-style model servers whose behaviour the script
+switches while traffic flows, and an open-loop load generator that records every request."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.tasks import TaskSet
+from proxy.units import Seconds
+
+Mode = Literal["ok", "error", "slow"]
+
+ANSWER_DELAY: Seconds = 0.020  # a small model: 20 ms to the answer
+ERROR_DELAY: Seconds = 0.005  # a crashing model fails fast
+SLOW_DELAY: Seconds = 2.0  # the latency fault: 2 s to the first byte
+REQUEST_BODY = orjson.dumps({
+    "model": "llm",
+    "messages": [{"role": "user", "content": "Say hi in three words."}],
+    "max_tokens": 16,
+})
+UPSTREAM_HEADER = "x-flipback-upstream"
+
+
+class ToyModel:
+    """One toy model server on 127.0.0.1 (port 0). ``mode`` may be switched at any time:
+    ``ok`` answers a chat completion after ~20 ms, ``error`` answers HTTP 500, ``slow``
+    answers after ``SLOW_DELAY``. ``arrivals`` holds the loop time of every request."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode: Mode = "ok"
+        self.arrivals: list[float] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._ids = itertools.count(1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        # handler_cancellation: when flipback gives up on a request, stop working on it.
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     handler_cancellation=True, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        self.arrivals.append(asyncio.get_running_loop().time())
+        await request.read()
+        mode = self.mode
+        if mode == "error":
+            await asyncio.sleep(ERROR_DELAY)
+            error = {"message": "CUDA error: device-side assert triggered",
+                     "type": "server_error"}
+            return _json({"error": error}, status=500)
+        await asyncio.sleep(SLOW_DELAY if mode == "slow" else ANSWER_DELAY)
+        return _json(self._completion())
+
+    def _completion(self) -> dict[str, object]:
+        return {
+            "id": f"chatcmpl-{self.name}-{next(self._ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "Hi there, friend."}}],
+            "usage": {"prompt_tokens": 14, "completion_tokens": 5, "total_tokens": 19},
+        }
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One client request: when it was due (loop time), what came back, how long it took.
+    ``status`` 0 means no HTTP answer at all (connection error, timeout)."""
+
+    scheduled: float
+    status: int
+    upstream: str
+    latency: Seconds
+
+    @property
+    def is_error(self) -> bool:
+        return self.status != 200
+
+
+class LoadGen:
+    """Open-loop load: requests leave at a constant ``rate`` whatever the answers do, as
+    real users would (a closed loop would slow down with the server and hide latency)."""
+
+    def __init__(self, url: str, rate: float, *, timeout: Seconds = 15.0) -> None:
+        self.url = url
+        self.rate = rate
+        self.samples: list[Sample] = []
+        self.dropped = 0  # requests that found the in-flight cap full (never at demo rates)
+        self._tasks = TaskSet("demo-load", limit=4096)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        """Send forever (until cancelled), catching up at once if the loop fell behind."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in itertools.count():
+            due = start + i / self.rate
+            if (delay := due - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            if not self._tasks.spawn(self._one(due), name="demo-request"):
+                self.dropped += 1
+
+    async def _one(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        try:
+            async with self._session.post(self.url, data=REQUEST_BODY,
+                                          headers={"Content-Type": "application/json"}) as resp:
+                await resp.read()
+                status, upstream = resp.status, resp.headers.get(UPSTREAM_HEADER, "")
+        except (aiohttp.ClientError, TimeoutError):
+            status, upstream = 0, ""
+        self.samples.append(Sample(due, status, upstream, loop.time() - sent))
+
+    async def aclose(self, timeout: Seconds = 3.0) -> None:
+        """Let requests in flight finish (up to ``timeout``), then close the session."""
+        await self._tasks.aclose(timeout)
+        await self._session.close()
