@@ -84,7 +84,7 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
         "configured_weight": rollout.configured_weight,
         "effective_weight": rollout.effective_weight,
         "upstreams": upstreams,
-        "sticky_sessions": 0,
+        "sticky_sessions": rollout.sticky_sessions,
         "last_event": last.as_json() if last is not None else None,
         "latch": rollout.latch,
     }

@@ -18,6 +18,8 @@ from proxy import rollback
 from proxy.config import RouteConfig
 from proxy.events import EventLog
 from proxy.metrics import InFlight, Metrics, Series
+from proxy.pins import STABLE, PinTable
+from proxy.sticky import BUCKETS, bucket, key_hash
 from proxy.upstream import UpstreamPool
 from proxy.windows import SlidingWindow, WindowStats
 
@@ -145,6 +147,9 @@ class Rollout:
         self.latch: dict[str, Any] | None = None
         self.kill_override: bool | None = None
         self.step: int | None = 0 if route.progressive and route.canary else None
+        sticky = route.sticky
+        self.pins = (PinTable(ttl=sticky.ttl, max_sessions=sticky.max_sessions, clock=clock)
+                     if sticky is not None and route.canary is not None else None)
         self._step_since = clock()
         self._p = 0.0
         self._refresh()
@@ -156,6 +161,28 @@ class Rollout:
         if p and (p >= 1.0 or self._random() < p):
             return self.canary  # type: ignore[return-value]
         return self.stable
+
+    def pick_for(self, key: str) -> Lane:
+        """Sticky pick: a pinned session stays on its side; a new one is assigned by its
+        hash bucket (canary iff bucket < weight x 100), the same on every replica."""
+        pins = self.pins
+        if pins is None or self.canary is None:
+            return self.pick()
+        hashed = key_hash(key)
+        pinned = pins.get(hashed)
+        if pinned is not None:
+            if pinned == STABLE or not self._p:
+                return self.stable
+            return self.canary
+        if self._p and bucket(hashed) < self._p * BUCKETS:
+            pins.put(hashed, pins.canary_code)
+            return self.canary
+        pins.put(hashed, STABLE)
+        return self.stable
+
+    @property
+    def sticky_sessions(self) -> int:
+        return len(self.pins) if self.pins is not None else 0
 
     @property
     def killed(self) -> bool:
@@ -226,6 +253,8 @@ class Rollout:
         return trip
 
     def _trip(self, trip: rollback.Trip) -> None:
+        if self.pins is not None:
+            self.pins.unpin_canary()
         self.latch = {
             "reason": trip.reason.value,
             "detail": trip.detail,
@@ -276,6 +305,8 @@ class Rollout:
         if self.latch is not None:
             return
         text = reason or "manual rollback"
+        if self.pins is not None:
+            self.pins.unpin_canary()
         self.latch = {"reason": "manual", "detail": text, "actor": actor, "time": time.time()}
         self._changed()
         self._metrics.rollbacks_total.labels(route=self.name, reason="manual").inc()
@@ -304,6 +335,8 @@ class Rollout:
         """Clear the latch and manual overrides: back to the configured weight."""
         self.latch = None
         self.manual_weight = None
+        if self.pins is not None:
+            self.pins.clear()  # a fresh start: new sessions split by the weight again
         if self.step is not None:
             self.step = 0
             self._step_since = self._clock()
@@ -342,18 +375,19 @@ class Rollout:
         return lane.window.stats(self.route.rollback.max_p99)
 
     def fingerprint(self) -> str:
-        """Identity of the rollout: a config change here starts a new one (clears latch)."""
-        c = self.route.canary
-        if c is None:
+        """Identity of the rollout: which model version is the canary. Changing the canary
+        upstream (or its URL) starts a new rollout, which clears the latch and the pins;
+        changing only the weight does not (pinned sessions stay where they are)."""
+        if self.route.canary is None or self.canary is None:
             return ""
-        upstream = self.canary.pool.cfg.url if self.canary else ""
-        return f"{c.upstream}|{upstream}|{c.weight:g}|{self.route.progressive!r}"
+        return f"{self.route.canary.upstream}|{self.canary.pool.cfg.url}"
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint(),
             "latch": self.latch,
             "manual_weight": self.manual_weight,
+            "configured_weight": (self.route.canary.weight if self.route.canary else None),
             "kill_override": self.kill_override,
             "step": self.step,
         }
@@ -374,8 +408,12 @@ class Rollout:
             prev._after_end = lane._after_end
         self.kill_override = old.kill_override
         if old.fingerprint() == self.fingerprint():
+            if old.pins is not None and self.pins is not None and (
+                    old.route.sticky == self.route.sticky):
+                self.pins = old.pins
             self.latch = old.latch
-            self.manual_weight = old.manual_weight
+            if old.route.canary == self.route.canary:  # a new configured weight wins
+                self.manual_weight = old.manual_weight
             if self.step is not None and old.step is not None:
                 assert self.route.progressive is not None
                 self.step = min(old.step, len(self.route.progressive.steps) - 1)
@@ -387,7 +425,8 @@ class Rollout:
         self.kill_override = saved.get("kill_override")
         if saved.get("fingerprint") == self.fingerprint() and self.canary is not None:
             self.latch = saved.get("latch")
-            self.manual_weight = saved.get("manual_weight")
+            if saved.get("configured_weight") == (self.route.canary.weight if self.route.canary else None):
+                self.manual_weight = saved.get("manual_weight")
             step = saved.get("step")
             if self.step is not None and isinstance(step, int):
                 assert self.route.progressive is not None

@@ -213,7 +213,7 @@ class Runtime:
     def _route_gauges(self) -> Iterator[RouteGauges]:
         for r in self.snapshot.rollouts.values():
             yield RouteGauges(route=r.name, state=r.state, canary_weight=r.effective_weight,
-                              sticky_sessions=0)
+                              sticky_sessions=r.sticky_sessions)
 
     def _upstream_health(self) -> Iterator[tuple[str, bool | None]]:
         for name in self.snapshot.pools:

@@ -176,8 +176,11 @@ async def test_latch_window_and_pool_survive_unrelated_reload(setup, running):
     assert after.state == "rolled_back"
     assert after.stable.window.stats().requests + after.canary.window.stats().requests == 10
     assert app.runtime.snapshot.pools["v1"] is pool
-    # A changed canary is a new rollout: the latch goes.
+    # A new weight is the same rollout; a new canary version is a new one (latch goes).
     setup.write(setup.text(weight=20))
+    assert (await app.watcher.check(force=True)).ok
+    assert app.runtime.rollout("chat").state == "rolled_back"
+    setup.write(setup.text(weight=20).replace(setup.v2, setup.v2 + "/v2"))
     assert (await app.watcher.check(force=True)).ok
     assert app.runtime.rollout("chat").state == "canary"
 

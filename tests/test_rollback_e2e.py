@@ -289,14 +289,21 @@ async def test_latch_survives_restart_and_resume_clears_it(model, tmp_path: Path
     finally:
         await app.aclose()
 
-    # A config change to the canary is a new rollout: the latch does not carry over.
+    # A weight change in the config is the same rollout: the latch stays.
     app = App(cfg)
     await app.start()
     app.runtime.rollout("chat").rollback("again")
     await app.runtime.flush_state()
     await app.aclose()
-    changed = make_config(ROUTE, tmp_path, v1=v1.url, v2=v2.url, **_cfg(weight=20))
-    app = App(changed)
+    app = App(make_config(ROUTE, tmp_path, v1=v1.url, v2=v2.url, **_cfg(weight=20)))
+    await app.start()
+    try:
+        assert app.runtime.rollout("chat").state == "rolled_back"
+    finally:
+        await app.aclose()
+    # A new canary version (another upstream URL) is a new rollout: the latch goes.
+    v3 = await model("v3")
+    app = App(make_config(ROUTE, tmp_path, v1=v1.url, v2=v3.url, **_cfg(weight=20)))
     await app.start()
     try:
         assert app.runtime.rollout("chat").state == "canary"
