@@ -23,9 +23,6 @@ NOT_YET = "not supported yet in this version"
 # rather than half-honoured. Keys are path patterns ("[]" any index, "*" any name);
 # deleting an entry is all it takes to enable the feature's config.
 UNSUPPORTED: dict[str, str] = {
-    "routes[].sticky": NOT_YET,
-    "routes[].shadow": NOT_YET,
-    "routes[].override_header": NOT_YET,
     "state.redis": NOT_YET,
     "notify": NOT_YET,
     "upstreams.*.health.path": NOT_YET,

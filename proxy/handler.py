@@ -1,8 +1,9 @@
 """The data-plane request path (SPEC §4, §5), read top to bottom.
 
-match route -> kill switch -> body (buffered only when a retry could need it) -> pick
-stable or canary -> send -> on a failure before any byte reached the client, retry on
-the next lane (canary -> stable -> fallback) -> stream the response -> record.
+match route -> kill switch -> body (buffered only when a retry or a shadow copy could need
+it) -> pick stable or canary -> offer a shadow copy (scheduled, never awaited) -> send ->
+on a failure before any byte reached the client, retry on the next lane (canary -> stable
+-> fallback) -> stream the response -> record.
 This is the only place on the request path with a broad ``except``.
 """
 
@@ -23,6 +24,8 @@ from proxy.killswitch import kill_response
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
 from proxy.rollout import Lane, Rollout
 from proxy.runtime import Runtime
+from proxy.shadow import ShadowMirror, ShadowPair
+from proxy.sticky import session_key
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("proxy.access")
@@ -93,19 +96,24 @@ class Proxy:
         if content_length is not None and content_length > self.max_body:
             return json_error(413, f"request body over {self.max_body} bytes", rid)
 
-        lane = rollout.pick()
-        body: bytes | _Body | None
+        body: bytes | _Body | None = None
+        if rollout.wants_body_first and request.body_exists:
+            body = await self._buffer(request, content_length)  # sticky json_field
+        lane, role = self._choose(request, rollout, body)
+        shadow = self._sample_shadow(request, rollout, body) if rollout.shadow else None
         replayable = True
-        if not request.body_exists:
+        if body is not None:
+            replayable = not isinstance(body, _Body)
+        elif not request.body_exists:
             body = b"" if content_length == 0 else None
-        elif self._next_lane(rollout, lane) is None:
+        elif shadow is None and self._next_lane(rollout, lane) is None:
             body = _Body(request.content, self.max_body)
             replayable = False
         else:
             body = await self._buffer(request, content_length)
-            if isinstance(body, _Body):
-                replayable = False
-                self.runtime.metrics.body_not_replayable_total.labels(route=rollout.name).inc()
+            replayable = not isinstance(body, _Body)
+        if not replayable and self._next_lane(rollout, lane) is not None:
+            self.runtime.metrics.body_not_replayable_total.labels(route=rollout.name).inc()
         peer = request.transport.get_extra_info("peername") if request.transport else None
         headers, _host = upstream_headers(
             request.raw_headers,
@@ -113,21 +121,26 @@ class Proxy:
             proto=b"http",
             request_id=rid.encode(),
         )
-        return await self._forward(request, rollout, lane, headers, body, replayable, rid)
+        # The copy is only scheduled here: it runs once the primary below is on its way.
+        tap = (shadow.offer(request.method, raw_path, headers, body, request_id=rid,
+                            inspect_body=self.inspect_body) if shadow is not None else None)
+        return await self._forward(request, rollout, lane, role, headers, body, replayable, rid,
+                                   tap)
 
     async def _forward(
         self,
         request: web.BaseRequest,
         rollout: Rollout,
         lane: Lane,
+        role: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | _Body | None,
         replayable: bool,
         rid: str,
+        tap: ShadowPair | None = None,
     ) -> web.StreamResponse:
         now = self._loop_time
         failure_statuses = rollout.route.rollback.failure_statuses
-        role = lane.role
         method = request.method
         target = request.raw_path
         content_length = request.content_length if isinstance(body, _Body) else None
@@ -175,8 +188,14 @@ class Proxy:
             await resp.prepare(request)
             read = up.read
             write = resp.write
-            while chunk := await read():
-                await write(chunk)
+            if tap is None or tap.keep is None:
+                while chunk := await read():
+                    await write(chunk)
+            else:  # the shadow comparison reads the primary body: keep a capped copy
+                keep = tap.keep
+                while chunk := await read():
+                    await write(chunk)
+                    keep(chunk)
             await resp.write_eof()
         except UpstreamError as exc:
             # Broke after the client got headers: the client must see a broken response,
@@ -196,9 +215,44 @@ class Proxy:
         total = now() - t0
         lane.end(started, role=role, outcome=outcome_index(status), failed=failed, ttfb=ttfb,
                  total=total)
+        if tap is not None:
+            tap.primary_done(lane.upstream, status, ttfb, total)
         if self.access_log:
             self._log(request, rollout.name, lane.upstream, role, status, total, rid)
         return resp
+
+    def _choose(self, request: web.BaseRequest, rollout: Rollout,
+                body: bytes | _Body | None) -> tuple[Lane, str]:
+        """Override header, then sticky session, then the weighted split; the lane and
+        the role its request is counted under."""
+        route = rollout.route
+        if route.override_header is not None:
+            named = request.headers.get(route.override_header)
+            if named:
+                lane = rollout.lanes.get(named)
+                if lane is not None:
+                    return lane, "override"
+                self.runtime.metrics.override_ignored_total.labels(route=rollout.name).inc()
+        if route.sticky is not None and rollout.pins is not None:
+            key = session_key(route.sticky, request.headers,
+                              body if isinstance(body, bytes) else None)
+            if key is not None:
+                lane = rollout.pick_for(key)
+                return lane, lane.role
+        lane = rollout.pick()
+        return lane, lane.role
+
+    @staticmethod
+    def _sample_shadow(request: web.BaseRequest, rollout: Rollout,
+                       body: bytes | _Body | None) -> ShadowMirror | None:
+        """The route's shadow when this request is sampled for a copy, else None."""
+        shadow = rollout.shadow
+        assert shadow is not None
+        key = None
+        sticky = rollout.route.sticky
+        if shadow.by_session and sticky is not None:
+            key = session_key(sticky, request.headers, body if isinstance(body, bytes) else None)
+        return shadow if shadow.should_mirror(key) else None
 
     @staticmethod
     def _next_lane(rollout: Rollout, lane: Lane) -> Lane | None:

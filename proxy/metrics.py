@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,6 +29,9 @@ ROUTE_STATES = ("stable", "canary", "waiting", "promoted", "rolled_back", "kille
 # Seconds; wide on the right because an LLM stream can legitimately last minutes.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
            60.0, 120.0, 300.0)
+# Shadow minus primary time to headers: either can be faster, so the buckets are symmetric.
+_DELTA = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DELTA_BUCKETS = (*(-b for b in reversed(_DELTA)), 0.0, *_DELTA)
 
 
 def outcome_index(status: int) -> int:
@@ -121,6 +125,16 @@ class Metrics:
             "flipback_shadow_mismatch_total", "Shadow disagreements", ["route", "kind"],
             registry=r,
         )
+        self.shadow_latency_delta_seconds = PromHistogram(
+            "flipback_shadow_latency_delta_seconds",
+            "Shadow minus primary time to response headers (negative: shadow was faster)",
+            ["route"], buckets=DELTA_BUCKETS, registry=r,
+        )
+        self.shadow_records_total = Counter(
+            "flipback_shadow_records_total",
+            "Shadow mismatch records by result (written, full, dropped, error)",
+            ["route", "result"], registry=r,
+        )
         self.verifications_total = Counter(
             "flipback_verifications_total", "Post-rollback verifications", ["route", "result"],
             registry=r,
@@ -131,6 +145,12 @@ class Metrics:
         self.body_not_replayable_total = Counter(
             "flipback_body_not_replayable_total",
             "Requests whose body was too large to buffer, so not retried or mirrored",
+            ["route"],
+            registry=r,
+        )
+        self.override_ignored_total = Counter(
+            "flipback_override_ignored_total",
+            "Override headers naming no upstream of the route (ignored)",
             ["route"],
             registry=r,
         )

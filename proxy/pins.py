@@ -82,11 +82,13 @@ class PinTable:
         self.unpin_canary()
 
     def _rotate(self, now: float) -> None:
-        self._gens.pop()
-        self._gens.insert(0, {})
-        self._rotate_at = now + self._ttl / 2
-        if now >= self._rotate_at:  # pragma: no cover - a clock jump of more than ttl/2
-            self._rotate_at = now + self._ttl / 2
+        """One rotation per ttl/2 that passed (a quiet route may skip several)."""
+        period = self._ttl / 2
+        passed = 1 + int((now - self._rotate_at) // period) if period > 0 else GENERATIONS
+        for _ in range(min(passed, GENERATIONS)):
+            self._gens.pop()
+            self._gens.insert(0, {})
+        self._rotate_at = now + period
 
     def _evict(self) -> None:
         """Drop the oldest non-empty generation (LRU at generation granularity)."""

@@ -19,6 +19,7 @@ from proxy.config import RouteConfig
 from proxy.events import EventLog
 from proxy.metrics import InFlight, Metrics, Series
 from proxy.pins import STABLE, PinTable
+from proxy.shadow import ShadowMirror
 from proxy.sticky import BUCKETS, bucket, key_hash
 from proxy.upstream import UpstreamPool
 from proxy.windows import SlidingWindow, WindowStats
@@ -142,12 +143,18 @@ class Rollout:
         if self.canary is not None and watched:
             self.canary._after_end = self._after_canary_end
         self.lanes = {ln.upstream: ln for ln in (self.stable, self.canary, self.fallback) if ln}
+        self.shadow = (ShadowMirror(route=route.name, cfg=route.shadow,
+                                    pool=pools[route.shadow.upstream], metrics=metrics)
+                       if route.shadow else None)
         # Live state (persisted by the runtime through ``state_dict``).
         self.manual_weight: float | None = None
         self.latch: dict[str, Any] | None = None
         self.kill_override: bool | None = None
         self.step: int | None = 0 if route.progressive and route.canary else None
         sticky = route.sticky
+        # A json_field session key needs the body before the stable/canary pick.
+        self.wants_body_first = bool(sticky is not None and sticky.json_field
+                                     and route.canary is not None)
         self.pins = (PinTable(ttl=sticky.ttl, max_sessions=sticky.max_sessions, clock=clock)
                      if sticky is not None and route.canary is not None else None)
         self._step_since = clock()
@@ -425,7 +432,8 @@ class Rollout:
         self.kill_override = saved.get("kill_override")
         if saved.get("fingerprint") == self.fingerprint() and self.canary is not None:
             self.latch = saved.get("latch")
-            if saved.get("configured_weight") == (self.route.canary.weight if self.route.canary else None):
+            configured = self.route.canary.weight if self.route.canary else None
+            if saved.get("configured_weight") == configured:
                 self.manual_weight = saved.get("manual_weight")
             step = saved.get("step")
             if self.step is not None and isinstance(step, int):

@@ -281,9 +281,9 @@ async def test_latch_survives_restart_and_resume_clears_it(model, tmp_path: Path
     await app.start()
     try:
         assert app.runtime.rollout("chat").state == "rolled_back"
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"http://127.0.0.1:{app.data_port}/v1/x", data=b"{}") as resp:
-                assert resp.headers["x-flipback-upstream"] == "v1"
+        url = f"http://127.0.0.1:{app.data_port}/v1/x"
+        async with aiohttp.ClientSession() as s, s.post(url, data=b"{}") as resp:
+            assert resp.headers["x-flipback-upstream"] == "v1"
         app.runtime.rollout("chat").resume()
         assert app.runtime.rollout("chat").state == "promoted"
     finally:
