@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy import __version__
+from proxy.config import ProxyConfig
 from proxy.errors import ConfigError, ProxyError
 
 DEFAULT_CONFIG = "config/flipback.yaml"
@@ -84,28 +85,33 @@ def _setup_logging() -> None:
     access.setLevel(logging.INFO)
 
 
-def cmd_check(path: str) -> int:
-    from proxy.config_parser import load_config, summarize
+def _load(path: str) -> ProxyConfig | None:
+    """The config, or None after printing every error as FILE:LINE: path: message."""
+    from proxy.config_parser import load_config
 
     try:
-        cfg = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return None
+
+
+def cmd_check(path: str) -> int:
+    from proxy.config_parser import summarize
+
+    cfg = _load(path)
+    if cfg is None:
         return EXIT_BAD_INPUT
     print(summarize(cfg))
     return EXIT_OK
 
 
 def cmd_run(path: str) -> int:
-    from proxy.config_parser import load_config
     from proxy.server import serve
 
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    cfg = _load(path)
+    if cfg is None:
         return EXIT_BAD_INPUT
     _setup_logging()
     try:

@@ -8,22 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-EVENT_KINDS = frozenset(
-    {
-        "rollback",
-        "promote",
-        "step",
-        "weight",
-        "resume",
-        "kill",
-        "reload",
-        "reload_refused",
-        "canary_unhealthy",
-        "canary_healthy",
-        "verified",
-        "verify_failed",
-    }
-)
+from proxy.config import NOTIFY_KINDS
+
+EVENT_KINDS = frozenset(NOTIFY_KINDS)  # every event kind can be chosen for notify
 ACTORS = frozenset({"auto", "admin", "config"})
 
 

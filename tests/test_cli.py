@@ -8,11 +8,13 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from proxy.cli import main
+from tests.fakes import Behaviour
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,40 +62,43 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_run_serves_and_drains_on_sigterm(model, tmp_path):
-    v1 = await model("v1")
+async def _spawn(tmp_path: Path, upstream: str, drain: str) -> tuple[Any, int, int]:
+    """A real ``python -m proxy run`` process, ready to serve: (process, port, admin)."""
     port, admin = _free_port(), _free_port()
     cfg = tmp_path / "fb.yaml"
     cfg.write_text(f"""
-server: {{listen: "127.0.0.1:{port}", drain_timeout: 5s}}
+server: {{listen: "127.0.0.1:{port}", drain_timeout: {drain}}}
 admin: {{listen: "127.0.0.1:{admin}"}}
 state: {{file: {tmp_path}/state.json}}
 upstreams:
-  v1: {{url: "{v1.url}"}}
+  v1: {{url: "{upstream}"}}
 routes:
-  - name: plain
-    match: {{path_prefix: "/"}}
-    stable: v1
+  - {{name: plain, match: {{path_prefix: /}}, stable: v1}}
 """)
     env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
     env.pop("FLIPBACK_ADMIN_TOKEN", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "-c", str(cfg),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(200):
+            try:
+                async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    if resp.status == 200:
+                        return proc, port, admin
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+    proc.kill()
+    await proc.wait()
+    raise AssertionError("flipback did not become ready")
+
+
+async def test_run_serves_and_drains_on_sigterm(model, tmp_path):
+    v1 = await model("v1")
+    v1.behaviour = Behaviour(delay=0.5)
+    proc, port, _ = await _spawn(tmp_path, v1.url, "5s")
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(100):
-                try:
-                    async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("flipback did not become ready")
-            from tests.fakes import Behaviour
-
-            v1.behaviour = Behaviour(delay=0.5)
             slow = asyncio.ensure_future(s.get(f"http://127.0.0.1:{port}/slow"))
             await asyncio.wait_for(v1.started.wait(), 5)
             proc.send_signal(signal.SIGTERM)
@@ -101,8 +106,7 @@ routes:
             assert resp.status == 200  # the in-flight request finished during the drain
             assert (await resp.json())["model"] == "v1"
             resp.release()
-        code = await asyncio.wait_for(proc.wait(), 10)
-        assert code == 0
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -136,34 +140,11 @@ routes:
 
 
 async def test_second_signal_exits_at_once(model, tmp_path):
-    from tests.fakes import Behaviour
-
     v1 = await model("v1")
     v1.behaviour = Behaviour(mode="hang")
-    port, admin = _free_port(), _free_port()
-    cfg = tmp_path / "fb.yaml"
-    cfg.write_text(f"""
-server: {{listen: "127.0.0.1:{port}", drain_timeout: 30s}}
-admin: {{listen: "127.0.0.1:{admin}"}}
-state: {{file: {tmp_path}/state.json}}
-upstreams:
-  v1: {{url: "{v1.url}"}}
-routes:
-  - {{name: plain, match: {{path_prefix: /}}, stable: v1}}
-""")
-    env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "-c", str(cfg),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env)
+    proc, port, _ = await _spawn(tmp_path, v1.url, "30s")
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(100):
-                try:
-                    async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
             hung = asyncio.ensure_future(s.get(f"http://127.0.0.1:{port}/hang"))
             await asyncio.wait_for(v1.started.wait(), 5)
             proc.send_signal(signal.SIGTERM)
