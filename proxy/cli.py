@@ -154,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(admin_client.run_verb(url, token, args.command, args.route, arg))
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # `flipback check ... | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except ProxyError as exc:
         print(f"flipback: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

@@ -22,9 +22,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy.rollback import TripReason
+
 OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
 OUTCOME_ERROR = 4
 OUTCOME_TIMEOUT = 5
+TRIP_REASONS = tuple(reason.value for reason in TripReason)
 ROUTE_STATES = ("stable", "canary", "waiting", "promoted", "rolled_back", "killed")
 # Seconds; wide on the right because an LLM stream can legitimately last minutes.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -154,7 +157,20 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        for result in ("ok", "refused"):
+            self.config_reloads_total.labels(result=result)
+        for result in ("sent", "failed", "dropped"):
+            self.notifications_total.labels(result=result)
         r.register(_Collector(self))
+
+    def declare_routes(self, routes: Iterable[str]) -> None:
+        """Create every per-route counter at 0, so ``increase()`` sees a route's first
+        rollback (a labelled counter otherwise appears only at its first increment)."""
+        for route in routes:
+            for reason in TRIP_REASONS:
+                self.rollbacks_total.labels(route=route, reason=reason)
+            for result in ("verified", "failed"):
+                self.verifications_total.labels(route=route, result=result)
 
     def series(self, route: str, upstream: str, role: str) -> Series:
         key = (route, upstream, role)

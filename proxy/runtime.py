@@ -115,6 +115,7 @@ class Runtime:
                 rollout.adopt(previous.rollouts[route.name])
             rollouts[route.name] = rollout
         table = RouteTable([(r.match, rollouts[r.name]) for r in config.routes])
+        self.metrics.declare_routes(rollouts)
         return Snapshot(config=config, table=table, rollouts=rollouts, pools=pools)
 
     def apply(self, config: ProxyConfig) -> ReloadResult:
