@@ -69,7 +69,7 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
         figures = figures_of(stats) if stats is not None else {}
         upstreams[lane.upstream] = {
             "role": lane.role,
-            "healthy": None,
+            "healthy": runtime.health.healthy(lane.upstream),
             "requests": figures.get("requests", 0),
             "failures": figures.get("failures", 0),
             "error_rate": figures.get("error_rate", 0.0),
@@ -125,7 +125,8 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     body = {
         "status": "draining" if runtime.draining else "ready",
-        "upstreams": {name: {"healthy": None} for name in runtime.snapshot.pools},
+        "upstreams": {name: {"healthy": runtime.health.healthy(name)}
+                      for name in runtime.snapshot.pools},
         "redis": None,
     }
     return _json(body, 503 if runtime.draining else 200)

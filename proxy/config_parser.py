@@ -24,8 +24,6 @@ NOT_YET = "not supported yet in this version"
 # deleting an entry is all it takes to enable the feature's config.
 UNSUPPORTED: dict[str, str] = {
     "state.redis": NOT_YET,
-    "notify": NOT_YET,
-    "upstreams.*.health.path": NOT_YET,
 }
 
 

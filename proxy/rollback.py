@@ -183,3 +183,22 @@ def _ms(seconds: float | None) -> float | None:
 
 def _human(seconds: float | None) -> str:
     return "-" if seconds is None else format_duration(seconds)
+
+
+def verify_stable(policy: RollbackConfig, stable: WindowStats) -> tuple[bool, str]:
+    """Post-rollback verdict on stable's window: within the error-rate and p99 thresholds
+    (the canary was the fault), or not (stable is bad too). No stable traffic to judge
+    fails the verification: nobody should read "verified" into silence."""
+    if stable.requests == 0:
+        return False, "no stable traffic in the window to verify against"
+    problems: list[str] = []
+    if policy.max_error_rate is not None and stable.error_rate > policy.max_error_rate:
+        problems.append(f"stable error rate {stable.error_rate:.1f}% > "
+                        f"{policy.max_error_rate:g}%")
+    if policy.max_p99 is not None and stable.p99 is not None and stable.p99 > policy.max_p99:
+        problems.append(f"stable p99 {stable.p99 * 1000:.0f}ms > {policy.max_p99 * 1000:.0f}ms")
+    if problems:
+        return False, "; ".join(problems) + f" over {stable.requests} requests: look elsewhere"
+    p99 = f"{stable.p99 * 1000:.0f}ms" if stable.p99 is not None else "-"
+    return True, (f"stable within thresholds after the rollback: error rate "
+                  f"{stable.error_rate:.1f}%, p99 {p99} over {stable.requests} requests")

@@ -158,6 +158,12 @@ class Rollout:
         self.pins = (PinTable(ttl=sticky.ttl, max_sessions=sticky.max_sessions, clock=clock)
                      if sticky is not None and route.canary is not None else None)
         self._step_since = clock()
+        self._verify_at: float | None = None
+        # Health (SPEC §5): a canary with probes takes traffic only once healthy; a
+        # stable that probes unhealthy hands its share to the fallback.
+        self.canary_ready = True
+        self.stable_down = False
+        self._base = self.stable
         self._p = 0.0
         self._refresh()
 
@@ -167,7 +173,7 @@ class Rollout:
         p = self._p
         if p and (p >= 1.0 or self._random() < p):
             return self.canary  # type: ignore[return-value]
-        return self.stable
+        return self._base
 
     def pick_for(self, key: str) -> Lane:
         """Sticky pick: a pinned session stays on its side; a new one is assigned by its
@@ -179,13 +185,13 @@ class Rollout:
         pinned = pins.get(hashed)
         if pinned is not None:
             if pinned == STABLE or not self._p:
-                return self.stable
+                return self._base
             return self.canary
         if self._p and bucket(hashed) < self._p * BUCKETS:
             pins.put(hashed, pins.canary_code)
             return self.canary
         pins.put(hashed, STABLE)
-        return self.stable
+        return self._base
 
     @property
     def sticky_sessions(self) -> int:
@@ -226,15 +232,37 @@ class Rollout:
             return "rolled_back"
         if self.canary is None or self.weight <= 0:
             return "stable"
+        if not self.canary_ready:
+            return "waiting"
         if self.weight >= 100:
             return "promoted"
         return "canary"
 
     def _refresh(self) -> None:
-        if self.canary is None or self.latch is not None:
+        if self.canary is None or self.latch is not None or not self.canary_ready:
             self._p = 0.0
         else:
             self._p = min(max(self.weight, 0.0), 100.0) / 100.0
+        self._base = self.fallback if (self.stable_down and self.fallback) else self.stable
+
+    def apply_health(self, healthy: Callable[[str], bool | None],
+                     probed: Callable[[str], bool], *, quiet: bool = False) -> None:
+        """Take the probes' verdicts; a canary turning unready or ready again is an event
+        (``quiet`` at start-up and after a reload, where nothing changed yet)."""
+        was_ready = self.canary_ready
+        if self.canary is not None:
+            name = self.canary.upstream
+            self.canary_ready = not probed(name) or healthy(name) is True
+        self.stable_down = probed(self.stable.upstream) and healthy(self.stable.upstream) is False
+        self._refresh()
+        if quiet or was_ready == self.canary_ready or self.canary is None:
+            return
+        kind = "canary_healthy" if self.canary_ready else "canary_unhealthy"
+        reason = (f"canary {self.canary.upstream} passes its health probes: weight "
+                  f"{self.weight:g}% again" if self.canary_ready else
+                  f"canary {self.canary.upstream} fails its health probes: no traffic "
+                  "until it recovers")
+        self._events.emit(route=self.name, kind=kind, actor="auto", reason=reason, figures={})
 
     def _changed(self) -> None:
         self._refresh()
@@ -268,6 +296,8 @@ class Rollout:
             "actor": "auto",
             "time": time.time(),
         }
+        if self.route.rollback.verify:
+            self._verify_at = self._clock() + self.route.rollback.verify
         self._changed()
         self._metrics.rollbacks_total.labels(route=self.name, reason=trip.reason.value).inc()
         figures = dict(trip.figures)
@@ -276,13 +306,33 @@ class Rollout:
                           figures=figures)
 
     def tick(self) -> None:
-        """Called about every 100 ms: catches hung canaries and takes progressive steps."""
+        """Called about every 100 ms: catches hung canaries, takes progressive steps and
+        ends post-rollback verification."""
+        if self._verify_at is not None and self._clock() >= self._verify_at:
+            self._verify()
         if self.canary is None or self.latch is not None or self.killed:
             return
         if self._p:
             self.evaluate()
-        if self.latch is None and self.step is not None and self.manual_weight is None:
+        if (self.latch is None and self.step is not None and self.manual_weight is None
+                and self.canary_ready):
             self._maybe_step()
+
+    def _verify(self) -> None:
+        """After an automatic rollback: is stable within the thresholds (the canary was
+        the fault) or bad too (look elsewhere)?"""
+        self._verify_at = None
+        if self.latch is None:
+            return  # resumed before the verdict: nothing left to verify
+        assert self.stable.window is not None
+        stats = self.stable.window.stats(self.route.rollback.max_p99)
+        ok, detail = rollback.verify_stable(self.route.rollback, stats)
+        result, kind = ("verified", "verified") if ok else ("failed", "verify_failed")
+        self.latch["verify"] = kind
+        self._on_change()
+        self._metrics.verifications_total.labels(route=self.name, result=result).inc()
+        self._events.emit(route=self.name, kind=kind, actor="auto", reason=detail,
+                          figures={"stable": rollback.figures_of(stats)})
 
     def _maybe_step(self) -> None:
         prog = self.route.progressive
@@ -323,6 +373,10 @@ class Rollout:
     def promote(self, actor: str = "admin") -> None:
         self._need_canary()
         self._need_unlatched()
+        if not self.canary_ready:
+            assert self.canary is not None
+            raise RolloutConflict(f"canary {self.canary.upstream} is not ready (its health "
+                                  "probes fail): refusing to promote it")
         self.manual_weight = 100.0
         self._changed()
         self._events.emit(route=self.name, kind="promote", actor=actor,
@@ -341,6 +395,7 @@ class Rollout:
     def resume(self, actor: str = "admin") -> None:
         """Clear the latch and manual overrides: back to the configured weight."""
         self.latch = None
+        self._verify_at = None
         self.manual_weight = None
         if self.pins is not None:
             self.pins.clear()  # a fresh start: new sessions split by the weight again
@@ -419,6 +474,7 @@ class Rollout:
                     old.route.sticky == self.route.sticky):
                 self.pins = old.pins
             self.latch = old.latch
+            self._verify_at = old._verify_at
             if old.route.canary == self.route.canary:  # a new configured weight wins
                 self.manual_weight = old.manual_weight
             if self.step is not None and old.step is not None:

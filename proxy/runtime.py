@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config import ProxyConfig
-from proxy.events import EventLog
+from proxy.config import NotifyConfig, ProxyConfig
+from proxy.events import Event, EventLog
+from proxy.health import HealthChecker
 from proxy.metrics import Metrics, RouteGauges
+from proxy.notify import Notifier
 from proxy.rollout import Rollout
 from proxy.routing import RouteTable
 from proxy.statefile import StateWriter, load_state
@@ -84,14 +87,19 @@ class Runtime:
         self.started = time.time()
         self.draining = False
         self._writer = StateWriter(config.state.file, self.state_dict)
-        self.snapshot = self._build(config, previous=None)
-        self.metrics.set_config(config.sha256)
-        self.metrics.set_sources(self._route_gauges, self._upstream_health)
         self._ticker: asyncio.Task[None] | None = None
         self._background = TaskSet("runtime")
         self._on_apply: list[Callable[[ProxyConfig], None]] = []
+        self.health = HealthChecker(self._health_changed)
+        self.snapshot = self._build(config, previous=None)
+        self._follow_health(self.snapshot)
+        self.metrics.set_config(config.sha256)
+        self.metrics.set_sources(self._route_gauges, self._upstream_health)
         self._restore(load_state(config.state.file))
         self.events.subscribe(_log_event)
+        self.notifier: Notifier | None = None
+        self.events.subscribe(self._notify)
+        self._set_notify(config.notify)
 
     # -- building -----------------------------------------------------------------------
     def _build(self, config: ProxyConfig, previous: Snapshot | None) -> Snapshot:
@@ -132,6 +140,8 @@ class Runtime:
                  ) if before != after]
         diff = describe_diff(old, config)
         self.snapshot = self._build(config, previous)
+        self._set_notify(config.notify)
+        self._follow_health(self.snapshot)
         for name, pool in previous.pools.items():
             if self.snapshot.pools.get(name) is not pool:
                 self._background.spawn(self._retire(pool), name=f"retire-{name}")
@@ -181,9 +191,52 @@ class Runtime:
             "routes": {name: r.state_dict() for name, r in self.snapshot.rollouts.items()},
         }
 
+    # -- notifications -------------------------------------------------------------------
+    def _set_notify(self, cfg: NotifyConfig | None) -> None:
+        """Create, reconfigure or retire the notifier to match ``cfg`` (also on reload)."""
+        if cfg is None or not cfg.webhook:
+            old, self.notifier = self.notifier, None
+            if old is not None:
+                self._background.spawn(old.aclose(old.cfg.timeout), name="notify-close")
+        elif self.notifier is not None:
+            self.notifier.reconfigure(cfg)
+        else:
+            self.notifier = Notifier(cfg, self.metrics, secrets=self._secrets)
+            if self._ticker is not None:  # already started
+                self.notifier.start()
+
+    def _notify(self, event: Event) -> None:
+        if self.notifier is not None:
+            self.notifier.offer(event)
+
+    def _secrets(self) -> Iterator[str]:
+        """What a notification must never carry: the admin token, upstream header values."""
+        config = self.snapshot.config
+        token = os.environ.get(config.admin.token_env)
+        if token:
+            yield token
+        for upstream in config.upstreams.values():
+            for _, value in upstream.headers:
+                yield value
+
     # -- lifecycle ----------------------------------------------------------------------
+    def _follow_health(self, snap: Snapshot) -> None:
+        """Probe loops for the snapshot's upstreams; every route takes the verdicts."""
+        for probe in self.health.reconcile(snap.pools):
+            self._background.spawn(probe.aclose(), name=f"health-close-{probe.name}")
+        for rollout in snap.rollouts.values():
+            rollout.apply_health(self.health.healthy, self.health.is_probed, quiet=True)
+
+    def _health_changed(self, upstream: str, healthy: bool) -> None:
+        for rollout in self.snapshot.rollouts.values():
+            if upstream in rollout.lanes:
+                rollout.apply_health(self.health.healthy, self.health.is_probed)
+
     async def start(self) -> None:
         self._writer.start()
+        if self.notifier is not None:
+            self.notifier.start()
+        self.health.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="rollout-tick")
 
     async def _tick(self) -> None:
@@ -200,8 +253,13 @@ class Runtime:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        await self.health.aclose()
+        if self.notifier is not None:
+            await self.notifier.aclose(min(timeout, self.notifier.cfg.timeout))
         await self._writer.aclose()
         await self._background.aclose(0)
+        await asyncio.gather(*(r.shadow.aclose() for r in self.snapshot.rollouts.values()
+                               if r.shadow is not None))
         await asyncio.gather(*(p.aclose(timeout) for p in self.snapshot.pools.values()))
 
     async def flush_state(self) -> None:
@@ -218,7 +276,7 @@ class Runtime:
 
     def _upstream_health(self) -> Iterator[tuple[str, bool | None]]:
         for name in self.snapshot.pools:
-            yield name, None
+            yield name, self.health.healthy(name) if self.health.is_probed(name) else None
 
 
 def _log_event(event: Any) -> None:

@@ -31,6 +31,7 @@ class Behaviour:
     event_gap: float = 0.0
     body: bytes | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] | None = None  # sse: write exactly these chunks instead
 
 
 class FakeModel:
@@ -41,6 +42,8 @@ class FakeModel:
         self.behaviour = Behaviour()
         self.seen: list[Seen] = []
         self.disconnects = 0
+        self.health_status = 200
+        self.health_probes = 0
         self.in_handler = 0
         self.server: Any = None
         self.started = asyncio.Event()
@@ -59,6 +62,9 @@ class FakeModel:
         return app
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/health":  # probes are answered apart and not recorded
+            self.health_probes += 1
+            return web.Response(status=self.health_status, text="health")
         body = await request.read()
         self.seen.append(Seen(request.method, request.path_qs, CIMultiDict(request.headers),
                               list(request.raw_headers), body))
@@ -97,6 +103,13 @@ class FakeModel:
     async def _sse(self, request: web.Request, b: Behaviour) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if b.chunks is not None:
+            for chunk in b.chunks:
+                await resp.write(chunk)
+                if b.event_gap:
+                    await asyncio.sleep(b.event_gap)
+            await resp.write_eof()
+            return resp
         for i in range(b.events):
             await resp.write(b"data: " + orjson.dumps({"i": i, "model": self.name}) + b"\n\n")
             if b.mode == "cut" and i == b.events // 2:

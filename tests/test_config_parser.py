@@ -237,17 +237,17 @@ routes: [{name: r, match: {}, stable: a, canary: {upstream: b, weight: 1}}]
 
 
 def test_parse_config_refuses_unsupported_features() -> None:
-    text = 'notify: {webhook: "http://127.0.0.1:9/x"}\n' + MINIMAL
-    assert errors_of(text) == ["f.yaml:1: notify: not supported yet in this version"]
+    text = 'state: {redis: "redis://127.0.0.1:6379/0"}\n' + MINIMAL
+    assert errors_of(text) == ["f.yaml:1: state.redis: not supported yet in this version"]
 
 
 def test_parse_config_accepts_a_feature_once_its_unsupported_entry_is_removed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rest = {k: v for k, v in config_parser.UNSUPPORTED.items() if k != "notify"}
+    rest = {k: v for k, v in config_parser.UNSUPPORTED.items() if k != "state.redis"}
     monkeypatch.setattr(config_parser, "UNSUPPORTED", rest)
-    cfg = parse_config('notify: {webhook: "http://127.0.0.1:9/x"}\n' + MINIMAL, "f.yaml")
-    assert cfg.notify is not None and cfg.notify.webhook == "http://127.0.0.1:9/x"
+    cfg = parse_config('state: {redis: "redis://127.0.0.1:6379/0"}\n' + MINIMAL, "f.yaml")
+    assert cfg.state.redis == "redis://127.0.0.1:6379/0"
 
 
 def test_parse_config_treats_null_optional_sections_as_absent() -> None:
