@@ -73,7 +73,7 @@ class Notifier:
     """Sends events of ``cfg.kinds`` to ``cfg.webhook``. Construct anywhere; ``start`` on
     the running loop; ``aclose`` when done. Counts every event it accepts or refuses in
     ``flipback_notifications_total{result}``: ``sent``, ``failed`` (after all attempts) or
-    ``dropped`` (queue full, or still queued at close)."""
+    ``dropped`` (queue full, still queued at close, or offered after it)."""
 
     def __init__(
         self,
@@ -108,7 +108,10 @@ class Notifier:
     def offer(self, event: Event) -> None:
         """The ``EventLog`` listener: enqueue a matching event without waiting, or drop it.
         Never raises, never does I/O."""
-        if self._closed or not self._cfg.webhook or event.kind not in self._cfg.kinds:
+        if not self._cfg.webhook or event.kind not in self._cfg.kinds:
+            return
+        if self._closed:
+            self._count("dropped")
             return
         try:
             self._queue.put_nowait(event)
@@ -136,10 +139,10 @@ class Notifier:
             if worker is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._queue.join(), timeout)
+        finally:  # also when aclose itself is cancelled: no worker may outlive the session
+            if worker is not None:
                 worker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker
-        finally:
+                await asyncio.wait([worker])
             left = self._queue.qsize()
             while not self._queue.empty():
                 self._queue.get_nowait()
