@@ -24,14 +24,17 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL = 1.0
 
 
-def _read_and_parse(path: str) -> tuple[str, ProxyConfig | None, list[str]]:
-    """(content sha256, config or None, errors). Runs in a worker thread."""
+def _read_and_parse(path: str, *known: str) -> tuple[str, ProxyConfig | None, list[str]]:
+    """(content sha256, config or None, errors). Runs in a worker thread. Content whose
+    hash is in ``known`` is not parsed again (the poll reads the file every second)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         return "", None, [f"{path}: cannot read: {exc.strerror or exc}"]
     digest = hashlib.sha256(data).hexdigest()
+    if digest in known:
+        return digest, None, []
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -79,8 +82,11 @@ class ConfigWatcher:
         """Reload if the file's content changed (or always, with ``force``: SIGHUP and
         ``POST /reload``). Unreadable files during a swap are retried on the next tick."""
         async with self._lock:
-            digest, cfg, errors = await asyncio.to_thread(_read_and_parse, self._path)
-            if not force and (not digest or digest in (self._current, self._refused)):
+            known = (self._current,) if force else (self._current, self._refused)
+            digest, cfg, errors = await asyncio.to_thread(_read_and_parse, self._path, *known)
+            if digest == self._current or (not force and digest in ("", self._refused)):
+                # Same content as what serves now: nothing to apply (a forced reload of an
+                # unchanged file is a no-op, not a second identical event).
                 return ReloadResult(ok=True, changed=False, reason="unchanged", errors=[])
             if cfg is None:
                 self._refused = digest
