@@ -1,14 +1,21 @@
-"""``flipback demo`` (SPEC §2): a self-contained show of the canary split and automatic
-rollback, on one uvloop event loop and 127.0.0.1 only.
+"""``flipback demo`` (SPEC §2): a self-contained show of the canary split, shadow traffic,
+automatic rollback, its verification and its notification, on one uvloop event loop and
+127.0.0.1 only.
 
-Cast: a healthy stable ``llm-v1``, a canary ``llm-v2`` at 25%, a flipback with a generated
-config, an open-loop load of 80 req/s, and a watcher polling the admin API like an operator.
-Act 1: the canary starts answering HTTP 500 and must be flipped back; the demo then calls
-``resume`` (the operator verb). Act 2: the canary turns slow (2 s to the first byte against
-``max_p99`` 300 ms) and must be flipped back again. A summary measures both flips.
+Cast: a healthy stable ``llm-v1``, a canary ``llm-v2`` at 25%, a shadow ``llm-v3`` that gets
+a copy of half the requests and words every 5th answer differently, a flipback with a
+generated config (``verify`` after each rollback, ``notify`` to a webhook), a webhook
+receiver standing in for the on-call channel, an open-loop load of 80 req/s, and a watcher
+polling the admin API like an operator. Act 1: the canary starts answering HTTP 500 and
+must be flipped back, and flipback must then verify that stable is fine; the demo then
+calls ``resume`` (the operator verb). Act 2: the canary turns slow (2 s to the first byte
+against ``max_p99`` 300 ms) and must be flipped back and verified again. A summary measures
+both flips, both verifications, the notifications and the shadow's agreement.
 
-Modules: this one is the command; ``demo_script`` plays the acts, ``demo_models`` holds the
-toy model servers and the load generator, ``demo_view`` the live view and the summary.
+Modules: this one is the command; ``demo_script`` plays the acts, ``demo_watch`` follows
+flipback, ``demo_models`` holds the toy model servers and the load generator,
+``demo_probes`` the webhook receiver and the metrics reader, ``demo_view`` and
+``demo_screen`` the live view, ``demo_report`` the measurements and the summary.
 """
 
 from __future__ import annotations
@@ -20,14 +27,15 @@ from typing import TextIO
 
 import uvloop
 
+from proxy.demo_report import Report
 from proxy.demo_script import Demo, DemoOptions
-from proxy.demo_view import Report
 from proxy.errors import ProxyError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flipback demo", description=(
-        "Watch flipback flip a failing, then a slow, canary back to stable (~32 s)."))
+        "Watch flipback flip a failing, then a slow, canary back to stable, verify each "
+        "rollback and notify a webhook, with a shadow model on the side (~32 s)."))
     p.add_argument("--duration-scale", type=_scale, default=1.0, metavar="FLOAT",
                    help="stretch or shrink the acts (default 1.0: ~32 s; 0.3: ~11 s)")
     p.add_argument("--no-live", action="store_true",
@@ -46,8 +54,9 @@ def _scale(text: str) -> float:
 
 
 def run_demo(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
-    """``flipback demo``: 0 when both bad canaries were flipped back automatically, 1 when
-    not (the summary says why), 2 on bad arguments, 130 after Ctrl-C."""
+    """``flipback demo``: 0 when both bad canaries were flipped back automatically and each
+    rollback was verified, 1 when not (the summary and stderr say why), 2 on bad arguments,
+    130 after Ctrl-C."""
     try:
         args = build_parser().parse_args([] if argv is None else list(argv))
     except SystemExit as exc:

@@ -27,17 +27,24 @@ REQUEST_BODY = orjson.dumps({
     "max_tokens": 16,
 })
 UPSTREAM_HEADER = "x-flipback-upstream"
+ANSWER = "Hi there, friend."
+# What a disagreeing model says instead, in turn (say, a new prompt template).
+OTHER_ANSWERS = ("Hello! Lovely to meet you.", "Hey, hi, hello.", "Greetings, dear user.")
 
 
 class ToyModel:
     """One toy model server on 127.0.0.1 (port 0). ``mode`` may be switched at any time:
     ``ok`` answers a chat completion after ~20 ms, ``error`` answers HTTP 500, ``slow``
-    answers after ``SLOW_DELAY``. ``arrivals`` holds the loop time of every request."""
+    answers after ``SLOW_DELAY``. ``arrivals`` holds the loop time of every request. With
+    ``disagree_every`` N, every Nth answer says something else than ``ANSWER`` (the shadow
+    model whose content a comparison should catch)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, disagree_every: int = 0) -> None:
         self.name = name
         self.mode: Mode = "ok"
         self.arrivals: list[float] = []
+        self.disagree_every = disagree_every
+        self.answers = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._ids = itertools.count(1)
@@ -81,9 +88,16 @@ class ToyModel:
             "created": int(time.time()),
             "model": self.name,
             "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "Hi there, friend."}}],
+                         "message": {"role": "assistant", "content": self._content()}}],
             "usage": {"prompt_tokens": 14, "completion_tokens": 5, "total_tokens": 19},
         }
+
+    def _content(self) -> str:
+        self.answers += 1
+        every = self.disagree_every
+        if every and self.answers % every == 0:
+            return OTHER_ANSWERS[self.answers // every % len(OTHER_ANSWERS)]
+        return ANSWER
 
 
 def _json(data: object, status: int = 200) -> web.Response:

@@ -1,48 +1,29 @@
-"""The script of ``flipback demo``: start the cast, play the two acts, watch flipback through
-its admin API, keep the view current, and measure everything into a ``Report``."""
+"""The script of ``flipback demo``: start the cast, play the two acts while ``demo_watch``
+follows flipback (admin API, metrics, webhook) and ``demo_screen`` keeps the view current,
+and measure everything into a ``Report``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import logging
 import os
-import shutil
 import signal
 import tempfile
-import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import orjson
 
-from proxy.admin_client import (
-    CLEAR,
-    CLEAR_BELOW,
-    CLEAR_EOL,
-    HOME,
-    TOKEN_ENV,
-    AdminClient,
-    AdminError,
-    Key,
-    compute_rates,
-)
+from proxy.admin_client import TOKEN_ENV, AdminClient, AdminError
 from proxy.config_parser import parse_config
 from proxy.demo_models import SLOW_DELAY, LoadGen, Mode, ToyModel
-from proxy.demo_view import (
-    ActRecord,
-    Entry,
-    Report,
-    Scene,
-    plain_entry,
-    render_frame,
-    render_summary,
-    status_line,
-)
+from proxy.demo_probes import DiffSample, MetricsReader, WebhookReceiver, read_diffs
+from proxy.demo_report import ActRecord, Report, render_summary
+from proxy.demo_screen import Screen, quiet_proxy_logs
+from proxy.demo_view import Entry, Scene
+from proxy.demo_watch import Watcher
 from proxy.server import App
 from proxy.tasks import TaskSet
 from proxy.units import Seconds
@@ -50,31 +31,43 @@ from proxy.units import Seconds
 ROUTE = "chat"
 RATE = 80.0  # req/s offered to flipback
 WEIGHT = 25  # canary percent
+SHADOW_SAMPLE = 50  # percent of requests copied to the shadow
+DISAGREE_EVERY = 5  # the shadow's every 5th answer differs: about 80% agreement
+COMPARED = "choices.0.message.content"
 MAX_P99: Seconds = 0.3
 REFRESH: Seconds = 0.25  # admin poll and live redraw
 FLIP_TIMEOUT: Seconds = 5.0  # not scaled: the flip itself must be fast whatever the scale
+# rollback.verify: scaled, but never so short that stable's window says little.
+VERIFY, MIN_VERIFY = 3.0, 0.5
+VERIFY_SLACK: Seconds = 2.0  # not scaled: the verdict is due one tick after flip + verify
+NOTIFY = ("rollback", "verified", "verify_failed", "resume")
 # The script, in seconds at --duration-scale 1: healthy, (fault) hold, resume, healthy, hold.
+# Each hold counts from the flip and covers the verification.
 HEALTHY_1, HOLD_1, HEALTHY_2, HOLD_2 = 10.0, 6.0, 8.0, 6.0
-HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
 CONFIG = """\
 server: {{listen: "127.0.0.1:0"}}
 admin: {{listen: "127.0.0.1:0"}}
 state: {{file: {state}}}
+notify: {{webhook: "{webhook}", kinds: [{kinds}]}}
 upstreams:
   llm-v1: {{url: "{stable}"}}
   llm-v2: {{url: "{canary}"}}
+  llm-v3: {{url: "{shadow}"}}
 routes:
   - name: {route}
     match: {{path_prefix: "/v1/", methods: [POST]}}
     stable: llm-v1
     canary: {{upstream: llm-v2, weight: {weight}}}
+    shadow:
+      upstream: llm-v3
+      sample: {sample}
+      compare: {{status: true, json_paths: ["{compared}"], record: {record}}}
     retry_canary_on_stable: true
     rollback: {{window: 5s, min_requests: 10, max_error_rate: 5, max_p99: {max_p99}ms,
-               consecutive_failures: 5}}
+               consecutive_failures: 5, verify: {verify}ms}}
 """
-# Shadow traffic, once built: a third ToyModel "llm-v3", a `shadow:` section above and a
-# panel in demo_view.render_frame.
+
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,40 +81,48 @@ class _Interrupted(Exception):
 
 
 class Demo:
-    """The script, the admin watcher and the view, over the cast of ``demo_models``."""
+    """The script, the watchers (admin API, metrics, webhook) and the view, over the cast
+    of ``demo_models``."""
 
     def __init__(self, options: DemoOptions, out: TextIO) -> None:
         self.scale = options.scale
-        self.out = out
-        self.live = out.isatty() if options.live is None else options.live
-        self.models = (ToyModel("llm-v1"), ToyModel("llm-v2"))
-        self.stable, self.canary = self.models
+        self.screen = Screen(out, out.isatty() if options.live is None else options.live)
+        self.models = (ToyModel("llm-v1"), ToyModel("llm-v2"),
+                       ToyModel("llm-v3", disagree_every=DISAGREE_EVERY))
+        self.stable, self.canary, self.shadow = self.models
+        self.verify: Seconds = max(round(VERIFY * self.scale, 1), MIN_VERIFY)
+        self.watcher = Watcher(self.screen, REFRESH)
+        self.hooks = WebhookReceiver(self.watcher.on_notification)
+        self.diffs = DiffSample()
         self._stop = asyncio.Event()
-        self._flipped = asyncio.Event()
-        self._seen: set[tuple[str, str, str, str]] = set()
-        self._clock_offset = 0.0  # wall clock minus loop clock: reads event timestamps
         self._drain: Seconds = 3.0  # how long requests in flight may finish at the end
-        self._drawn = False
         self.scene: Scene | None = None
 
     async def run(self) -> Report:
         loop = asyncio.get_running_loop()
-        with _quiet_proxy_logs(), self._sigint(loop), self._cursor():
+        with quiet_proxy_logs(), self._sigint(loop), self.screen.cursor():
             async with contextlib.AsyncExitStack() as stack:
-                app, admin, load = await self._start_cast(stack)
+                app, admin, probe, load = await self._start_cast(stack)
                 background = TaskSet("demo")
                 stack.push_async_callback(background.aclose, 0)  # closes first
                 t0 = loop.time()
-                self._clock_offset = time.time() - t0
                 scene = self.scene = Scene(
                     t0=t0, rate=RATE, url=load.url, slow_after=MAX_P99, models=self.models,
-                    samples=load.samples, planned=self._planned())
-                report = Report(t0=t0, acts=scene.acts, samples=load.samples,
-                                canary_arrivals=self.canary.arrivals, slow_after=MAX_P99)
+                    samples=load.samples, planned=self._planned(),
+                    shadow_name=self.shadow.name, shadow_sample=SHADOW_SAMPLE)
+                report = Report(
+                    t0=t0, acts=scene.acts, samples=load.samples,
+                    canary_arrivals=self.canary.arrivals, slow_after=MAX_P99,
+                    verify=self.verify, notifications=self.hooks.received,
+                    shadow_about=(f"{self.shadow.name}, {SHADOW_SAMPLE}% of requests mirrored, "
+                                  f"compared on status and {COMPARED}"),
+                    shadow_expected=100 - 100 / DISAGREE_EVERY)
+                self.watcher.start(scene)
                 self._intro(app, load.url)
                 background.spawn(load.run(), name="demo-load")
-                background.spawn(self._watch(admin), name="demo-watch")
-                background.spawn(self._paint(load), name="demo-paint")
+                background.spawn(self.watcher.run(admin, probe), name="demo-watch")
+                background.spawn(self.screen.paint(scene, lambda: load.in_flight, REFRESH),
+                                 name="demo-paint")
                 try:
                     await self._script(admin)
                 except _Interrupted:
@@ -130,43 +131,54 @@ class Demo:
                 scene.doing = "done: stopping the load, letting requests in flight finish"
                 if scene.acts and scene.acts[-1].end is None:
                     scene.acts[-1].end = loop.time()
+            self.watcher.flush()
             report.duration = loop.time() - t0
             report.dropped = load.dropped
+            report.shadow = scene.shadow
+            report.diffs = self.diffs
             scene.in_flight = 0
             scene.doing = "interrupted" if report.interrupted else "finished: summary below"
-            if self.live:
-                self._draw(loop.time())
-            self.out.write(render_summary(report))
-            self.out.flush()
+            if self.screen.live:
+                self.screen.draw(scene, loop.time())
+            self.screen.write(render_summary(report))
         return report
 
-    async def _start_cast(self, stack: contextlib.AsyncExitStack) -> tuple[App, AdminClient,
-                                                                           LoadGen]:
-        """Toy models, flipback, admin client and load generator, each closed by ``stack``
-        in reverse order (load drained first, toy models last)."""
+    async def _start_cast(self, stack: contextlib.AsyncExitStack) -> tuple[
+            App, AdminClient, MetricsReader, LoadGen]:
+        """Toy models, webhook receiver, flipback, admin readers and load generator, each
+        closed by ``stack`` in reverse order: the load drains first, flipback then delivers
+        its last notifications, the record of shadow diffs is read before its directory
+        goes."""
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flipback-")))
+        record = tmp / "shadow-diffs.jsonl"
+        stack.callback(self._read_diffs, record)
         for model in self.models:
             stack.push_async_callback(model.aclose)
             await model.start()
-        app = App(parse_config(self._config(tmp), "<flipback demo>"))
+        stack.push_async_callback(self.hooks.aclose)
+        await self.hooks.start()
+        app = App(parse_config(self._config(tmp, record), "<flipback demo>"))
         await app.start()
         stack.push_async_callback(app.aclose)
-        admin = AdminClient(f"http://127.0.0.1:{app.admin_port}",
-                            os.environ.get(TOKEN_ENV) or None)
+        admin_url = f"http://127.0.0.1:{app.admin_port}"
+        admin = AdminClient(admin_url, os.environ.get(TOKEN_ENV) or None)
         stack.push_async_callback(admin.aclose)
+        probe = MetricsReader(admin_url, ROUTE)
+        stack.push_async_callback(probe.aclose)
+        stack.push_async_callback(self.watcher.last_reading, probe)
         load = LoadGen(f"http://127.0.0.1:{app.data_port}/v1/chat/completions", RATE)
         stack.push_async_callback(lambda: load.aclose(self._drain))
-        return app, admin, load
+        return app, admin, probe, load
 
     # -- the script -------------------------------------------------------------------
     async def _script(self, admin: AdminClient) -> None:
         s = self.scale
         act = self._begin_act(1, "error fault", "llm-v2 answers HTTP 500 to every request")
-        self._doing(f"canary llm-v2 is healthy and takes {WEIGHT}% of the traffic")
+        self._doing(f"canary llm-v2 is healthy and takes {WEIGHT}% of the traffic; llm-v3 "
+                    f"gets a copy of {SHADOW_SAMPLE}% of the requests, as a shadow")
         await self._pause(HEALTHY_1 * s)
         await self._fault(act, "error", "each 500 is retried on llm-v1 (the client never sees "
-                          "it) and counted against the canary")
-        await self._pause(HOLD_1 * s)
+                          "it) and counted against the canary", HOLD_1 * s)
 
         self.canary.mode = "ok"
         self._say("verb", "demo", "llm-v2 is fixed; POST /routes/chat/resume "
@@ -184,23 +196,40 @@ class Demo:
             self._say("verb", "demo", f"resume failed: {exc}")
         await self._pause(HEALTHY_2 * s)
         await self._fault(act, "slow", "a request in flight longer than max_p99 already counts "
-                          "as slow, so a hanging canary trips before it answers")
-        await self._pause(HOLD_2 * s)
+                          "as slow, so a hanging canary trips before it answers", HOLD_2 * s)
         act.end = self._now()
 
-    async def _fault(self, act: ActRecord, mode: Mode, why: str) -> None:
-        """Break the canary, then wait (bounded) for flipback's rollback event."""
+    async def _fault(self, act: ActRecord, mode: Mode, why: str, hold: Seconds) -> None:
+        """Break the canary, wait (bounded) for flipback's rollback event, then for its
+        verification; hold the broken canary ``hold`` seconds from the flip."""
         self.canary.mode = mode
         act.fault_at = self._now()
-        self._flipped.clear()
+        flipped, verdict = self.watcher.flipped, self.watcher.verdict
+        flipped.clear()
+        verdict.clear()
         self._say("fault", "demo", act.fault)
         self._doing(f"{act.fault}: {why}")
-        if await self._until(self._flipped, FLIP_TIMEOUT):
-            assert act.flip_at is not None
-            self._doing(f"rolled back {act.flip_at - act.fault_at:.2f}s after the fault: llm-v1 "
-                        "serves everything, and the route stays latched until resumed")
-        else:
+        if not await self._until(flipped, FLIP_TIMEOUT):
             self._doing(f"no rollback within {FLIP_TIMEOUT:g}s of the fault")
+            await self._pause(hold)
+            return
+        seen = self._now()
+        assert act.flip_at is not None
+        self._doing(f"rolled back {act.flip_at - act.fault_at:.2f}s after the fault: llm-v1 "
+                    f"serves everything; flipback watches stable for {self.verify:g}s to verify "
+                    "that the canary was the fault")
+        limit = self.verify + VERIFY_SLACK
+        if await self._until(verdict, act.flip_at + limit - self._now()):
+            assert act.verdict_at is not None
+            self._doing(f"{act.verdict} {act.verdict_at - act.flip_at:.2f}s after the rollback: "
+                        + ("stable is fine, so the canary was the fault"
+                           if act.verdict == "verified" else "stable is bad too")
+                        + "; the route stays latched until resumed")
+        else:
+            act.no_verdict = (f"neither verified nor verify_failed in GET /events within "
+                              f"{limit:g}s of the rollback (verify: {self.verify:g}s)")
+            self._doing(act.no_verdict)
+        await self._pause(seen + hold - self._now())
 
     def _begin_act(self, number: int, title: str, fault: str) -> ActRecord:
         assert self.scene is not None
@@ -215,7 +244,8 @@ class Demo:
         """Wait up to ``timeout`` for ``event``; raises ``_Interrupted`` on Ctrl-C."""
         waits = {asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(event.wait())}
         try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=max(timeout, 0.0),
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
@@ -223,104 +253,31 @@ class Demo:
             raise _Interrupted
         return event.is_set()
 
-    # -- watching flipback through its admin API ---------------------------------------
-    async def _watch(self, admin: AdminClient) -> None:
-        assert self.scene is not None
-        loop = asyncio.get_running_loop()
-        history: deque[tuple[float, dict[Key, float]]] = deque()
-        while True:
-            try:
-                routes = await admin.routes()
-                events = await admin.events(limit=20)
-                counts = await admin.request_counts()
-            except AdminError as exc:
-                self.scene.admin_error = str(exc)
-            else:
-                now = loop.time()
-                history.append((now, counts))
-                while len(history) > 2 and now - history[1][0] >= 1.0:
-                    history.popleft()  # rates over the last second or so
-                then, before = history[0]
-                self.scene.routes = routes
-                self.scene.rates = compute_rates(before, counts, now - then) if now > then \
-                    else None
-                for event in reversed(events):
-                    self._on_event(event)
-            await asyncio.sleep(REFRESH)
-
-    def _on_event(self, event: dict[str, Any]) -> None:
-        stamp, kind, actor, reason = (str(event.get(k, ""))
-                                      for k in ("time", "kind", "actor", "reason"))
-        key = (stamp, kind, actor, reason)
-        if key in self._seen:
-            return
-        self._seen.add(key)
-        try:
-            at = datetime.datetime.fromisoformat(stamp).timestamp() - self._clock_offset
-        except ValueError:
-            at = self._now()
-        self._add(Entry(at, kind, actor, reason))
-        assert self.scene is not None
-        act = self.scene.acts[-1] if self.scene.acts else None
-        if (kind == "rollback" and actor == "auto" and act is not None
-                and act.fault_at is not None and act.flip_at is None):
-            act.flip_at = at
-            act.flip_reason = reason
-            self._flipped.set()
-
     # -- output -------------------------------------------------------------------------
     def _intro(self, app: App, url: str) -> None:
-        if self.live:
+        if self.screen.live:
             return
-        lines = [
-            f"flipback demo: 2 toy model servers, flipback and {RATE:g} req/s of load on "
+        self.screen.print("\n".join([
+            f"flipback demo: 3 toy model servers, flipback and {RATE:g} req/s of load on "
             f"127.0.0.1, ~{self._planned():.0f}s",
             f"  stable llm-v1 {self.stable.url}, canary llm-v2 {self.canary.url} "
             f"(weight {WEIGHT}%)",
+            f"  shadow llm-v3 {self.shadow.url} ({SHADOW_SAMPLE}% mirrored, every "
+            f"{DISAGREE_EVERY}th answer differs; compared on {COMPARED})",
             f"  proxy {url}, admin http://127.0.0.1:{app.admin_port}",
+            f"  webhook receiver {self.hooks.url} ({', '.join(NOTIFY)})",
             f"  rollback: window 5s, min_requests 10, max_error_rate 5%, max_p99 "
-            f"{MAX_P99 * 1000:g}ms, consecutive_failures 5; retry_canary_on_stable",
-        ]
-        self._print("\n".join(lines))
-
-    async def _paint(self, load: LoadGen) -> None:
-        loop = asyncio.get_running_loop()
-        assert self.scene is not None
-        while True:
-            await asyncio.sleep(REFRESH if self.live else 1.0)
-            self.scene.in_flight = load.in_flight
-            if self.live:
-                self._draw(loop.time())
-            elif self.scene.routes:
-                self._print(status_line(self.scene, loop.time()))
-
-    def _draw(self, now: float) -> None:
-        assert self.scene is not None
-        width = shutil.get_terminal_size((100, 24)).columns
-        text = render_frame(self.scene, now, width, color=True)
-        body = "".join(line + CLEAR_EOL + "\n" for line in text.splitlines())
-        self.out.write(("" if self._drawn else CLEAR) + HOME + body + CLEAR_BELOW)
-        self._drawn = True
-        self.out.flush()
+            f"{MAX_P99 * 1000:g}ms, consecutive_failures 5, verify {self.verify:g}s; "
+            "retry_canary_on_stable",
+        ]))
 
     def _say(self, kind: str, actor: str, text: str) -> None:
-        self._add(Entry(self._now(), kind, actor, text))
+        self.watcher.add(Entry(self._now(), kind, actor, text))
 
-    def _add(self, entry: Entry) -> None:
-        assert self.scene is not None
-        # In the order seen, which is causal (the resume verb before its event); sorting by
-        # time would not be: event stamps are wall-clock milliseconds, ours loop time.
-        self.scene.timeline.append(entry)
-        if not self.live:
-            self._print(plain_entry(entry, self.scene.t0))
 
     def _doing(self, text: str) -> None:
         assert self.scene is not None
         self.scene.doing = text
-
-    def _print(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
 
     # -- plumbing -------------------------------------------------------------------------
     def _now(self) -> float:
@@ -329,10 +286,19 @@ class Demo:
     def _planned(self) -> float:
         return (HEALTHY_1 + HOLD_1 + HEALTHY_2 + HOLD_2) * self.scale + 1.5
 
-    def _config(self, tmp: Path) -> str:
-        return CONFIG.format(state=orjson.dumps(str(tmp / "state.json")).decode(),
-                             stable=self.stable.url, canary=self.canary.url, route=ROUTE,
-                             weight=WEIGHT, max_p99=round(MAX_P99 * 1000))
+    def _config(self, tmp: Path, record: Path) -> str:
+        def quoted(path: Path) -> str:
+            return orjson.dumps(str(path)).decode()
+
+        return CONFIG.format(
+            state=quoted(tmp / "state.json"), webhook=self.hooks.url, kinds=", ".join(NOTIFY),
+            stable=self.stable.url, canary=self.canary.url, shadow=self.shadow.url,
+            route=ROUTE, weight=WEIGHT, sample=SHADOW_SAMPLE, compared=COMPARED,
+            record=quoted(record), max_p99=round(MAX_P99 * 1000),
+            verify=round(self.verify * 1000))
+
+    def _read_diffs(self, record: Path) -> None:
+        self.diffs = read_diffs(record)
 
     @contextlib.contextmanager
     def _sigint(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
@@ -347,30 +313,3 @@ class Demo:
         finally:
             if installed:
                 loop.remove_signal_handler(signal.SIGINT)
-
-    @contextlib.contextmanager
-    def _cursor(self) -> Iterator[None]:
-        if self.live:
-            self.out.write(HIDE_CURSOR)
-        try:
-            yield
-        finally:
-            if self.live:
-                self.out.write(SHOW_CURSOR)
-                self.out.flush()
-
-
-@contextlib.contextmanager
-def _quiet_proxy_logs() -> Iterator[None]:
-    """flipback logs each event as a warning; the demo's timeline already shows them, and
-    stray log lines would tear the live view."""
-    logger = logging.getLogger("proxy")
-    handler = logging.NullHandler()
-    saved = logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = saved

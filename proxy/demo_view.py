@@ -1,8 +1,8 @@
-"""What ``flipback demo`` shows: the live frame (TTY), plain progress lines (pipes, logs,
-tests) and the closing summary, plus the measurements behind it (``Report``).
+"""What ``flipback demo`` shows while it runs: the live frame (TTY) and plain progress
+lines (pipes, logs, tests). The closing summary is ``demo_report``'s.
 
-Times are event-loop seconds (``loop.time()``); ``Scene.t0`` / ``Report.t0`` turn them into
-"seconds since the demo started" for display."""
+Times are event-loop seconds (``loop.time()``); ``Scene.t0`` turns them into "seconds since
+the demo started" for display."""
 
 from __future__ import annotations
 
@@ -13,105 +13,30 @@ from typing import Any
 
 from proxy.admin_client import Key, render_status
 from proxy.demo_models import Sample, ToyModel
+from proxy.demo_probes import ShadowFigures
+from proxy.demo_report import ActRecord
 from proxy.units import Seconds
 
 BUCKET: Seconds = 0.5  # one sparkline column...
 SPAN: Seconds = 1.0  # ...shows req/s over the second before it (smooths 0.5 s noise)
 BARS = " ▁▂▃▄▅▆▇█"
-TIMELINE_ROWS = 6
-KIND_COLORS = {"fault": "33", "rollback": "31", "resume": "32", "verb": "36"}
-MARKS = {"fault": "x", "rollback": "R", "resume": ">"}
+TIMELINE_ROWS = 6  # at most; fewer on a short terminal
+AGREEMENT_BAR = 16
+KIND_COLORS = {"fault": "33", "rollback": "31", "resume": "32", "verb": "36", "verified": "32",
+               "verify_failed": "31", "webhook": "35"}
+MARKS = {"fault": "x", "rollback": "R", "verified": "v", "verify_failed": "!", "resume": ">"}
 BOLD, DIM, RESET = "\x1b[1m", "\x1b[2m", "\x1b[0m"
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One line of the timeline: a demo action or an event from the admin API."""
+    """One line of the timeline: a demo action, an event from the admin API or a webhook
+    notification."""
 
     at: float
     kind: str
     actor: str
     text: str
-
-
-@dataclass(slots=True)
-class ActRecord:
-    """One act of the script, filled in as it plays (loop times, None until it happens)."""
-
-    number: int
-    title: str
-    fault: str
-    start: float
-    end: float | None = None
-    fault_at: float | None = None
-    flip_at: float | None = None  # the rollback event's own timestamp
-    flip_reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ActFigures:
-    """An act measured from the request log, the canary's own log and the event time."""
-
-    flip_event: Seconds | None  # fault -> rollback event
-    flip_traffic: Seconds | None  # fault -> last request that reached the canary
-    canary_hits: int  # requests that reached the faulty canary
-    requests: int
-    errors: int
-    slow: int
-    split: dict[str, float]  # upstream -> % of answers between act start and fault
-    split_n: int
-
-
-@dataclass(slots=True)
-class Report:
-    """The whole run, measured; ``exit_code`` is what ``flipback demo`` returns."""
-
-    t0: float
-    acts: list[ActRecord]
-    samples: list[Sample]
-    canary_arrivals: list[float]
-    slow_after: Seconds
-    duration: Seconds = 0.0
-    dropped: int = 0
-    interrupted: bool = False
-
-    def figures(self, act: ActRecord) -> ActFigures:
-        end = act.end if act.end is not None else float("inf")
-        mine = [s for s in self.samples if act.start <= s.scheduled < end]
-        fault = act.fault_at
-        before = [s for s in mine if fault is None or s.scheduled < fault]
-        answered = [s.upstream for s in before if s.status == 200]
-        split = {name: 100 * answered.count(name) / len(answered)
-                 for name in sorted(set(answered))} if answered else {}
-        hits = [t for t in self.canary_arrivals if fault is not None and fault <= t < end]
-        flip_event = flip_traffic = None
-        if fault is not None and act.flip_at is not None:
-            flip_event = act.flip_at - fault
-            flip_traffic = max(hits) - fault if hits else None
-        return ActFigures(
-            flip_event=flip_event,
-            flip_traffic=flip_traffic,
-            canary_hits=len(hits),
-            requests=len(mine),
-            errors=sum(s.is_error for s in mine),
-            slow=sum(s.latency > self.slow_after for s in mine),
-            split=split,
-            split_n=len(answered),
-        )
-
-    def problems(self) -> list[str]:
-        """Why the demo failed; empty when every act was flipped back automatically."""
-        found = [f"act {a.number} ({a.title}): no automatic rollback after the fault"
-                 for a in self.acts if a.flip_at is None]
-        if len(self.acts) < 2:
-            found.append(f"the script stopped after act {len(self.acts)}")
-        return found
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return 130
-        return 1 if self.problems() else 0
 
 
 @dataclass(slots=True)
@@ -132,13 +57,17 @@ class Scene:
     timeline: list[Entry] = field(default_factory=list)
     in_flight: int = 0
     planned: Seconds = 0.0
+    shadow_name: str = ""
+    shadow_sample: float = 0.0
+    shadow: ShadowFigures | None = None  # None until GET /metrics was read
 
     def since(self, t: float) -> float:
         return t - self.t0
 
 
-def render_frame(scene: Scene, now: float, width: int, *, color: bool) -> str:
-    """One full screen of the live view (about 22 lines, each at most ``width`` wide)."""
+def render_frame(scene: Scene, now: float, width: int, *, color: bool, height: int = 24) -> str:
+    """One full screen of the live view: each line at most ``width`` wide, and fewer than
+    ``height`` lines (the timeline gives way), so that the cursor stays on the screen."""
     act = scene.acts[-1] if scene.acts else None
     title = f"flipback demo · {scene.since(now):4.1f}s of ~{scene.planned:.0f}s"
     if act is not None:
@@ -151,11 +80,12 @@ def render_frame(scene: Scene, now: float, width: int, *, color: bool) -> str:
         lines += render_status(scene.routes, scene.rates, width, color=color).splitlines()
     else:
         lines.append(scene.admin_error or "waiting for the admin API…")
-    lines += ["", *_traffic(scene, now, width), _clip(_clients(scene), width), ""]
-    # Shadow panel goes here once shadow traffic exists: sent / dropped / mismatches from
-    # flipback_shadow_total and flipback_shadow_mismatch_total, under a third toy model.
-    lines.append(_dim("timeline: demo actions and GET /events", color))
-    for entry in scene.timeline[-TIMELINE_ROWS:]:
+    lines += ["", *_traffic(scene, now, width), _clip(_clients(scene), width)]
+    if scene.shadow_name:
+        lines.append(_shadow(scene, width))
+    lines += ["", _dim("timeline: demo actions, GET /events, webhook deliveries", color)]
+    rows = max(min(TIMELINE_ROWS, height - 1 - len(lines)), 2)
+    for entry in scene.timeline[-rows:]:
         lines.append(_entry(entry, scene.t0, width, color))
     return "\n".join(_clip(line, width) if not color else line for line in lines) + "\n"
 
@@ -166,8 +96,8 @@ def _traffic(scene: Scene, now: float, width: int) -> list[str]:
     done = int(scene.since(now) / BUCKET)  # complete columns only
     first = max(done - columns, 0)
     per = round(SPAN / BUCKET)
-    head = (f"req/s reaching each model ({scene.rate:g} offered, open loop) · "
-            f"1 col = {BUCKET:g}s · x fault  R rollback  > resume")
+    head = (f"req/s per model ({scene.rate:g} offered, open loop) · 1 col = {BUCKET:g}s · "
+            "x fault  R rollback  v verified  > resume")
     rows = [_clip(head, width)]
     for model in scene.models:
         counts = [0] * (done - first + per - 1)  # a column sums itself and per - 1 before it
@@ -200,6 +130,25 @@ def _clients(scene: Scene) -> str:
         for a in scene.acts)
     return (f"clients: {len(samples):,} answered · {errors} errors ({per_act}) · "
             f"{slow} slower than {scene.slow_after * 1000:g} ms · {scene.in_flight} in flight")
+
+
+def _shadow(scene: Scene, width: int) -> str:
+    """The shadow panel: how often the shadow model agrees with the primary answer."""
+    shadow = scene.shadow
+    rate = (scene.rates or {}).get((_route(scene), scene.shadow_name))
+    head = (f"shadow {scene.shadow_name} · {scene.shadow_sample:g}% mirrored · "
+            + (f"{rate:.0f} req/s · " if rate is not None else ""))
+    if shadow is None or shadow.agreement is None:
+        return _clip(head + "agreement: nothing compared yet", width)
+    full = round(shadow.agreement / 100 * AGREEMENT_BAR)
+    bar = "█" * full + "░" * (AGREEMENT_BAR - full)
+    text = (f"{head}agreement {bar} {shadow.agreement:4.1f}% of {shadow.compared:,}"
+            + (f" · {shadow.dropped} dropped" if shadow.dropped else ""))
+    return _clip(text, width)
+
+
+def _route(scene: Scene) -> str:
+    return str(scene.routes[0].get("name", "")) if scene.routes else ""
 
 
 def _in_act(t: float, act: ActRecord) -> bool:
@@ -237,43 +186,11 @@ def status_line(scene: Scene, now: float) -> str:
             if isinstance(p99 := up.get("p99_ms"), int | float):
                 text += f" p99 {p99:.0f}ms"
             parts.append(text)
+    if scene.shadow is not None and (agreement := scene.shadow.agreement) is not None:
+        parts.append(f"shadow {scene.shadow_name} agrees {agreement:.0f}%")
     errors = sum(s.is_error for s in scene.samples)
     parts.append(f"clients {len(scene.samples)} answered, {errors} errors")
     return f"[{scene.since(now):+6.2f}s] " + " | ".join(parts)
-
-
-def render_summary(report: Report) -> str:
-    """The closing summary: per act flip times, errors, split; then the verdict."""
-    lines = ["", "summary"]
-    for act in report.acts:
-        fig = report.figures(act)
-        split = " / ".join(f"{name} {pct:.0f}%" for name, pct in fig.split.items())
-        lines.append(f"  act {act.number}: {act.title} ({act.fault})")
-        lines.append(f"    split before the fault    {split or '-'} (n={fig.split_n})")
-        if fig.flip_event is not None:
-            lines.append(f"    fault -> rollback event   {fig.flip_event:.2f}s")
-            lines.append(f"      reason: {act.flip_reason}")
-        else:
-            lines.append("    fault -> rollback event   never: the canary was not flipped back")
-        if fig.flip_traffic is not None:
-            lines.append(f"    fault -> last canary req  {fig.flip_traffic:.2f}s  "
-                         f"({fig.canary_hits} requests reached the bad canary)")
-        lines.append(f"    client-visible errors     {fig.errors} of {fig.requests} requests"
-                     + (f"; {fig.slow} answers slower than {report.slow_after * 1000:g} ms"
-                        if fig.slow else ""))
-    served = sum(s.status == 200 for s in report.samples)
-    errors = sum(s.is_error for s in report.samples)
-    lines.append(f"  total: {len(report.samples):,} requests, {served:,} served, "
-                 f"{errors} client-visible errors, {report.duration:.1f}s"
-                 + (f", {report.dropped} not sent (client cap)" if report.dropped else ""))
-    if report.interrupted:
-        lines.append("  interrupted (Ctrl-C): stopped early")
-    elif problems := report.problems():
-        lines += [f"  FAILED: {p}" for p in problems]
-    else:
-        lines.append("  ok: both bad canaries were flipped back automatically, "
-                     "clients were answered by stable")
-    return "\n".join(lines) + "\n"
 
 
 def _spread(left: str, right: str, width: int) -> str:

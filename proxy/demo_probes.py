@@ -1,0 +1,217 @@
+"""``flipback demo``'s instruments besides the admin API's JSON: a webhook receiver that
+stands in for the on-call channel flipback notifies, a reader of ``GET /metrics`` (request
+counts per upstream and the shadow comparison's figures), and a peek into the shadow's diff
+record."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.admin_client import AdminError, Key
+from proxy.units import Seconds
+
+HOOK_PATH = "/hooks/flipback"
+EventKey = tuple[str, str, str, str]  # time, kind, actor, reason: one event, however read
+
+
+def event_key(event: Mapping[str, Any]) -> EventKey:
+    time_, kind, actor, reason = (str(event.get(k, "")) for k in ("time", "kind", "actor",
+                                                                  "reason"))
+    return time_, kind, actor, reason
+
+
+def wall_time(stamp: str) -> float | None:
+    """An event's RFC 3339 ``time`` as epoch seconds (millisecond precision), or None."""
+    try:
+        return datetime.datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
+
+
+# -- notifications ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One webhook POST from flipback: which event, when it happened, when it arrived
+    (both wall clock: the event's own ``time`` is all a receiver knows)."""
+
+    key: EventKey
+    event_at: float
+    received_at: float
+
+    @property
+    def kind(self) -> str:
+        return self.key[1]
+
+    @property
+    def delay(self) -> Seconds:
+        return self.received_at - self.event_at
+
+
+class WebhookReceiver:
+    """A tiny HTTP server on 127.0.0.1 (port 0) that accepts flipback's notifications at
+    ``HOOK_PATH``, keeps each in ``received`` and tells ``on_notification``."""
+
+    def __init__(self, on_notification: Callable[[Notification], None]) -> None:
+        self.received: list[Notification] = []
+        self.rejected = 0  # POSTs that were not a JSON event
+        self.port = 0
+        self._on = on_notification
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{HOOK_PATH}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post(HOOK_PATH, self._hook)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        received = time.time()
+        try:
+            event = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            self.rejected += 1
+            return web.json_response({"error": "expected a JSON event"}, status=400)
+        key = event_key(event)
+        at = wall_time(key[0])
+        note = Notification(key, received if at is None else at, received)
+        self.received.append(note)
+        self._on(note)
+        return web.Response(status=204)
+
+
+# -- GET /metrics ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ShadowFigures:
+    """One route's shadow traffic, from flipback's counters: copies ``sent`` (answered),
+    ``dropped`` (in-flight cap), ``failed`` (error, timeout); ``compared`` pairs (the count
+    of ``flipback_shadow_latency_delta_seconds``, observed once per judged pair) and how many
+    ``differed`` (``flipback_shadow_mismatch_total``, all kinds)."""
+
+    sent: int = 0
+    dropped: int = 0
+    failed: int = 0
+    compared: int = 0
+    differed: int = 0
+
+    @property
+    def agreement(self) -> float | None:
+        """Percent of compared pairs that agreed (None before the first comparison)."""
+        if not self.compared:
+            return None
+        return 100.0 * (self.compared - min(self.differed, self.compared)) / self.compared
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    counts: dict[Key, float] = field(default_factory=dict)  # requests per (route, upstream)
+    shadow: ShadowFigures = ShadowFigures()
+
+
+def parse_metrics(text: str, route: str) -> Scrape:
+    """The figures the demo shows, from flipback's Prometheus text."""
+    counts: dict[Key, float] = {}
+    shadow: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "flipback_requests_total":
+                key = (labels.get("route", ""), labels.get("upstream", ""))
+                counts[key] = counts.get(key, 0.0) + value
+            elif labels.get("route") != route:
+                continue
+            elif name == "flipback_shadow_total":
+                outcome = labels.get("outcome", "")
+                shadow[outcome] = shadow.get(outcome, 0.0) + value
+            elif name == "flipback_shadow_mismatch_total":
+                shadow["differed"] = shadow.get("differed", 0.0) + value
+            elif name == "flipback_shadow_latency_delta_seconds_count":
+                shadow["compared"] = value
+    figures = ShadowFigures(
+        sent=int(shadow.get("sent", 0)),
+        dropped=int(shadow.get("dropped", 0)),
+        failed=int(shadow.get("error", 0) + shadow.get("timeout", 0)),
+        compared=int(shadow.get("compared", 0)),
+        differed=int(shadow.get("differed", 0)),
+    )
+    return Scrape(counts, figures)
+
+
+class MetricsReader:
+    """Reads ``GET /metrics`` from the admin listener; raises ``AdminError`` like the
+    admin client, so the watcher handles both alike."""
+
+    def __init__(self, admin_url: str, route: str, timeout: Seconds = 2.0) -> None:
+        self.url = admin_url.rstrip("/") + "/metrics"
+        self.route = route
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+
+    async def read(self) -> Scrape:
+        try:
+            async with self._session.get(self.url) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise AdminError(f"GET /metrics: HTTP {resp.status}", resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AdminError(f"GET /metrics: {exc or type(exc).__name__}") from None
+        try:
+            return parse_metrics(raw.decode("utf-8", "replace"), self.route)
+        except ValueError as exc:
+            raise AdminError(f"GET /metrics: unreadable: {exc}") from None
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+# -- the shadow's diff record ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class DiffSample:
+    """What the record file held at the end: its lines, and the first mismatch's values."""
+
+    lines: int = 0
+    path: str = ""
+    primary: Any = None
+    shadow: Any = None
+
+
+def read_diffs(record: Path) -> DiffSample:
+    """Count the record's lines and pick the first one that shows a body difference."""
+    try:
+        lines = record.read_bytes().splitlines()
+    except OSError:
+        return DiffSample()
+    for line in lines:
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        diffs = entry.get("paths") if isinstance(entry, dict) else None
+        for diff in diffs if isinstance(diffs, list) else []:
+            if isinstance(diff, dict) and diff.get("primary") != diff.get("shadow"):
+                return DiffSample(len(lines), str(diff.get("path", "")), diff.get("primary"),
+                                  diff.get("shadow"))
+    return DiffSample(len(lines))
