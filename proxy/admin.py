@@ -127,7 +127,7 @@ async def readyz(request: web.Request) -> web.Response:
         "status": "draining" if runtime.draining else "ready",
         "upstreams": {name: {"healthy": runtime.health.healthy(name)}
                       for name in runtime.snapshot.pools},
-        "redis": None,
+        "redis": runtime.fleet.readiness() if runtime.fleet is not None else None,
     }
     return _json(body, 503 if runtime.draining else 200)
 

@@ -22,9 +22,8 @@ NOT_YET = "not supported yet in this version"
 # Features that parse and validate but are not served yet: a config using one is refused
 # rather than half-honoured. Keys are path patterns ("[]" any index, "*" any name);
 # deleting an entry is all it takes to enable the feature's config.
-UNSUPPORTED: dict[str, str] = {
-    "state.redis": NOT_YET,
-}
+# Empty while every documented key is served.
+UNSUPPORTED: dict[str, str] = {}
 
 
 def parse_config(text: str, source: str) -> c.ProxyConfig:

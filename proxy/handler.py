@@ -99,7 +99,12 @@ class Proxy:
         body: bytes | _Body | None = None
         if rollout.wants_body_first and request.body_exists:
             body = await self._buffer(request, content_length)  # sticky json_field
-        lane, role = self._choose(request, rollout, body)
+        choice = self._choose(request, rollout, body)
+        if isinstance(choice, int):  # a session not cached here, pins shared in Redis
+            lane = await rollout.pick_shared(choice)
+            role = lane.role
+        else:
+            lane, role = choice
         shadow = self._sample_shadow(request, rollout, body) if rollout.shadow else None
         replayable = True
         if body is not None:
@@ -188,7 +193,7 @@ class Proxy:
             await resp.prepare(request)
             read = up.read
             write = resp.write
-            if tap is None or tap.keep is None:
+            if tap is None or not tap.wants_body:
                 while chunk := await read():
                     await write(chunk)
             else:  # the shadow comparison reads the primary body: keep a capped copy
@@ -222,9 +227,10 @@ class Proxy:
         return resp
 
     def _choose(self, request: web.BaseRequest, rollout: Rollout,
-                body: bytes | _Body | None) -> tuple[Lane, str]:
+                body: bytes | _Body | None) -> tuple[Lane, str] | int:
         """Override header, then sticky session, then the weighted split; the lane and
-        the role its request is counted under."""
+        the role its request is counted under. With pins in Redis, a session this replica
+        has not cached comes back as its hash, for ``Rollout.pick_shared`` to await."""
         route = rollout.route
         if route.override_header is not None:
             named = request.headers.get(route.override_header)
@@ -237,7 +243,13 @@ class Proxy:
             key = session_key(route.sticky, request.headers,
                               body if isinstance(body, bytes) else None)
             if key is not None:
-                lane = rollout.pick_for(key)
+                if rollout.shared is None:
+                    lane = rollout.pick_for(key)
+                else:
+                    found = rollout.pick_cached(key)
+                    if isinstance(found, int):
+                        return found
+                    lane = found
                 return lane, lane.role
         lane = rollout.pick()
         return lane, lane.role

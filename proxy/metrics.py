@@ -109,6 +109,7 @@ class Metrics:
         self._in_flight: dict[tuple[str, str], InFlight] = {}
         self._route_gauges: Callable[[], Iterable[RouteGauges]] = lambda: ()
         self._upstream_health: Callable[[], Iterable[tuple[str, bool | None]]] = lambda: ()
+        self._redis: Callable[[], tuple[bool, dict[str, int]]] | None = None
         r = self.registry
         self.rollbacks_total = Counter(
             "flipback_rollbacks_total", "Rollbacks by route and reason", ["route", "reason"],
@@ -195,6 +196,11 @@ class Metrics:
         self._route_gauges = routes
         self._upstream_health = upstream_health
 
+    def set_redis_source(self, source: Callable[[], tuple[bool, dict[str, int]]]) -> None:
+        """With ``state.redis``: (connected, failures by operation), read at scrape time.
+        Without it the ``flipback_redis_*`` extension metrics are absent."""
+        self._redis = source
+
     def set_config(self, sha256: str) -> None:
         self.config_info.clear()
         self.config_info.labels(sha256=sha256).set(1)
@@ -260,3 +266,17 @@ class _Collector(Collector):
             if ok is not None:
                 healthy.add_metric([name], 1.0 if ok else 0.0)
         yield healthy
+        if m._redis is not None:
+            connected, errors = m._redis()
+            yield GaugeMetricFamily(
+                "flipback_redis_connected",
+                "1 while fleet state in Redis is reachable, 0 while serving from local state",
+                value=1.0 if connected else 0.0,
+            )
+            failures = CounterMetricFamily(
+                "flipback_redis_errors", "Redis calls that failed or timed out, by operation",
+                labels=["op"],
+            )
+            for op, count in sorted(errors.items()):
+                failures.add_metric([op], count)
+            yield failures

@@ -4,6 +4,9 @@ A ``Rollout`` owns one route's live state: configured and manual weights, the ro
 latch, the kill switch override, the progressive step, and one ``Lane`` per upstream
 (window + metric cells). Decisions are synchronous and do no I/O, so a trip lands on the
 very next request; persistence is a callback the runtime turns into a background write.
+With ``state.redis`` the fleet link hooks in: each action is handed to ``announce``, the
+other replicas' actions come back through ``apply_remote``, and sticky routes consult the
+shared pins (``pick_cached``/``pick_shared``) instead of ``pick_for``.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from proxy import rollback
 from proxy.config import RouteConfig
-from proxy.events import EventLog
+from proxy.events import ACTORS, EVENT_KINDS, Event, EventLog
 from proxy.metrics import InFlight, Metrics, Series
 from proxy.pins import STABLE, PinTable
 from proxy.shadow import ShadowMirror
@@ -25,6 +28,23 @@ from proxy.upstream import UpstreamPool
 from proxy.windows import SlidingWindow, WindowStats
 
 Clock = Callable[[], float]
+
+
+class SharedPins(Protocol):
+    """Pins kept fleet-wide (``state.redis``; implemented in ``fleet_pins``)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    async def lookup(self, hashed: int) -> bool | None: ...
+
+    def store(self, hashed: int, canary: bool) -> None: ...
+
+    def touch(self, hashed: int, canary: bool) -> None: ...
+
+
+# (rollout, op, data, event): an action taken here, for the other replicas to apply.
+Announce = Callable[["Rollout", str, dict[str, Any], Event | None], None]
 
 
 class RolloutConflict(Exception):
@@ -157,6 +177,9 @@ class Rollout:
                                      and route.canary is not None)
         self.pins = (PinTable(ttl=sticky.ttl, max_sessions=sticky.max_sessions, clock=clock)
                      if sticky is not None and route.canary is not None else None)
+        # Fleet state (``state.redis``): set by the fleet link, None without Redis.
+        self.shared: SharedPins | None = None
+        self.announce: Announce | None = None
         self._step_since = clock()
         self._verify_at: float | None = None
         # Health (SPEC §5): a canary with probes takes traffic only once healthy; a
@@ -192,6 +215,44 @@ class Rollout:
             return self.canary
         pins.put(hashed, STABLE)
         return self._base
+
+    def pick_cached(self, key: str) -> Lane | int:
+        """Sticky pick with fleet-wide pins, local part: the lane when this replica has the
+        session cached (or Redis is down: then the bucket decides, as on every replica);
+        otherwise the session's hash, for ``pick_shared``."""
+        pins, shared = self.pins, self.shared
+        assert pins is not None and shared is not None
+        hashed = key_hash(key)
+        pinned = pins.get(hashed)
+        if pinned is not None:
+            shared.touch(hashed, pinned != STABLE)
+            if pinned == STABLE or not self._p:
+                return self._base
+            return self.canary  # type: ignore[return-value]
+        if not shared.available:
+            return self._assign(hashed)
+        return hashed
+
+    async def pick_shared(self, hashed: int) -> Lane:
+        """Sticky pick for a session this replica has not cached: its pin in Redis (made
+        by any replica), else the bucket rule; Redis failing or slow means the bucket."""
+        pins, shared = self.pins, self.shared
+        assert pins is not None and shared is not None
+        found = await shared.lookup(hashed)
+        if found is None:
+            return self._assign(hashed)
+        pins.put(hashed, pins.canary_code if found else STABLE)
+        if found and self._p:
+            return self.canary  # type: ignore[return-value]
+        return self._base
+
+    def _assign(self, hashed: int) -> Lane:
+        assert self.pins is not None
+        canary = bool(self._p) and bucket(hashed) < self._p * BUCKETS
+        self.pins.put(hashed, self.pins.canary_code if canary else STABLE)
+        if self.shared is not None:
+            self.shared.store(hashed, canary)
+        return self.canary if canary else self._base  # type: ignore[return-value]
 
     @property
     def sticky_sessions(self) -> int:
@@ -302,8 +363,9 @@ class Rollout:
         self._metrics.rollbacks_total.labels(route=self.name, reason=trip.reason.value).inc()
         figures = dict(trip.figures)
         figures["trip"] = trip.reason.value
-        self._events.emit(route=self.name, kind="rollback", actor="auto", reason=trip.detail,
-                          figures=figures)
+        event = self._events.emit(route=self.name, kind="rollback", actor="auto",
+                                  reason=trip.detail, figures=figures)
+        self._announce("rollback", {"latch": self.latch}, event)
 
     def tick(self) -> None:
         """Called about every 100 ms: catches hung canaries, takes progressive steps and
@@ -330,6 +392,7 @@ class Rollout:
         result, kind = ("verified", "verified") if ok else ("failed", "verify_failed")
         self.latch["verify"] = kind
         self._on_change()
+        self._announce("verify", {"latch": self.latch}, None)
         self._metrics.verifications_total.labels(route=self.name, result=result).inc()
         self._events.emit(route=self.name, kind=kind, actor="auto", reason=detail,
                           figures={"stable": rollback.figures_of(stats)})
@@ -351,9 +414,10 @@ class Rollout:
         weight = prog.steps[self.step]
         self._changed()
         kind = "promote" if weight >= 100 else "step"
-        self._events.emit(route=self.name, kind=kind, actor="auto",
-                          reason=f"healthy window: weight {weight:g}%",
-                          figures=rollback.figures_of(stats))
+        event = self._events.emit(route=self.name, kind=kind, actor="auto",
+                                  reason=f"healthy window: weight {weight:g}%",
+                                  figures=rollback.figures_of(stats))
+        self._announce("step", {"step": self.step}, event)
 
     # -- operator actions (admin API) -------------------------------------------------
     def rollback(self, reason: str | None, actor: str = "admin") -> None:
@@ -367,8 +431,9 @@ class Rollout:
         self.latch = {"reason": "manual", "detail": text, "actor": actor, "time": time.time()}
         self._changed()
         self._metrics.rollbacks_total.labels(route=self.name, reason="manual").inc()
-        self._events.emit(route=self.name, kind="rollback", actor=actor, reason=text,
-                          figures=self.figures())
+        event = self._events.emit(route=self.name, kind="rollback", actor=actor, reason=text,
+                                  figures=self.figures())
+        self._announce("rollback", {"latch": self.latch}, event)
 
     def promote(self, actor: str = "admin") -> None:
         self._need_canary()
@@ -379,8 +444,9 @@ class Rollout:
                                   "probes fail): refusing to promote it")
         self.manual_weight = 100.0
         self._changed()
-        self._events.emit(route=self.name, kind="promote", actor=actor,
-                          reason="promoted to 100%", figures=self.figures())
+        event = self._events.emit(route=self.name, kind="promote", actor=actor,
+                                  reason="promoted to 100%", figures=self.figures())
+        self._announce("promote", {"weight": 100.0}, event)
 
     def set_weight(self, weight: float, actor: str = "admin") -> None:
         self._need_canary()
@@ -389,11 +455,19 @@ class Rollout:
             raise RolloutConflict("weight must be between 0 and 100", status=400)
         self.manual_weight = weight
         self._changed()
-        self._events.emit(route=self.name, kind="weight", actor=actor,
-                          reason=f"weight set to {weight:g}%", figures=self.figures())
+        event = self._events.emit(route=self.name, kind="weight", actor=actor,
+                                  reason=f"weight set to {weight:g}%", figures=self.figures())
+        self._announce("weight", {"weight": weight}, event)
 
     def resume(self, actor: str = "admin") -> None:
         """Clear the latch and manual overrides: back to the configured weight."""
+        self._reset()
+        self._changed()
+        event = self._events.emit(route=self.name, kind="resume", actor=actor,
+                                  reason=f"resumed at {self.weight:g}%", figures={})
+        self._announce("resume", {"step": self.step}, event)
+
+    def _reset(self) -> None:
         self.latch = None
         self._verify_at = None
         self.manual_weight = None
@@ -405,15 +479,14 @@ class Rollout:
         for lane in (self.stable, self.canary):
             if lane is not None and lane.window is not None:
                 lane.window.reset()
-        self._changed()
-        self._events.emit(route=self.name, kind="resume", actor=actor,
-                          reason=f"resumed at {self.weight:g}%", figures={})
 
     def kill(self, enabled: bool, actor: str = "admin") -> None:
         self.kill_override = enabled
         self._changed()
-        self._events.emit(route=self.name, kind="kill", actor=actor,
-                          reason="kill switch on" if enabled else "kill switch off", figures={})
+        event = self._events.emit(route=self.name, kind="kill", actor=actor,
+                                  reason="kill switch on" if enabled else "kill switch off",
+                                  figures={})
+        self._announce("kill", {"enabled": enabled}, event)
 
     def _need_canary(self) -> None:
         if self.canary is None:
@@ -422,6 +495,93 @@ class Rollout:
     def _need_unlatched(self) -> None:
         if self.latch is not None:
             raise RolloutConflict(f"route {self.name!r} is rolled_back: resume it first")
+
+    # -- fleet state (state.redis) -------------------------------------------------------
+    def _announce(self, op: str, data: dict[str, Any], event: Event | None) -> None:
+        if self.announce is not None:
+            self.announce(self, op, data, event)
+
+    def apply_remote(self, op: str, data: dict[str, Any], event: dict[str, Any] | None,
+                     origin: str) -> None:
+        """An action another replica took, received through Redis: the same change as the
+        local action, without announcing it again or counting it (its replica did). One
+        that no longer fits here (a weight for a route latched meanwhile) is dropped."""
+        if op == "kill":
+            self.kill_override = bool(data.get("enabled"))
+        elif self.canary is None:
+            return
+        elif op in ("rollback", "verify"):
+            latch = data.get("latch")
+            if not isinstance(latch, dict) or (op == "rollback") != (self.latch is None):
+                return
+            if op == "rollback" and self.pins is not None:
+                self.pins.unpin_canary()
+            self.latch = dict(latch)
+        elif op == "resume":
+            self._reset()
+        elif op in ("weight", "promote"):
+            weight = data.get("weight")
+            if self.latch is not None or not isinstance(weight, int | float):
+                return
+            self.manual_weight = float(weight)
+        elif op == "step":
+            step = data.get("step")
+            if (self.latch is not None or self.step is None or not isinstance(step, int)
+                    or step <= self.step or self.route.progressive is None):
+                return
+            self.step = min(step, len(self.route.progressive.steps) - 1)
+            self._step_since = self._clock()
+        else:
+            return
+        self._changed()
+        if event is not None and op != "verify":  # a verdict is reported where it was made
+            self._emit_shared(event.get("kind"), event.get("actor"),
+                              f"{event.get('reason', '')} (from replica {origin})",
+                              {**(event.get("figures") or {}), "replica": origin})
+
+    def apply_fleet_state(self, *, present: bool, latch: dict[str, Any] | None,
+                          manual_weight: float | None, step: int | None,
+                          kill: bool | None) -> None:
+        """Catch up with the state stored in Redis (at start, after a reconnect or a
+        reload): it is the fleet's truth, newer than this replica's state file. With
+        ``present`` false Redis knows nothing of this rollout and only ``kill`` counts."""
+        notes: list[tuple[str, str, str]] = []
+        changed = False
+        if kill is not None and kill != self.kill_override:
+            self.kill_override = kill
+            changed = True
+            notes.append(("kill", "admin", f"kill switch {'on' if kill else 'off'} in the fleet"))
+        if present and self.canary is not None:
+            if latch is not None and self.latch is None:
+                if self.pins is not None:
+                    self.pins.unpin_canary()
+                notes.append(("rollback", str(latch.get("actor", "auto")),
+                              f"rolled back in the fleet: {latch.get('detail', '')}"))
+            elif latch is None and self.latch is not None:
+                self._reset()
+                notes.append(("resume", "admin", "resumed in the fleet"))
+            changed = changed or latch != self.latch
+            self.latch = dict(latch) if latch is not None else None
+            if manual_weight != self.manual_weight:
+                self.manual_weight = manual_weight
+                changed = True
+                if manual_weight is not None and latch is None:
+                    notes.append(("weight", "admin", f"weight {manual_weight:g}% in the fleet"))
+            if step is not None and self.step is not None and step != self.step:
+                assert self.route.progressive is not None
+                self.step = min(step, len(self.route.progressive.steps) - 1)
+                self._step_since = self._clock()
+                changed = True
+        if changed:
+            self._changed()
+        for kind, actor, reason in notes:
+            self._emit_shared(kind, actor, reason, {"replica": "redis"})
+
+    def _emit_shared(self, kind: Any, actor: Any, reason: str, figures: dict[str, Any]) -> None:
+        """An event for a change that came through Redis (``via``: not notified again)."""
+        if kind in EVENT_KINDS and actor in ACTORS:
+            self._events.emit(route=self.name, kind=kind, actor=actor, reason=reason,
+                              figures={**figures, "via": "redis"})
 
     # -- views and persistence ----------------------------------------------------------
     def figures(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.config import NotifyConfig, ProxyConfig
 from proxy.events import Event, EventLog
+from proxy.fleet import FleetLink
 from proxy.health import HealthChecker
 from proxy.metrics import Metrics, RouteGauges
 from proxy.notify import Notifier
@@ -96,6 +97,12 @@ class Runtime:
         self.metrics.set_config(config.sha256)
         self.metrics.set_sources(self._route_gauges, self._upstream_health)
         self._restore(load_state(config.state.file))
+        # Fleet state (state.redis): Redis's state, once reached, wins over the file's.
+        self.fleet: FleetLink | None = None
+        if config.state.redis:
+            self.fleet = FleetLink(config.state.redis, rollouts=lambda: self.snapshot.rollouts)
+            self.fleet.attach(self.snapshot.rollouts)
+            self.metrics.set_redis_source(self.fleet.gauges)
         self.events.subscribe(_log_event)
         self.notifier: Notifier | None = None
         self.events.subscribe(self._notify)
@@ -137,9 +144,13 @@ class Runtime:
                      ("admin.listen", old.admin.listen, config.admin.listen),
                      ("admin.token_env", old.admin.token_env, config.admin.token_env),
                      ("state.file", old.state.file, config.state.file),
+                     ("state.redis", old.state.redis, config.state.redis),
                  ) if before != after]
         diff = describe_diff(old, config)
         self.snapshot = self._build(config, previous)
+        if self.fleet is not None:
+            self.fleet.attach(self.snapshot.rollouts)
+            self.fleet.resync()
         self._set_notify(config.notify)
         self._follow_health(self.snapshot)
         for name, pool in previous.pools.items():
@@ -206,7 +217,8 @@ class Runtime:
                 self.notifier.start()
 
     def _notify(self, event: Event) -> None:
-        if self.notifier is not None:
+        # A change received through Redis was notified by the replica that made it.
+        if self.notifier is not None and event.figures.get("via") != "redis":
             self.notifier.offer(event)
 
     def _secrets(self) -> Iterator[str]:
@@ -233,6 +245,8 @@ class Runtime:
                 rollout.apply_health(self.health.healthy, self.health.is_probed)
 
     async def start(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.start()  # catch up with the fleet before serving (bounded)
         self._writer.start()
         if self.notifier is not None:
             self.notifier.start()
@@ -253,6 +267,8 @@ class Runtime:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self.fleet is not None:
+            await self.fleet.aclose()
         await self.health.aclose()
         if self.notifier is not None:
             await self.notifier.aclose(min(timeout, self.notifier.cfg.timeout))

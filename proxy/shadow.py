@@ -72,11 +72,12 @@ class _Side(NamedTuple):
 class ShadowPair:
     """The two sides of one mirrored request with ``compare``; judged once both are done.
 
-    The handler calls ``keep`` (when not None) with each primary body chunk, and
-    ``primary_done`` once the primary response ended cleanly. Neither raises or blocks.
+    When ``wants_body``, the handler calls ``keep`` with each primary body chunk; it
+    calls ``primary_done`` once the primary response ended cleanly. Neither raises or
+    blocks. (No reference cycles here: a pair is freed by refcount, not by the GC.)
     """
 
-    __slots__ = ("keep", "request_id", "method", "target", "_mirror", "_parts", "_room",
+    __slots__ = ("wants_body", "request_id", "method", "target", "_mirror", "_parts", "_room",
                  "_truncated", "_primary", "_shadow", "_dead")
 
     def __init__(self, mirror: ShadowMirror, request_id: str, method: str, target: str,
@@ -91,9 +92,9 @@ class ShadowPair:
         self._primary: _Side | None = None
         self._shadow: _Side | None = None
         self._dead = False
-        self.keep = self._keep if keep_bodies else None
+        self.wants_body = keep_bodies
 
-    def _keep(self, chunk: bytes) -> None:
+    def keep(self, chunk: bytes) -> None:
         room = self._room
         if len(chunk) <= room:
             self._parts.append(chunk)
@@ -108,7 +109,7 @@ class ShadowPair:
         """The primary response reached the client whole."""
         if self._dead:
             return
-        body = b"".join(self._parts) if self.keep is not None else None
+        body = b"".join(self._parts) if self.wants_body else None
         self._parts = []
         self._primary = _Side(upstream, status, ttfb, total, body, self._truncated)
         if self._shadow is not None:
@@ -206,7 +207,7 @@ class ShadowMirror:
                         body: bytes | None, pair: ShadowPair | None, cap: int) -> None:
         loop = asyncio.get_running_loop()
         self._in_flight.value += 1
-        keep = pair is not None and pair.keep is not None
+        keep = pair is not None and pair.wants_body
         parts: list[bytes] = []
         size = 0
         ttfb: float | None = None

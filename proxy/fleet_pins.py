@@ -1,0 +1,114 @@
+"""Sticky pins shared through Redis, one ``SharedPins`` per route (SPEC §5 with
+``state.redis``). The route's local ``PinTable`` stays the cache: a hot session costs no
+round trip. A session this replica has not seen is looked up once, with a tight timeout;
+a new pin is written in the background, and a pin in use is rewritten (value and expiry)
+at most once per ``ttl/4``, so Redis keeps it for ``ttl`` to ``1.25 x ttl`` after its last
+use on any replica and gets it back by itself after an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from proxy import fleet_state
+from proxy.pins import PinTable
+
+if TYPE_CHECKING:
+    from proxy.fleet import FleetLink
+
+LOOKUP_TIMEOUT = 0.05  # seconds; past this the session is assigned by its bucket
+
+
+class SharedPins:
+    """One route's pin epochs and, for a sticky route, the Redis side of its pins."""
+
+    __slots__ = ("route", "fingerprint", "pins", "cepoch", "sepoch", "_link", "_prefix",
+                 "_px", "_fresh", "_max", "_stable", "_canary")
+
+    def __init__(self, link: FleetLink, *, route: str, fingerprint: str,
+                 pins: PinTable | None, ttl: float, max_sessions: int) -> None:
+        self.route = route
+        self.fingerprint = fingerprint
+        self.pins = pins
+        self._link = link
+        self._prefix = fleet_state.pin_prefix(route, fingerprint)
+        self._px = max(1, int(ttl * 1250))  # ttl + ttl/4, in milliseconds
+        self._fresh: set[int] = set()  # written or read (so refreshed) this quarter-ttl
+        self._max = max_sessions
+        self.cepoch = ""
+        self.sepoch = ""
+        self._stable = b"s"
+        self._canary = b"c"
+
+    @property
+    def available(self) -> bool:
+        return self._link.up
+
+    def set_epochs(self, cepoch: str, sepoch: str) -> None:
+        """Adopt the fleet's epochs; a changed one invalidates this replica's cached pins
+        the same way (rolled back: canary pins; resumed: all pins)."""
+        if self.pins is None:
+            pass  # a route without pins still carries its epochs in Redis
+        elif sepoch != self.sepoch:
+            self.pins.clear()
+            self._fresh.clear()
+        elif cepoch != self.cepoch:
+            self.pins.unpin_canary()
+        self.cepoch, self.sepoch = cepoch, sepoch
+        self._stable = b"s" + sepoch.encode()
+        self._canary = b"c" + cepoch.encode()
+
+    def _key(self, hashed: int) -> str:
+        return f"{self._prefix}{hashed:016x}"
+
+    async def lookup(self, hashed: int) -> bool | None:
+        """The session's side in Redis: True canary, False stable, None when absent,
+        stale (an older epoch), or Redis did not answer within ``LOOKUP_TIMEOUT``."""
+        link = self._link
+        if not link.up:
+            return None
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                raw = await link.client.getex(self._key(hashed), px=self._px)
+        except Exception as exc:  # noqa: BLE001 - any Redis failure: assign locally instead
+            link.failed("lookup", exc)
+            return None
+        if raw == self._stable:
+            self._note_fresh(hashed)  # GETEX just extended it
+            return False
+        if raw == self._canary:
+            self._note_fresh(hashed)
+            return True
+        return None
+
+    def store(self, hashed: int, canary: bool) -> None:
+        """A session was just assigned here: write its pin in the background."""
+        if self._link.up:
+            self._note_fresh(hashed)
+            self._link.queue_pin(self._key(hashed), self._canary if canary else self._stable,
+                                 self._px)
+
+    def touch(self, hashed: int, canary: bool) -> None:
+        """A cached session was used: rewrite its pin once per quarter-ttl."""
+        if hashed not in self._fresh and self._link.up:
+            self._note_fresh(hashed)
+            self._link.queue_pin(self._key(hashed), self._canary if canary else self._stable,
+                                 self._px)
+
+    def _note_fresh(self, hashed: int) -> None:
+        if len(self._fresh) >= self._max:
+            self._fresh.clear()
+        self._fresh.add(hashed)
+
+    def rotate(self) -> None:
+        """Called every ``ttl/4``: every pin in use gets rewritten once more."""
+        self._fresh.clear()
+
+    @property
+    def quarter_ttl(self) -> float:
+        return self._px / 5000
+
+    def __repr__(self) -> str:
+        return (f"<SharedPins {self.route} epochs c={self.cepoch or '-'} "
+                f"s={self.sepoch or '-'}, {len(self._fresh)} fresh>")

@@ -1,0 +1,180 @@
+"""What fleet state looks like in Redis (SPEC §3 ``state.redis``): key names, the fields
+of a route's hash, the messages on the channel. Pure: no I/O, no client.
+
+One hash per route, ``flipback:route:NAME``. The route-level kill switch is the field
+``kill``; everything that belongs to one rollout is prefixed with a short hash of the
+rollout's fingerprint (``FP8:latch``, ``FP8:weight``, ``FP8:step``, ``FP8:cepoch``,
+``FP8:sepoch``, and the marker ``FP8:fp``), so a new rollout starts from a clean slate
+while replicas still on the old config keep theirs.
+
+Pins are plain strings, ``flipback:pin:NAME:FP8:HASH`` -> ``s<sepoch>`` or ``c<cepoch>``.
+The epochs are random tokens: a rollback draws a new canary epoch (every canary pin in
+Redis reads as absent from then on, on every replica, without touching them), a resume
+draws both (stable pins go too: a fresh split).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+PREFIX = "flipback:"
+CHANNEL = PREFIX + "events"
+OPS = frozenset({"rollback", "resume", "weight", "promote", "kill", "step", "verify"})
+
+
+def fp8(fingerprint: str) -> str:
+    """Short, stable id of a rollout fingerprint (8 hex digits)."""
+    return blake2b(fingerprint.encode(), digest_size=4).hexdigest()
+
+
+def route_key(route: str) -> str:
+    return f"{PREFIX}route:{route}"
+
+
+def pin_prefix(route: str, fingerprint: str) -> str:
+    return f"{PREFIX}pin:{route}:{fp8(fingerprint)}:"
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+def display_url(url: str) -> str:
+    """The URL without credentials, as ``/readyz`` shows it: ``redis://host:port/db``."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        db = parse_qs(parts.query).get("db", ["0"])[0]
+        return f"unix://{parts.path}?db={db}"
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = 6379
+    db = parts.path.strip("/") or parse_qs(parts.query).get("db", ["0"])[0]
+    return f"{parts.scheme}://{host}:{port}/{db}"
+
+
+@dataclass(slots=True)
+class FleetState:
+    """One route's stored state, decoded for one rollout (``None``: Redis has no opinion)."""
+
+    present: bool = False  # the rollout's marker exists: Redis knows this rollout
+    latch: dict[str, Any] | None = None
+    manual_weight: float | None = None
+    step: int | None = None
+    kill: bool | None = None
+    cepoch: str = ""
+    sepoch: str = ""
+
+
+def decode_state(flat: dict[bytes, bytes], fingerprint: str,
+                 configured_weight: float | None) -> FleetState:
+    """The hash (``HGETALL``) as this rollout sees it. A manual weight counts only when it
+    was set against the same configured weight (as with the state file)."""
+    p = fp8(fingerprint) + ":"
+    got = {k.decode(): v for k, v in flat.items()}
+    state = FleetState(present=got.get(p + "fp") is not None)
+    if (kill := got.get("kill")) is not None:
+        state.kill = kill == b"1"
+    if (latch := got.get(p + "latch")) is not None:
+        value = _loads(latch)
+        state.latch = value if isinstance(value, dict) else None
+    if (weight := got.get(p + "weight")) is not None:
+        value = _loads(weight)
+        if (isinstance(value, list) and len(value) == 2 and value[1] == configured_weight
+                and isinstance(value[0], int | float)):
+            state.manual_weight = float(value[0])
+    if (step := got.get(p + "step")) is not None and step.isdigit():
+        state.step = int(step)
+    state.cepoch = got.get(p + "cepoch", b"").decode()
+    state.sepoch = got.get(p + "sepoch", b"").decode()
+    return state
+
+
+def state_fields(fingerprint: str, *, latch: dict[str, Any] | None,
+                 manual_weight: float | None, configured_weight: float | None,
+                 step: int | None, cepoch: str, sepoch: str) -> dict[str, bytes]:
+    """Every rollout field of a route's hash, for seeding Redis from local state (the
+    ``kill`` field is seeded apart, only where Redis has none)."""
+    p = fp8(fingerprint) + ":"
+    out = {p + "fp": fingerprint.encode(), p + "cepoch": cepoch.encode(),
+           p + "sepoch": sepoch.encode()}
+    if latch is not None:
+        out[p + "latch"] = orjson.dumps(latch)
+    if manual_weight is not None:
+        out[p + "weight"] = orjson.dumps([manual_weight, configured_weight])
+    if step is not None:
+        out[p + "step"] = str(step).encode()
+    return out
+
+
+def op_fields(fingerprint: str, op: str, data: dict[str, Any], *,
+              configured_weight: float | None, cepoch: str,
+              sepoch: str) -> tuple[dict[str, bytes], list[str]]:
+    """What an action changes in the route's hash: (fields to set, fields to delete)."""
+    p = fp8(fingerprint) + ":"
+    sets: dict[str, bytes] = {p + "fp": fingerprint.encode()}
+    dels: list[str] = []
+    if op == "kill":
+        sets["kill"] = b"1" if data.get("enabled") else b"0"
+    elif op in ("rollback", "verify"):
+        sets[p + "latch"] = orjson.dumps(data.get("latch"))
+    elif op in ("weight", "promote"):
+        sets[p + "weight"] = orjson.dumps([data.get("weight"), configured_weight])
+    elif op == "step":
+        sets[p + "step"] = str(int(data.get("step", 0))).encode()
+    elif op == "resume":
+        dels += [p + "latch", p + "weight"]
+        if data.get("step") is not None:
+            sets[p + "step"] = str(int(data["step"])).encode()
+    sets[p + "cepoch"] = cepoch.encode()
+    sets[p + "sepoch"] = sepoch.encode()
+    return sets, dels
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """One action announced on the channel."""
+
+    origin: str
+    route: str
+    fp: str
+    op: str
+    data: dict[str, Any]
+    event: dict[str, Any] | None
+    cepoch: str
+    sepoch: str
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"v": 1, "origin": self.origin, "route": self.route, "fp": self.fp,
+                             "op": self.op, "data": self.data, "event": self.event,
+                             "cepoch": self.cepoch, "sepoch": self.sepoch})
+
+    @staticmethod
+    def decode(raw: bytes | str) -> Message | None:
+        """The message, or None when it is not one of ours (or from a newer version)."""
+        value = _loads(raw.encode() if isinstance(raw, str) else raw)
+        if not isinstance(value, dict) or value.get("v") != 1 or value.get("op") not in OPS:
+            return None
+        try:
+            return Message(origin=str(value["origin"]), route=str(value["route"]),
+                           fp=str(value["fp"]), op=value["op"], data=dict(value["data"]),
+                           event=value["event"] if isinstance(value["event"], dict) else None,
+                           cepoch=str(value["cepoch"]), sepoch=str(value["sepoch"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None

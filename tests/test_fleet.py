@@ -1,0 +1,340 @@
+"""Fleet state in Redis (SPEC §3 ``state.redis``, §5): two in-process replicas share one
+real redis-server on a free port; the test kills and restarts it mid-traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import fleet_state as fs
+from proxy.errors import ProxyError
+from proxy.server import App
+from proxy.sticky import bucket, key_hash
+from tests.conftest import Running, make_config
+from tests.fakes import Behaviour
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+needs_redis = pytest.mark.skipif(
+    not os.path.exists(REDIS_SERVER),
+    reason="redis-server is not installed (.ci/run installs it with apt-get)",
+)
+
+
+# -- pure parts --------------------------------------------------------------------------
+def test_fleet_display_url_drops_credentials_and_fills_defaults() -> None:
+    assert fs.display_url("redis://:s3cret@10.0.0.5:6380/2") == "redis://10.0.0.5:6380/2"
+    assert fs.display_url("rediss://user:pw@cache.internal") == "rediss://cache.internal:6379/0"
+    assert fs.display_url("unix:///run/redis.sock?db=3&password=x") == "unix:///run/redis.sock?db=3"
+
+
+def test_fleet_state_round_trip_keeps_rollouts_apart() -> None:
+    latch = {"reason": "manual", "detail": "bad", "actor": "admin", "time": 1.0}
+    fields = fs.state_fields("v2|http://a", latch=latch, manual_weight=40.0, configured_weight=5.0,
+                             step=2, cepoch="c1", sepoch="s1")
+    flat = {k.encode(): v for k, v in fields.items()}
+    mine = fs.decode_state(flat, "v2|http://a", 5.0)
+    assert (mine.present, mine.latch, mine.manual_weight, mine.step) == (True, latch, 40.0, 2)
+    assert (mine.cepoch, mine.sepoch) == ("c1", "s1")
+    other = fs.decode_state(flat, "v3|http://b", 5.0)  # a new rollout starts clean
+    assert (other.present, other.latch, other.manual_weight) == (False, None, None)
+    assert fs.decode_state(flat, "v2|http://a", 10.0).manual_weight is None  # new config weight
+
+
+def test_fleet_message_decode_rejects_foreign_payloads() -> None:
+    msg = fs.Message(origin="a", route="chat", fp="x", op="weight", data={"weight": 5},
+                     event=None, cepoch="", sepoch="")
+    assert fs.Message.decode(msg.encode()) == msg
+    assert fs.Message.decode(b"hello") is None
+    assert fs.Message.decode(b'{"v": 1, "op": "drop_tables"}') is None
+    assert fs.Message.decode(b'{"v": 1, "op": "kill"}') is None
+
+
+def test_fleet_without_redis_package_is_a_clear_startup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    cfg = make_config('state: {{file: null, redis: "redis://127.0.0.1:1/0"}}\n'
+                      'upstreams: {{a: {{url: "http://127.0.0.1:9"}}}}\n'
+                      'routes: [{{name: r, match: {{}}, stable: a}}]\n', tmp_path)
+    with pytest.raises(ProxyError, match=r"pip install 'flipback\[redis\]'"):
+        App(cfg)
+
+
+# -- a real redis-server -------------------------------------------------------------------
+class RedisServer:
+    """redis-server on a free loopback port, no persistence; killed and restarted by PID."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--loglevel", "warning", "--enable-debug-command", "local",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        for _ in range(200):
+            if await self.command(b"PING") == b"+PONG":
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("redis-server did not answer PING")
+
+    async def command(self, line: bytes) -> bytes | None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return None
+        try:
+            writer.write(line + b"\r\n")
+            await writer.drain()
+            return (await reader.readline()).strip()
+        finally:
+            writer.close()
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would."""
+        if self.proc is not None:
+            self.proc.kill()
+            await self.proc.wait()
+            self.proc = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = RedisServer(_free_port())
+    await server.start()
+    yield server
+    await server.kill()
+
+
+CONFIG = """
+state: {{file: "{state}", redis: "{redis}"}}
+upstreams:
+  v1: {{url: "{v1}"}}
+  v2: {{url: "{v2}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/"}}
+    stable: v1
+    canary: {{upstream: v2, weight: 30}}
+    sticky: {{header: x-session-id, ttl: 1h}}
+    rollback: {{min_requests: 3, consecutive_failures: 3, verify: null}}
+"""
+
+
+@pytest.fixture
+async def fleet(redis_server: RedisServer, model: Any, flipback: Any, tmp_path: Path) -> Any:
+    """Two replicas, A and B, in front of the same v1/v2 and sharing one Redis."""
+    v1, v2 = await model("v1"), await model("v2")
+
+    async def replica(name: str) -> Running:
+        fb: Running = await flipback(CONFIG, state=tmp_path / f"state-{name}.json",
+                                     redis=redis_server.url, v1=v1.url, v2=v2.url)
+        return fb
+
+    a, b = await replica("a"), await replica("b")
+    assert a.runtime.fleet.up and b.runtime.fleet.up
+    return a, b, v2, replica
+
+
+async def _ask(fb: Running, session: str) -> str:
+    async with fb.session.post(fb.url + "/v1/chat", data=b"{}",
+                               headers={"x-session-id": session}) as r:
+        await r.read()
+        assert r.status == 200
+        return r.headers["x-flipback-upstream"]
+
+
+async def _until(predicate: Any, timeout: float = 3.0) -> float:
+    """Seconds until ``predicate()`` holds (fails the test past ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not predicate():
+        assert loop.time() - start < timeout, "condition not reached in time"
+        await asyncio.sleep(0.002)
+    return loop.time() - start
+
+
+@needs_redis
+async def test_fleet_session_pinned_on_one_replica_is_honoured_by_another(fleet: Any) -> None:
+    a, b, _, _ = fleet
+    keys = [f"s{i}" for i in range(60)]
+    on_a = {k: await _ask(a, k) for k in keys}
+    assert await a.runtime.fleet.flush()
+    status, _ = await b.post_admin("/routes/chat/weight", {"weight": 90})
+    assert status == 200
+    await _until(lambda: a.runtime.rollout("chat").weight == 90)  # the weight reached A
+    # B has cached none of these; at 90% the bucket would send most to v2, the pins win.
+    moved_by_bucket = [k for k in keys if on_a[k] == "v1" and bucket(key_hash(k)) < 9000]
+    assert len(moved_by_bucket) >= 10
+    for k in keys:
+        assert await _ask(b, k) == on_a[k]
+    fresh = [await _ask(b, f"new{i}") for i in range(40)]
+    assert fresh.count("v2") >= 28  # new conversations split by the new weight
+
+
+@needs_redis
+async def test_fleet_manual_rollback_reaches_the_other_replica_within_a_second(
+    fleet: Any,
+) -> None:
+    a, b, _, _ = fleet
+    canary_keys = [k for k in (f"c{i}" for i in range(200))
+                   if bucket(key_hash(k)) < 3000][:5]
+    for k in canary_keys:
+        assert await _ask(b, k) == "v2"
+    status, _ = await a.post_admin("/routes/chat/rollback", {"reason": "bad answers"})
+    assert status == 200
+    took = await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    print(f"rollback on A applied on B after {took * 1000:.1f} ms")
+    for k in canary_keys:
+        assert await _ask(b, k) == "v1"
+    event = (await b.get_json("/events?route=chat&limit=1"))["events"][0]
+    assert (event["kind"], event["actor"]) == ("rollback", "admin")
+    assert "bad answers (from replica" in event["reason"]
+    assert event["figures"]["via"] == "redis"
+    # One rollback in the fleet, counted where it happened.
+    assert 'flipback_rollbacks_total{reason="manual",route="chat"} 0.0' in (
+        b.runtime.metrics.render().decode())
+    # Resume on B: a fresh split everywhere (the canary-bucket sessions go back to v2).
+    await b.post_admin("/routes/chat/resume")
+    await _until(lambda: a.runtime.rollout("chat").state == "canary", 1.0)
+    for k in canary_keys:
+        assert await _ask(a, k) == "v2"
+
+
+@needs_redis
+async def test_fleet_automatic_trip_reaches_the_other_replica(fleet: Any) -> None:
+    a, b, v2, _ = fleet
+    keys = [k for k in (f"t{i}" for i in range(300)) if bucket(key_hash(k)) < 3000][:6]
+    v2.behaviour = Behaviour(mode="status", status=500)
+    for k in keys:  # retried on stable: A's clients see v1 while A's canary trips
+        assert await _ask(a, k) == "v1"
+    assert a.runtime.rollout("chat").state == "rolled_back"
+    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    latch = b.runtime.rollout("chat").latch
+    assert latch["actor"] == "auto" and latch["reason"] == "consecutive_failures"
+    assert v2.count == 3  # the trip's three; B never sent the bad canary a request
+
+
+@needs_redis
+async def test_fleet_replica_started_later_picks_up_the_latch(fleet: Any) -> None:
+    a, _, _, replica = fleet
+    await a.post_admin("/routes/chat/rollback", {"reason": "while C was away"})
+    assert await a.runtime.fleet.flush()
+    c = await replica("c")  # a fresh state file: only Redis knows
+    assert c.runtime.rollout("chat").state == "rolled_back"
+    assert c.runtime.rollout("chat").latch["detail"] == "while C was away"
+
+
+@needs_redis
+async def test_fleet_redis_killed_mid_traffic_fails_no_request_and_reconnects(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    a, b, _, _ = fleet
+    failures: list[str] = []
+    stop = asyncio.Event()
+    served = 0
+
+    async def client(fb: Running, worker: int) -> None:
+        nonlocal served
+        i = 0
+        while not stop.is_set():
+            i += 1
+            session = f"w{worker}-{i % 50}" if i % 3 else f"new-{worker}-{i}"
+            try:
+                async with fb.session.post(fb.url + "/v1/chat", data=b"{}",
+                                           headers={"x-session-id": session}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        failures.append(f"{r.status}")
+                    served += 1
+            except Exception as exc:  # noqa: BLE001 - any failure is what the test counts
+                failures.append(repr(exc))
+
+    workers = [asyncio.ensure_future(client(fb, n)) for n, fb in enumerate((a, b, a, b))]
+    await asyncio.sleep(0.3)
+    await redis_server.kill()
+    await _until(lambda: not a.runtime.fleet.up and not b.runtime.fleet.up, 2.0)
+    await asyncio.sleep(0.3)  # traffic keeps flowing on local state
+    ready = await a.get_json("/readyz")
+    assert ready["status"] == "ready"
+    assert ready["redis"] == {"connected": False, "url": redis_server.url}
+    assert "flipback_redis_connected 0.0" in a.runtime.metrics.render().decode()
+    # A rollback while Redis is away is applied locally, and sent once it is back.
+    await a.post_admin("/routes/chat/rollback", {"reason": "during the outage"})
+    await redis_server.start()  # same port, empty: no state survived
+    took = await _until(lambda: a.runtime.fleet.up and b.runtime.fleet.up, 4.0)
+    print(f"reconnected {took * 1000:.0f} ms after redis came back")
+    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert failures == []
+    assert served > 100
+    assert (await b.get_json("/readyz"))["redis"]["connected"] is True
+    assert "flipback_redis_connected 1.0" in b.runtime.metrics.render().decode()
+
+
+@needs_redis
+async def test_fleet_slow_redis_costs_at_most_the_lookup_timeout(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    a, _, _, _ = fleet
+    blocker = asyncio.ensure_future(redis_server.command(b"DEBUG SLEEP 0.6"))
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    for i in range(5):
+        t0 = loop.time()
+        await _ask(a, f"slow{i}")  # not cached on A: a lookup that cannot be answered
+        assert loop.time() - t0 < 0.3
+    assert not a.runtime.fleet.up
+    with contextlib.suppress(Exception):
+        await blocker
+    await _until(lambda: a.runtime.fleet.up, 4.0)
+
+
+@needs_redis
+async def test_fleet_kill_switch_and_a_new_rollout_per_replica(
+    fleet: Any, model: Any, tmp_path: Path
+) -> None:
+    a, b, _, _ = fleet
+    await a.post_admin("/routes/chat/kill", {"enabled": True})
+    await _until(lambda: b.runtime.rollout("chat").state == "killed", 1.0)
+    await b.post_admin("/routes/chat/kill", {"enabled": False})
+    await _until(lambda: a.runtime.rollout("chat").state == "canary", 1.0)
+    await a.post_admin("/routes/chat/rollback", {"reason": "v2 is bad"})
+    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    # B moves on to a new canary (v3): a new rollout, unlatched, with its own fleet state;
+    # A, still on v2, keeps its latch and ignores B's actions on the new rollout.
+    v3 = await model("v3")
+    ups = b.runtime.snapshot.config.upstreams
+    text = CONFIG.replace("upstream: v2", "upstream: v3").replace(
+        "routes:", '  v3: {{url: "{v3}"}}\nroutes:')
+    new = make_config(text, tmp_path, state=tmp_path / "state-b.json", redis=b.runtime.fleet.url,
+                      v1=ups["v1"].url, v2=ups["v2"].url, v3=v3.url)
+    assert b.runtime.apply(new).ok
+    await _until(lambda: b.runtime.rollout("chat").state == "canary", 1.0)
+    await b.post_admin("/routes/chat/weight", {"weight": 50})
+    assert await b.runtime.fleet.flush()
+    await asyncio.sleep(0.05)
+    assert a.runtime.rollout("chat").state == "rolled_back"
+    assert a.runtime.rollout("chat").manual_weight is None
