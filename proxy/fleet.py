@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy import fleet_state as fs
+from proxy import rollout_sync
 from proxy.errors import ProxyError
 from proxy.events import Event
 from proxy.fleet_pins import SharedPins
@@ -276,7 +277,8 @@ class FleetLink:
         if message.origin == self.replica:
             return
         try:
-            rollout.apply_remote(message.op, message.data, message.event, message.origin)
+            rollout_sync.apply_remote(rollout, message.op, message.data, message.event,
+                                   message.origin)
         except Exception:  # one odd message must not stop the listener
             logger.exception("cannot apply %s on %s from %s", message.op, message.route,
                              message.origin)
@@ -312,7 +314,7 @@ class FleetLink:
             shared = self._routes.get(name)
             if state.present and shared is not None and shared.fingerprint == fp:
                 shared.set_epochs(state.cepoch, state.sepoch)
-            rollout.apply_fleet_state(present=state.present, latch=state.latch,
+            rollout_sync.apply_fleet_state(rollout, present=state.present, latch=state.latch,
                                       manual_weight=state.manual_weight, step=state.step,
                                       kill=state.kill)
 

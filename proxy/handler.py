@@ -21,8 +21,9 @@ from proxy.config import ProxyConfig
 from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.headers import downstream_headers, new_request_id, upstream_headers
 from proxy.killswitch import kill_response
+from proxy.lanes import Lane
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
-from proxy.rollout import Lane, Rollout
+from proxy.rollout import Rollout
 from proxy.runtime import Runtime
 from proxy.shadow import ShadowMirror, ShadowPair
 from proxy.sticky import session_key

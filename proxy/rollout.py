@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 from proxy import rollback
 from proxy.config import RouteConfig
-from proxy.events import ACTORS, EVENT_KINDS, Event, EventLog
-from proxy.metrics import InFlight, Metrics, Series
+from proxy.events import Event, EventLog
+from proxy.lanes import Lane
+from proxy.metrics import Metrics
 from proxy.pins import STABLE, PinTable
 from proxy.shadow import ShadowMirror
 from proxy.sticky import BUCKETS, bucket, key_hash
@@ -53,74 +54,6 @@ class RolloutConflict(Exception):
     def __init__(self, message: str, status: int = 409) -> None:
         super().__init__(message)
         self.status = status
-
-
-class Lane:
-    """One upstream as seen from one route: what a request to it must touch on the way."""
-
-    __slots__ = ("upstream", "role", "pool", "window", "in_flight", "_series", "_metrics",
-                 "_route", "_after_end", "_use_ttfb")
-
-    def __init__(
-        self,
-        *,
-        route: str,
-        upstream: str,
-        role: str,
-        pool: UpstreamPool,
-        window: SlidingWindow | None,
-        metrics: Metrics,
-        use_ttfb: bool,
-    ) -> None:
-        self.upstream = upstream
-        self.role = role
-        self.pool = pool
-        self.window = window
-        self.in_flight: InFlight = metrics.in_flight(route, upstream)
-        self._metrics = metrics
-        self._route = route
-        self._series: dict[str, Series] = {role: metrics.series(route, upstream, role)}
-        self._after_end: Callable[[bool], None] | None = None
-        self._use_ttfb = use_ttfb
-
-    def series(self, role: str) -> Series:
-        found = self._series.get(role)
-        if found is None:
-            found = self._series[role] = self._metrics.series(self._route, self.upstream, role)
-        return found
-
-    def begin(self) -> float:
-        """A request to this upstream starts; returns the token to pass to ``end``."""
-        self.in_flight.value += 1
-        if self.window is not None:
-            return self.window.begin()
-        return 0.0
-
-    def end(
-        self,
-        started: float,
-        *,
-        role: str,
-        outcome: int,
-        failed: bool,
-        ttfb: float | None,
-        total: float,
-    ) -> None:
-        """The request ended (or failed): metrics, window, then the trip check."""
-        self.in_flight.value -= 1
-        self.series(role).observe(outcome, ttfb, total)
-        window = self.window
-        if window is not None:
-            latency = ttfb if (self._use_ttfb and ttfb is not None) else total
-            window.end(started, latency, failed)
-            if self._after_end is not None:
-                self._after_end(failed)
-
-    def cancel(self, started: float) -> None:
-        """The client went away: the request ends without judging the upstream."""
-        self.in_flight.value -= 1
-        if self.window is not None:
-            self.window.forget(started)
 
 
 class Rollout:
@@ -210,11 +143,7 @@ class Rollout:
             if pinned == STABLE or not self._p:
                 return self._base
             return self.canary
-        if self._p and bucket(hashed) < self._p * BUCKETS:
-            pins.put(hashed, pins.canary_code)
-            return self.canary
-        pins.put(hashed, STABLE)
-        return self._base
+        return self._assign(hashed)
 
     def pick_cached(self, key: str) -> Lane | int:
         """Sticky pick with fleet-wide pins, local part: the lane when this replica has the
@@ -496,92 +425,9 @@ class Rollout:
         if self.latch is not None:
             raise RolloutConflict(f"route {self.name!r} is rolled_back: resume it first")
 
-    # -- fleet state (state.redis) -------------------------------------------------------
     def _announce(self, op: str, data: dict[str, Any], event: Event | None) -> None:
         if self.announce is not None:
             self.announce(self, op, data, event)
-
-    def apply_remote(self, op: str, data: dict[str, Any], event: dict[str, Any] | None,
-                     origin: str) -> None:
-        """An action another replica took, received through Redis: the same change as the
-        local action, without announcing it again or counting it (its replica did). One
-        that no longer fits here (a weight for a route latched meanwhile) is dropped."""
-        if op == "kill":
-            self.kill_override = bool(data.get("enabled"))
-        elif self.canary is None:
-            return
-        elif op in ("rollback", "verify"):
-            latch = data.get("latch")
-            if not isinstance(latch, dict) or (op == "rollback") != (self.latch is None):
-                return
-            if op == "rollback" and self.pins is not None:
-                self.pins.unpin_canary()
-            self.latch = dict(latch)
-        elif op == "resume":
-            self._reset()
-        elif op in ("weight", "promote"):
-            weight = data.get("weight")
-            if self.latch is not None or not isinstance(weight, int | float):
-                return
-            self.manual_weight = float(weight)
-        elif op == "step":
-            step = data.get("step")
-            if (self.latch is not None or self.step is None or not isinstance(step, int)
-                    or step <= self.step or self.route.progressive is None):
-                return
-            self.step = min(step, len(self.route.progressive.steps) - 1)
-            self._step_since = self._clock()
-        else:
-            return
-        self._changed()
-        if event is not None and op != "verify":  # a verdict is reported where it was made
-            self._emit_shared(event.get("kind"), event.get("actor"),
-                              f"{event.get('reason', '')} (from replica {origin})",
-                              {**(event.get("figures") or {}), "replica": origin})
-
-    def apply_fleet_state(self, *, present: bool, latch: dict[str, Any] | None,
-                          manual_weight: float | None, step: int | None,
-                          kill: bool | None) -> None:
-        """Catch up with the state stored in Redis (at start, after a reconnect or a
-        reload): it is the fleet's truth, newer than this replica's state file. With
-        ``present`` false Redis knows nothing of this rollout and only ``kill`` counts."""
-        notes: list[tuple[str, str, str]] = []
-        changed = False
-        if kill is not None and kill != self.kill_override:
-            self.kill_override = kill
-            changed = True
-            notes.append(("kill", "admin", f"kill switch {'on' if kill else 'off'} in the fleet"))
-        if present and self.canary is not None:
-            if latch is not None and self.latch is None:
-                if self.pins is not None:
-                    self.pins.unpin_canary()
-                notes.append(("rollback", str(latch.get("actor", "auto")),
-                              f"rolled back in the fleet: {latch.get('detail', '')}"))
-            elif latch is None and self.latch is not None:
-                self._reset()
-                notes.append(("resume", "admin", "resumed in the fleet"))
-            changed = changed or latch != self.latch
-            self.latch = dict(latch) if latch is not None else None
-            if manual_weight != self.manual_weight:
-                self.manual_weight = manual_weight
-                changed = True
-                if manual_weight is not None and latch is None:
-                    notes.append(("weight", "admin", f"weight {manual_weight:g}% in the fleet"))
-            if step is not None and self.step is not None and step != self.step:
-                assert self.route.progressive is not None
-                self.step = min(step, len(self.route.progressive.steps) - 1)
-                self._step_since = self._clock()
-                changed = True
-        if changed:
-            self._changed()
-        for kind, actor, reason in notes:
-            self._emit_shared(kind, actor, reason, {"replica": "redis"})
-
-    def _emit_shared(self, kind: Any, actor: Any, reason: str, figures: dict[str, Any]) -> None:
-        """An event for a change that came through Redis (``via``: not notified again)."""
-        if kind in EVENT_KINDS and actor in ACTORS:
-            self._events.emit(route=self.name, kind=kind, actor=actor, reason=reason,
-                              figures={**figures, "via": "redis"})
 
     # -- views and persistence ----------------------------------------------------------
     def figures(self) -> dict[str, Any]:
@@ -603,59 +449,6 @@ class Rollout:
         if self.route.canary is None or self.canary is None:
             return ""
         return f"{self.route.canary.upstream}|{self.canary.pool.cfg.url}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self.fingerprint(),
-            "latch": self.latch,
-            "manual_weight": self.manual_weight,
-            "configured_weight": (self.route.canary.weight if self.route.canary else None),
-            "kill_override": self.kill_override,
-            "step": self.step,
-        }
-
-    def adopt(self, old: Rollout) -> None:
-        """Carry live state over a reload. Windows of the same lanes always survive (and
-        requests still in flight on the old lanes report to this rollout); the latch,
-        manual weight and progressive step survive when the rollout is the same one,
-        i.e. the canary section did not change (a changed canary is a new rollout)."""
-        same_window = old.route.rollback.window == self.route.rollback.window
-        for name, prev in old.lanes.items():
-            lane = self.lanes.get(name)
-            if lane is None or lane.role != prev.role:
-                prev._after_end = None
-                continue
-            if same_window and prev.window is not None:
-                lane.window = prev.window
-            prev._after_end = lane._after_end
-        self.kill_override = old.kill_override
-        if old.fingerprint() == self.fingerprint():
-            if old.pins is not None and self.pins is not None and (
-                    old.route.sticky == self.route.sticky):
-                self.pins = old.pins
-            self.latch = old.latch
-            self._verify_at = old._verify_at
-            if old.route.canary == self.route.canary:  # a new configured weight wins
-                self.manual_weight = old.manual_weight
-            if self.step is not None and old.step is not None:
-                assert self.route.progressive is not None
-                self.step = min(old.step, len(self.route.progressive.steps) - 1)
-                self._step_since = old._step_since
-        self._refresh()
-
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Apply persisted state; a canary that changed since then is a new rollout."""
-        self.kill_override = saved.get("kill_override")
-        if saved.get("fingerprint") == self.fingerprint() and self.canary is not None:
-            self.latch = saved.get("latch")
-            configured = self.route.canary.weight if self.route.canary else None
-            if saved.get("configured_weight") == configured:
-                self.manual_weight = saved.get("manual_weight")
-            step = saved.get("step")
-            if self.step is not None and isinstance(step, int):
-                assert self.route.progressive is not None
-                self.step = min(step, len(self.route.progressive.steps) - 1)
-        self._refresh()
 
     def __repr__(self) -> str:
         return (f"<Rollout {self.name} {self.state} weight={self.weight:g} "

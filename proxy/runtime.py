@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from proxy import rollout_sync
 from proxy.config import NotifyConfig, ProxyConfig
 from proxy.events import Event, EventLog
 from proxy.fleet import FleetLink
@@ -127,7 +128,7 @@ class Runtime:
                 on_change=self._writer.schedule,
             )
             if previous is not None and route.name in previous.rollouts:
-                rollout.adopt(previous.rollouts[route.name])
+                rollout_sync.adopt(rollout, previous.rollouts[route.name])
             rollouts[route.name] = rollout
         table = RouteTable([(r.match, rollouts[r.name]) for r in config.routes])
         self.metrics.declare_routes(rollouts)
@@ -191,7 +192,7 @@ class Runtime:
         for name, state in routes.items():
             rollout = self.snapshot.rollouts.get(name)
             if rollout is not None and isinstance(state, dict):
-                rollout.restore(state)
+                rollout_sync.restore(rollout, state)
                 if rollout.latch is not None:
                     logger.warning("route %s restored rolled_back: %s", name,
                                    rollout.latch.get("detail"))
@@ -199,7 +200,8 @@ class Runtime:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "routes": {name: r.state_dict() for name, r in self.snapshot.rollouts.items()},
+            "routes": {name: rollout_sync.state_dict(r)
+                       for name, r in self.snapshot.rollouts.items()},
         }
 
     # -- notifications -------------------------------------------------------------------

@@ -1,0 +1,152 @@
+"""Keeping a ``Rollout`` in step with what outlives it: the state file (restarts), the
+previous snapshot (hot reload) and the other replicas (``state.redis``).
+
+Free functions over a rollout, apart from the request path: they run at start-up, on a
+reload, or when a fleet message arrives, and change the rollout exactly as a local action
+would, without announcing it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.events import ACTORS, EVENT_KINDS
+from proxy.rollout import Rollout
+
+
+def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any] | None,
+                 origin: str) -> None:
+    """An action another replica took, received through Redis: the same change as the
+    local action, without announcing it again or counting it (its replica did). One
+    that no longer fits here (a weight for a route latched meanwhile) is dropped."""
+    if op == "kill":
+        r.kill_override = bool(data.get("enabled"))
+    elif r.canary is None:
+        return
+    elif op in ("rollback", "verify"):
+        latch = data.get("latch")
+        if not isinstance(latch, dict) or (op == "rollback") != (r.latch is None):
+            return
+        if op == "rollback" and r.pins is not None:
+            r.pins.unpin_canary()
+        r.latch = dict(latch)
+    elif op == "resume":
+        r._reset()
+    elif op in ("weight", "promote"):
+        weight = data.get("weight")
+        if r.latch is not None or not isinstance(weight, int | float):
+            return
+        r.manual_weight = float(weight)
+    elif op == "step":
+        step = data.get("step")
+        if (r.latch is not None or r.step is None or not isinstance(step, int)
+                or step <= r.step or r.route.progressive is None):
+            return
+        r.step = min(step, len(r.route.progressive.steps) - 1)
+        r._step_since = r._clock()
+    else:
+        return
+    r._changed()
+    if event is not None and op != "verify":  # a verdict is reported where it was made
+        _emit_shared(r, event.get("kind"), event.get("actor"),
+                          f"{event.get('reason', '')} (from replica {origin})",
+                          {**(event.get("figures") or {}), "replica": origin})
+
+def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None,
+                      manual_weight: float | None, step: int | None,
+                      kill: bool | None) -> None:
+    """Catch up with the state stored in Redis (at start, after a reconnect or a
+    reload): it is the fleet's truth, newer than this replica's state file. With
+    ``present`` false Redis knows nothing of this rollout and only ``kill`` counts."""
+    notes: list[tuple[str, str, str]] = []
+    changed = False
+    if kill is not None and kill != r.kill_override:
+        r.kill_override = kill
+        changed = True
+        notes.append(("kill", "admin", f"kill switch {'on' if kill else 'off'} in the fleet"))
+    if present and r.canary is not None:
+        if latch is not None and r.latch is None:
+            if r.pins is not None:
+                r.pins.unpin_canary()
+            notes.append(("rollback", str(latch.get("actor", "auto")),
+                          f"rolled back in the fleet: {latch.get('detail', '')}"))
+        elif latch is None and r.latch is not None:
+            r._reset()
+            notes.append(("resume", "admin", "resumed in the fleet"))
+        changed = changed or latch != r.latch
+        r.latch = dict(latch) if latch is not None else None
+        if manual_weight != r.manual_weight:
+            r.manual_weight = manual_weight
+            changed = True
+            if manual_weight is not None and latch is None:
+                notes.append(("weight", "admin", f"weight {manual_weight:g}% in the fleet"))
+        if step is not None and r.step is not None and step != r.step:
+            assert r.route.progressive is not None
+            r.step = min(step, len(r.route.progressive.steps) - 1)
+            r._step_since = r._clock()
+            changed = True
+    if changed:
+        r._changed()
+    for kind, actor, reason in notes:
+        _emit_shared(r, kind, actor, reason, {"replica": "redis"})
+
+def _emit_shared(r: Rollout, kind: Any, actor: Any, reason: str, figures: dict[str, Any]) -> None:
+    """An event for a change that came through Redis (``via``: not notified again)."""
+    if kind in EVENT_KINDS and actor in ACTORS:
+        r._events.emit(route=r.name, kind=kind, actor=actor, reason=reason,
+                          figures={**figures, "via": "redis"})
+
+
+
+def state_dict(r: Rollout) -> dict[str, Any]:
+    return {
+        "fingerprint": r.fingerprint(),
+        "latch": r.latch,
+        "manual_weight": r.manual_weight,
+        "configured_weight": (r.route.canary.weight if r.route.canary else None),
+        "kill_override": r.kill_override,
+        "step": r.step,
+    }
+
+def adopt(r: Rollout, old: Rollout) -> None:
+    """Carry live state over a reload. Windows of the same lanes always survive (and
+    requests still in flight on the old lanes report to this rollout); the latch,
+    manual weight and progressive step survive when the rollout is the same one,
+    i.e. the canary section did not change (a changed canary is a new rollout)."""
+    same_window = old.route.rollback.window == r.route.rollback.window
+    for name, prev in old.lanes.items():
+        lane = r.lanes.get(name)
+        if lane is None or lane.role != prev.role:
+            prev._after_end = None
+            continue
+        if same_window and prev.window is not None:
+            lane.window = prev.window
+        prev._after_end = lane._after_end
+    r.kill_override = old.kill_override
+    if old.fingerprint() == r.fingerprint():
+        if old.pins is not None and r.pins is not None and (
+                old.route.sticky == r.route.sticky):
+            r.pins = old.pins
+        r.latch = old.latch
+        r._verify_at = old._verify_at
+        if old.route.canary == r.route.canary:  # a new configured weight wins
+            r.manual_weight = old.manual_weight
+        if r.step is not None and old.step is not None:
+            assert r.route.progressive is not None
+            r.step = min(old.step, len(r.route.progressive.steps) - 1)
+            r._step_since = old._step_since
+    r._refresh()
+
+def restore(r: Rollout, saved: dict[str, Any]) -> None:
+    """Apply persisted state; a canary that changed since then is a new rollout."""
+    r.kill_override = saved.get("kill_override")
+    if saved.get("fingerprint") == r.fingerprint() and r.canary is not None:
+        r.latch = saved.get("latch")
+        configured = r.route.canary.weight if r.route.canary else None
+        if saved.get("configured_weight") == configured:
+            r.manual_weight = saved.get("manual_weight")
+        step = saved.get("step")
+        if r.step is not None and isinstance(step, int):
+            assert r.route.progressive is not None
+            r.step = min(step, len(r.route.progressive.steps) - 1)
+    r._refresh()
