@@ -25,7 +25,8 @@ WORKDIR /src
 # code change does not re-download them (layer cache). README.md is the project's
 # `readme`: setuptools needs it to build.
 COPY pyproject.toml README.md ./
-RUN pip install --no-cache-dir $(python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["redis"]))' > /tmp/pyproject-deps.txt \
+    && pip install --no-cache-dir -r /tmp/pyproject-deps.txt && rm /tmp/pyproject-deps.txt
 
 # Then the package itself (its deps are already there), and drop the sources.
 COPY proxy ./proxy
