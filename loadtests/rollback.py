@@ -24,11 +24,15 @@ for 3 s more, then:
 `--windows-cost`: saturation throughput (`wrk -t1 -c32 -d5s`, or the closed-loop
 generator without wrk) through two flipbacks on the same fast upstreams, a 90/10 route
 with rollback on and one with `rollback: {enabled: false}`, interleaved, 3 rounds each,
-plus each flipback's CPU µs per request.
+plus each flipback's CPU µs per request (`--cost-weight 100`: a promoted route, where
+every request is judged; `--cost-only`: skip the fault matrix). Every lane keeps its
+window either way (the admin API shows the figures): `enabled: false` only skips the
+per-request judgement (two window readings and the rules), so that is what this measures.
 
     python loadtests/rollback.py                       # whole matrix, ~2 min
     python loadtests/rollback.py --windows-cost        # plus the on/off throughput, ~1 min more
     python loadtests/rollback.py --quick --only error --rates 20
+    python loadtests/rollback.py --cost-only --cost-weight 100
 """
 
 from __future__ import annotations
@@ -131,12 +135,16 @@ class Flipback:
     config: str = field(repr=False)
 
 
-def proxy_digest() -> str:
-    """sha256 over proxy/*.py, to notice the code under test changing during a run."""
-    h = hashlib.sha256()
-    for path in sorted((REPO / "proxy").glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
+def proxy_digests() -> dict[str, str]:
+    """sha256 of each proxy/*.py, to notice the code under test changing during a run."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        for path in sorted((REPO / "proxy").glob("*.py"))
+    }
+
+
+def changed_files(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    return sorted(name for name in a.keys() | b.keys() if a.get(name) != b.get(name))
 
 
 async def start_upstream(group: ChildGroup, name: str, script: str) -> tuple[Child, str]:
@@ -241,6 +249,7 @@ def analyse(
 
     errors = [r for r in reqs if visible(r)]
     faulted = [by_id[rid] for rid, (_t, mode) in arrivals.items() if mode != "ok"]
+    faulted_at = [t for t, mode in arrivals.values() if mode != "ok"]
     fate = Counter(
         f"{r.status or r.error} from {r.header or '-'}" for r in faulted if r.done or r.error
     )
@@ -254,6 +263,9 @@ def analyse(
         ),
         "canary_hits_after_onset": len(hits),
         "faulted_at_canary": len(faulted),  # got the fault (incl. in flight at onset)
+        # when the first request met the fault, by the canary's clock (a hang cannot be
+        # judged before a request has been in flight for max_p99)
+        "first_faulted_s": min(faulted_at) - onset if faulted_at else None,
         "faulted_fate": dict(fate),
         "faulted_wait_s": {
             "min": waits[0] if waits else None,
@@ -294,6 +306,7 @@ async def run_case(
     total_rate = canary_rate * 100.0 / s.weight
     case_dir = log_dir / f"{fault}-{canary_rate:g}-t{trial}"
     case_dir.mkdir(parents=True, exist_ok=True)
+    code = proxy_digests()
     with ChildGroup(log_dir=case_dir) as group:
         stable, stable_url = await start_upstream(group, "stable", "upstream_ctl.py")
         canary, canary_url = await start_upstream(group, "canary", "upstream_ctl.py")
@@ -345,6 +358,7 @@ async def run_case(
         canary_rate=canary_rate,
         total_rate=total_rate,
         onset=switched["time"],
+        proxy_files=code,
         window_before_onset=before,
         settle=settle,
         noise=noise,
@@ -401,7 +415,7 @@ async def windows_cost(s: Settings, log_dir: Path) -> dict[str, Any]:
                 for n, t in targets.items()
             }
         group.stop_all()
-    summary: dict[str, Any] = {"states_after": states}
+    summary: dict[str, Any] = {"states_after": states, "weight": s.wc_weight}
     for name in ("on", "off"):
         mine = [r for r in records if r["rollback"] == name]
         summary[name] = {
@@ -438,9 +452,10 @@ def verdict(r: dict[str, Any]) -> str:
 
 def matrix_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| fault | canary req/s | trip | routed away s | event s | canary hits after onset "
-        "| client errors | hung before flip (what they got) | target | other progs |",
-        "|---|---:|---|---:|---:|---:|---:|---|---|---:|",
+        "| fault | canary req/s | trip | 1st faulted req s | routed away s | event s "
+        "| canary hits after onset | client errors | hung before flip (what they got) | target "
+        "| other progs |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in results:
         hung = "—"
@@ -453,7 +468,8 @@ def matrix_table(results: list[dict[str, Any]]) -> str:
             hung = f"{r['faulted_at_canary']} ({fate}{span})"
         lines.append(
             f"| {r['fault']} | {r['canary_rate']:g} | {r['trip'] or '-'} "
-            f"| {_s(r['routed_away_s'])} | {_s(r['event_s'])} | {r['canary_hits_after_onset']} "
+            f"| {_s(r['first_faulted_s'])} | {_s(r['routed_away_s'])} | {_s(r['event_s'])} "
+            f"| {r['canary_hits_after_onset']} "
             f"| {r['client_errors']} | {hung} | {verdict(r)} "
             f"| {r['noise']['foreign_cores']:.2f} |"
         )
@@ -469,8 +485,9 @@ def cost_table(wc: dict[str, Any]) -> str:
     ]
     for name in ("on", "off"):
         m = s[name]
+        rounds = ", ".join(f"{v:,}" for v in m["rps_all"])
         lines.append(
-            f"| {name} | {m['rps']:,.0f} | {', '.join(f'{v:,}' for v in m['rps_all'])} "
+            f"| {name} ({s['weight']:g}% canary) | {m['rps']:,.0f} | {rounds} "
             f"| {m['cpu_us_per_req']:.0f} | {m['errors']} | {m['foreign_cores_max']:.2f} |"
         )
     lines.append("")
@@ -484,7 +501,7 @@ def cost_table(wc: dict[str, Any]) -> str:
 
 async def run(s: Settings, stamp: str) -> dict[str, Any]:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    digest = proxy_digest()
+    code = proxy_digests()
     log_dir = OUT_DIR / "logs" / f"rollback-{stamp}"
     log_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -502,7 +519,9 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
                     flush=True,
                 )
     wc = await windows_cost(s, log_dir) if s.windows_cost else None
-    digest_end = proxy_digest()
+    changed = changed_files(code, proxy_digests())
+    for r in results:
+        changed = sorted(set(changed) | set(changed_files(code, r["proxy_files"])))
     return {
         "scenario": "rollback",
         "started": started,
@@ -510,8 +529,8 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
         "machine": machine_info(),
         "settings": asdict(s),
         "rollback_config": ROLLBACK_ON,
-        "proxy_sha": digest,
-        "proxy_changed_during_run": digest != digest_end,
+        "proxy_files": code,
+        "proxy_changed_during_run": changed,
         "logs": str(log_dir),
         "results": results,
         "windows_cost": wc,
@@ -533,6 +552,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--rates", default="5,20,100", help="canary req/s, comma-separated")
     parser.add_argument("--trials", type=int, default=1, help="repeat the matrix (max 5)")
     parser.add_argument("--windows-cost", action="store_true", help="also rollback on vs off")
+    parser.add_argument("--cost-only", action="store_true", help="only the on/off comparison")
+    parser.add_argument("--cost-rounds", type=int, default=3, help="on/off rounds (max 6)")
+    parser.add_argument("--cost-weight", type=float, default=10.0, help="canary %% for on/off")
     parser.add_argument("--no-wrk", action="store_true", help="closed-loop generator, not wrk")
     parser.add_argument("--settle", type=float, default=4.0, help="max wait for a quiet machine")
     args = parser.parse_args(argv)
@@ -546,7 +568,16 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         parser.error("--rates must be numbers, e.g. 5,20,100")
     if any(not 1 <= r <= 400 for r in rates) or not 1 <= args.trials <= 5:
         parser.error("canary rates must be 1-400 req/s and trials 1-5")
-    s = Settings(faults=faults, rates=rates, trials=args.trials, windows_cost=args.windows_cost)
+    if not 1 <= args.cost_rounds <= 6 or not 0 < args.cost_weight <= 100:
+        parser.error("--cost-rounds must be 1-6 and --cost-weight in (0, 100]")
+    s = Settings(
+        faults=faults,
+        rates=[] if args.cost_only else rates,
+        trials=args.trials,
+        windows_cost=args.windows_cost or args.cost_only,
+        wc_rounds=args.cost_rounds,
+        wc_weight=args.cost_weight,
+    )
     if args.quick:
         s.warmup, s.after, s.wc_rounds, s.wc_seconds = 6.0, 2.0, 1, 2
     s.settle = args.settle
@@ -569,7 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(result["cost_table"])
     if result["proxy_changed_during_run"]:
-        print("\nWARNING: proxy/*.py changed during the run: the figures may mix two versions")
+        print(
+            "\nWARNING: changed during the run (cases may mix versions): proxy/"
+            + ", proxy/".join(result["proxy_changed_during_run"])
+        )
     print(f"\nraw results: {path.relative_to(REPO)}")
     return 0
 

@@ -38,7 +38,8 @@ class Lane:
         self._metrics = metrics
         self._route = route
         self._series: dict[str, Series] = {role: metrics.series(route, upstream, role)}
-        self._after_end: Callable[[bool], None] | None = None
+        # Set on a watched canary: called with (failed, latency) as each request ends.
+        self._after_end: Callable[[bool, float], None] | None = None
         self._use_ttfb = use_ttfb
 
     def series(self, role: str) -> Series:
@@ -72,7 +73,7 @@ class Lane:
             latency = ttfb if (self._use_ttfb and ttfb is not None) else total
             window.end(started, latency, failed)
             if self._after_end is not None:
-                self._after_end(failed)
+                self._after_end(failed, latency)
 
     def cancel(self, started: float) -> None:
         """The client went away: the request ends without judging the upstream."""

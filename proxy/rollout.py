@@ -115,6 +115,8 @@ class Rollout:
         self.announce: Announce | None = None
         self._step_since = clock()
         self._verify_at: float | None = None
+        max_p99 = route.rollback.max_p99
+        self._slow_after = max_p99 if max_p99 is not None else 0.0
         # Health (SPEC §5): a canary with probes takes traffic only once healthy; a
         # stable that probes unhealthy hands its share to the fallback.
         self.canary_ready = True
@@ -259,8 +261,12 @@ class Rollout:
         self._on_change()
 
     # -- automatic decisions ----------------------------------------------------------
-    def _after_canary_end(self, failed: bool) -> None:
-        if self.latch is None and self._p:
+    def _after_canary_end(self, failed: bool, latency: float) -> None:
+        """Judge at once when the request could have made the canary worse (a failure,
+        or slower than max_p99); a fast success cannot raise the error rate or the p99,
+        so what it changes (reaching min_requests, the ratio) waits for the 100 ms tick.
+        This keeps a promoted blue-green route from paying two window reads per request."""
+        if self.latch is None and self._p and (failed or latency > self._slow_after):
             self.evaluate()
 
     def evaluate(self) -> rollback.Trip | None:
