@@ -113,8 +113,10 @@ class ShadowPair:
         self._parts = []
         self._primary = _Side(upstream, status, ttfb, total, body, self._truncated)
         if self._shadow is not None:
-            # Judged on the next loop pass, so the handler returns first.
-            asyncio.get_running_loop().call_soon(self._mirror.judge, self)
+            # Judged from the loop, not here: nothing in a comparison can reach the handler.
+            loop = self._mirror._loop
+            assert loop is not None
+            loop.call_soon(self._mirror.judge, self)
 
     def _shadow_done(self, side: _Side | None) -> None:
         if side is None:  # the shadow failed: nothing to compare, stop keeping the primary
@@ -149,6 +151,8 @@ class ShadowMirror:
         self._timeout = cfg.timeout
         self._tasks = TaskSet(f"shadow-{route}", limit=cfg.max_in_flight)
         self._judges = TaskSet(f"shadow-compare-{route}", limit=JUDGES)
+        self._loop: asyncio.AbstractEventLoop | None = None  # taken at the first offer
+        self._expired: set[asyncio.Task[Any]] = set()
         sent, dropped, skipped, error, timeout = (
             metrics.shadow_total.labels(route=route, outcome=o) for o in OUTCOMES)
         self._sent, self._dropped, self._skipped = sent.inc, dropped.inc, skipped.inc
@@ -196,6 +200,8 @@ class ShadowMirror:
         if len(self._tasks) >= self._max:
             self._dropped()
             return None
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         pair = None
         if self._compare is not None:
             pair = ShadowPair(self, request_id, method, target, inspect_body, self._keep_bodies)
@@ -205,7 +211,10 @@ class ShadowMirror:
     # -- in the background ---------------------------------------------------------------
     async def _exchange(self, method: str, target: str, headers: RawHeaders,
                         body: bytes | None, pair: ShadowPair | None, cap: int) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
+        task = asyncio.current_task(loop)
+        assert task is not None
         self._in_flight.value += 1
         keep = pair is not None and pair.wants_body
         parts: list[bytes] = []
@@ -213,30 +222,38 @@ class ShadowMirror:
         ttfb: float | None = None
         status = 0
         t0 = loop.time()
+        # One timer for the whole exchange (cheaper than asyncio.timeout's context).
+        expiry = loop.call_at(t0 + self._timeout, self._expire, task)
         try:
-            async with asyncio.timeout(self._timeout):
-                up = await self._pool.send(method, target, [*headers, SHADOW_HEADER], body)
-                ttfb = loop.time() - t0
-                status = up.status
-                try:
-                    while chunk := await up.read():
-                        if keep and size <= cap:  # one byte past the cap marks it truncated
-                            parts.append(chunk[:cap + 1 - size])
-                            size += len(chunk)
-                finally:
-                    up.release()
-        except TimeoutError:
-            self._failed(pair, OUTCOME_TIMEOUT, ttfb, loop.time() - t0)
-            return
+            up = await self._pool.send(method, target, [*headers, SHADOW_HEADER], body)
+            ttfb = loop.time() - t0
+            status = up.status
+            try:
+                while chunk := await up.read():
+                    if keep and size <= cap:  # one byte past the cap marks it truncated
+                        parts.append(chunk[:cap + 1 - size])
+                        size += len(chunk)
+            finally:
+                up.release()
         except UpstreamError as exc:
             kind = OUTCOME_TIMEOUT if exc.kind == "timeout" else OUTCOME_ERROR
             self._failed(pair, kind, ttfb, loop.time() - t0)
+            return
+        except asyncio.CancelledError:
+            if task not in self._expired:  # cancelled from outside (shutdown): let it go
+                if pair is not None:
+                    pair._shadow_done(None)
+                raise
+            task.uncancel()
+            self._failed(pair, OUTCOME_TIMEOUT, ttfb, loop.time() - t0)
             return
         except BaseException:
             if pair is not None:
                 pair._shadow_done(None)
             raise
         finally:
+            expiry.cancel()
+            self._expired.discard(task)
             self._in_flight.value -= 1
         total = loop.time() - t0
         self._sent()
@@ -244,6 +261,10 @@ class ShadowMirror:
         if pair is not None:
             data = b"".join(parts)[:cap] if keep else None
             pair._shadow_done(_Side(self.upstream, status, ttfb, total, data, size > cap))
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self._expired.add(task)
+        task.cancel()
 
     def _failed(self, pair: ShadowPair | None, outcome: int, ttfb: float | None,
                 total: float) -> None:

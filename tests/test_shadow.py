@@ -327,3 +327,12 @@ async def test_record_append_never_waits_for_the_disk(tmp_path: Path) -> None:
     assert loop.time() - t0 < 0.5  # queued, not written, on the loop
     await record.flush()
     assert len((tmp_path / "d.jsonl").read_bytes().splitlines()) == 1000
+
+
+def test_compare_survives_absurdly_deep_documents() -> None:
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    v = compare(CompareConfig(json_paths=("a",)), primary_status=200, shadow_status=200,
+                primary_body=deep, shadow_body=deep)
+    assert v.paths_compared  # judged (as differing: too deep to tell), never raised
+    stream = b"".join(b"data: " + b'{"a":' * 995 + b"1" + b"}" * 995 + b"\n\n" for _ in range(2))
+    document(stream)  # folding either works or gives MISSING, never raises

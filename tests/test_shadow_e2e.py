@@ -438,3 +438,25 @@ async def test_shutdown_with_hung_shadows_is_prompt(model, tmp_path):
     await app.aclose()
     assert loop.time() - t0 < 2.0
     assert app.runtime.rollout("chat").shadow.in_flight == 0
+
+
+async def test_mirrored_requests_leave_no_cyclic_garbage(model, flipback, tmp_path):
+    import gc
+
+    v1, v3 = await model("v1"), await model("v3")
+    fb = await flipback(ROUTES, v1=v1.url, v3=v3.url,
+                        **_cfg(compare=_compare(tmp_path / "d.jsonl")))
+    await post(fb)
+    await until(lambda: count(fb, "sent") == 1)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            await post(fb)
+        await until(lambda: count(fb, "sent") == 21)
+        gc.collect()
+        ours = [o for o in gc.garbage if type(o).__module__.startswith("proxy.")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []  # freed by refcount: the GC never has to run for the shadow path
