@@ -123,6 +123,9 @@ def adopt(r: Rollout, old: Rollout) -> None:
             lane.window = prev.window
         prev._after_end = lane._after_end
     r.kill_override = old.kill_override
+    if (old.shadow is not None and r.shadow is not None and old.route.shadow == r.route.shadow
+            and old.shadow.pool is r.shadow.pool):
+        r.shadow = old.shadow  # same mirror: its copies in flight and its record carry on
     if old.fingerprint() == r.fingerprint():
         if old.pins is not None and r.pins is not None and (
                 old.route.sticky == r.route.sticky):

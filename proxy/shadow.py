@@ -143,6 +143,7 @@ class ShadowMirror:
         self.cfg = cfg
         self.upstream = cfg.upstream
         self._pool = pool
+        self.pool = pool  # read by a reload, to keep a mirror whose upstream did not change
         self._p = cfg.sample / 100.0
         self._threshold = cfg.sample * (SESSION_BUCKETS / 100.0)
         self.by_session = cfg.by == "session"

@@ -460,3 +460,40 @@ async def test_mirrored_requests_leave_no_cyclic_garbage(model, flipback, tmp_pa
         gc.set_debug(0)
         gc.garbage.clear()
     assert ours == []  # freed by refcount: the GC never has to run for the shadow path
+
+
+async def test_reload_keeps_an_unchanged_mirror_and_closes_a_replaced_one(model, tmp_path):
+    from proxy.config_parser import load_config
+    from proxy.server import App
+
+    v1, v3, v4 = await model("v1"), await model("v3"), await model("v4")
+    path = tmp_path / "fb.yaml"
+    text = f"""
+server: {{listen: "127.0.0.1:0"}}
+admin: {{listen: "127.0.0.1:0"}}
+state: {{file: {tmp_path}/state.json}}
+upstreams:
+  v1: {{url: "{v1.url}"}}
+  v3: {{url: "{v3.url}"}}
+  v4: {{url: "{v4.url}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: /}}
+    stable: v1
+    shadow: {{upstream: SHADOW, sample: 100}}
+    log_marker: X
+"""
+    path.write_text(text.replace("SHADOW", "v3").replace("    log_marker: X\n", ""))
+    app = App(load_config(str(path)), str(path))
+    await app.start()
+    try:
+        first = app.runtime.rollout("chat").shadow
+        path.write_text(text.replace("SHADOW", "v3").replace("    log_marker: X\n",
+                                                                "    fallback: v4\n"))
+        assert (await app.watcher.check(force=True)).ok
+        assert app.runtime.rollout("chat").shadow is first  # unchanged: the same mirror
+        path.write_text(text.replace("SHADOW", "v4").replace("    log_marker: X\n", ""))
+        assert (await app.watcher.check(force=True)).ok
+        assert app.runtime.rollout("chat").shadow is not first
+    finally:
+        await app.aclose()
