@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
+from proxy import session_pick
 from proxy.config import ProxyConfig
 from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.headers import downstream_headers, new_request_id, upstream_headers
@@ -102,7 +103,7 @@ class Proxy:
             body = await self._buffer(request, content_length)  # sticky json_field
         choice = self._choose(request, rollout, body)
         if isinstance(choice, int):  # a session not cached here, pins shared in Redis
-            lane = await rollout.pick_shared(choice)
+            lane = await session_pick.pick_shared(rollout, choice)
             role = lane.role
         else:
             lane, role = choice
@@ -231,7 +232,7 @@ class Proxy:
                 body: bytes | _Body | None) -> tuple[Lane, str] | int:
         """Override header, then sticky session, then the weighted split; the lane and
         the role its request is counted under. With pins in Redis, a session this replica
-        has not cached comes back as its hash, for ``Rollout.pick_shared`` to await."""
+        has not cached comes back as its hash, for ``session_pick.pick_shared`` to await."""
         route = rollout.route
         if route.override_header is not None:
             named = request.headers.get(route.override_header)
@@ -245,9 +246,9 @@ class Proxy:
                               body if isinstance(body, bytes) else None)
             if key is not None:
                 if rollout.shared is None:
-                    lane = rollout.pick_for(key)
+                    lane = session_pick.pick_for(rollout, key)
                 else:
-                    found = rollout.pick_cached(key)
+                    found = session_pick.pick_cached(rollout, key)
                     if isinstance(found, int):
                         return found
                     lane = found

@@ -6,7 +6,7 @@ latch, the kill switch override, the progressive step, and one ``Lane`` per upst
 very next request; persistence is a callback the runtime turns into a background write.
 With ``state.redis`` the fleet link hooks in: each action is handed to ``announce``, the
 other replicas' actions come back through ``apply_remote``, and sticky routes consult the
-shared pins (``pick_cached``/``pick_shared``) instead of ``pick_for``.
+shared pins (``session_pick.pick_cached``/``pick_shared``) instead of ``pick_for``.
 """
 
 from __future__ import annotations
@@ -15,33 +15,20 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from proxy import rollback
 from proxy.config import RouteConfig
 from proxy.events import Event, EventLog
 from proxy.lanes import Lane
 from proxy.metrics import Metrics
-from proxy.pins import STABLE, PinTable
+from proxy.pins import PinTable
+from proxy.session_pick import SharedPins
 from proxy.shadow import ShadowMirror
-from proxy.sticky import BUCKETS, bucket, key_hash
 from proxy.upstream import UpstreamPool
 from proxy.windows import SlidingWindow, WindowStats
 
 Clock = Callable[[], float]
-
-
-class SharedPins(Protocol):
-    """Pins kept fleet-wide (``state.redis``; implemented in ``fleet_pins``)."""
-
-    @property
-    def available(self) -> bool: ...
-
-    async def lookup(self, hashed: int) -> bool | None: ...
-
-    def store(self, hashed: int, canary: bool) -> None: ...
-
-    def touch(self, hashed: int, canary: bool) -> None: ...
 
 
 # (rollout, op, data, event): an action taken here, for the other replicas to apply.
@@ -132,58 +119,6 @@ class Rollout:
         if p and (p >= 1.0 or self._random() < p):
             return self.canary  # type: ignore[return-value]
         return self._base
-
-    def pick_for(self, key: str) -> Lane:
-        """Sticky pick: a pinned session stays on its side; a new one is assigned by its
-        hash bucket (canary iff bucket < weight x 100), the same on every replica."""
-        pins = self.pins
-        if pins is None or self.canary is None:
-            return self.pick()
-        hashed = key_hash(key)
-        pinned = pins.get(hashed)
-        if pinned is not None:
-            if pinned == STABLE or not self._p:
-                return self._base
-            return self.canary
-        return self._assign(hashed)
-
-    def pick_cached(self, key: str) -> Lane | int:
-        """Sticky pick with fleet-wide pins, local part: the lane when this replica has the
-        session cached (or Redis is down: then the bucket decides, as on every replica);
-        otherwise the session's hash, for ``pick_shared``."""
-        pins, shared = self.pins, self.shared
-        assert pins is not None and shared is not None
-        hashed = key_hash(key)
-        pinned = pins.get(hashed)
-        if pinned is not None:
-            shared.touch(hashed, pinned != STABLE)
-            if pinned == STABLE or not self._p:
-                return self._base
-            return self.canary  # type: ignore[return-value]
-        if not shared.available:
-            return self._assign(hashed)
-        return hashed
-
-    async def pick_shared(self, hashed: int) -> Lane:
-        """Sticky pick for a session this replica has not cached: its pin in Redis (made
-        by any replica), else the bucket rule; Redis failing or slow means the bucket."""
-        pins, shared = self.pins, self.shared
-        assert pins is not None and shared is not None
-        found = await shared.lookup(hashed)
-        if found is None:
-            return self._assign(hashed)
-        pins.put(hashed, pins.canary_code if found else STABLE)
-        if found and self._p:
-            return self.canary  # type: ignore[return-value]
-        return self._base
-
-    def _assign(self, hashed: int) -> Lane:
-        assert self.pins is not None
-        canary = bool(self._p) and bucket(hashed) < self._p * BUCKETS
-        self.pins.put(hashed, self.pins.canary_code if canary else STABLE)
-        if self.shared is not None:
-            self.shared.store(hashed, canary)
-        return self.canary if canary else self._base  # type: ignore[return-value]
 
     @property
     def sticky_sessions(self) -> int:
