@@ -211,3 +211,26 @@ async def test_manual_rollback_under_load_has_no_errors(model, flipback):
     # Requests started after the flip (allow those already in flight) all went to v1.
     late = [name for t, name in seen if t > flipped + 0.05]
     assert late and set(late) == {"v1"}
+
+
+SPEC_METRICS = (
+    "flipback_requests_total", "flipback_request_duration_seconds",
+    "flipback_upstream_ttfb_seconds", "flipback_in_flight", "flipback_canary_weight",
+    "flipback_route_state", "flipback_rollbacks_total", "flipback_shadow_total",
+    "flipback_shadow_mismatch_total", "flipback_config_reloads_total",
+    "flipback_sticky_sessions", "flipback_shadow_latency_delta_seconds",
+    "flipback_config_info", "flipback_upstream_healthy", "flipback_verifications_total",
+    "flipback_notifications_total",
+)
+
+
+async def test_metrics_expose_every_spec_name(model, flipback):
+    v1, v2 = await model("v1"), await model("v2")
+    fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, weight=50, extra="")
+    await _upstream_of(fb)
+    async with fb.session.get(fb.admin + "/metrics") as resp:
+        text = await resp.text()
+    declared = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    for name in SPEC_METRICS:
+        base = name.removesuffix("_total")
+        assert base in declared or name in declared, name
