@@ -67,8 +67,16 @@ def summarize(cfg: c.ProxyConfig) -> str:
     lines = [
         f"config {cfg.source}" + (f" (sha256 {cfg.sha256[:12]})" if cfg.sha256 else ""),
         f"listen {cfg.server.listen}, admin {cfg.admin.listen}",
-        f"upstreams ({len(cfg.upstreams)}):",
+        "state: " + ", ".join(
+            part for part in (
+                f"file {cfg.state.file}" if cfg.state.file else "no state file",
+                f"shared in {cfg.state.redis.split('@')[-1]}" if cfg.state.redis else "",
+            ) if part),
     ]
+    if cfg.notify is not None and cfg.notify.webhook:
+        lines.append(f"notify: {cfg.notify.webhook.split('@')[-1]} "
+                     f"({', '.join(cfg.notify.kinds)})")
+    lines.append(f"upstreams ({len(cfg.upstreams)}):")
     width = max(len(name) for name in cfg.upstreams) if cfg.upstreams else 0
     for name, up in cfg.upstreams.items():
         health = (
