@@ -439,7 +439,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--max-in-flight", type=int, default=32, help="shadow max_in_flight")
     parser.add_argument("--no-wrk", action="store_true", help="use the closed-loop generator")
     parser.add_argument("--bare", action="store_true",
-                        help=f"also measure {BARE}: 10%% sampling without compare")
+                        help="also measure 10 percent sampling without compare")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the flipbacks to their own CPU")
     parser.add_argument("--settle", type=float, help="wait up to this long for quiet (4 s)")
