@@ -10,7 +10,6 @@ upstream (the default interval) then costs (CPU per probe / 5 s) of one core.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 LOADTESTS = REPO / "loadtests"
@@ -347,3 +348,11 @@ async def wait_quiet(
         waited = time.monotonic() - t0
         if noise["foreign_cores"] < threshold or waited + sample > max_wait:
             return {"waited_s": waited, "foreign_cores": noise["foreign_cores"]}
+
+
+def save_result(scenario: str, stamp: str, result: object) -> Path:
+    """Write a scenario's raw results to ``loadtests/out/SCENARIO-STAMP.json``."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{scenario}-{stamp}.json"
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    return path

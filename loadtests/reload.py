@@ -39,7 +39,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
-import orjson
 
 from loadtests.loadgen import install_uvloop, percentile, run_open_loop
 from loadtests.overhead import start_upstreams
@@ -50,6 +49,7 @@ from loadtests.procs import (
     cpu_meter,
     machine_info,
     noise_meter,
+    save_result,
     wait_quiet,
 )
 from loadtests.sticky import ROUTE, Flipback, flipback_config, rss_bytes, start_flipback_text
@@ -361,8 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_uvloop()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result = asyncio.run(run(s, stamp))
-    path = OUT_DIR / f"reload-{stamp}.json"
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    path = save_result("reload", stamp, result)
     print()
     print(result["table"])
     print(f"\nraw results: {path.relative_to(REPO)}")

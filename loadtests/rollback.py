@@ -68,6 +68,7 @@ from loadtests.procs import (
     free_port,
     machine_info,
     noise_meter,
+    save_result,
     wait_http,
     wait_port,
     wait_quiet,
@@ -590,9 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_uvloop()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result = asyncio.run(run(s, stamp))
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"rollback-{stamp}.json"
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    path = save_result("rollback", stamp, result)
     print()
     if result["table"]:
         print(result["table"])

@@ -40,7 +40,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
-import orjson
 
 from loadtests.loadgen import install_uvloop, run_closed_loop, run_open_loop
 from loadtests.overhead import parse_wrk, start_upstreams
@@ -54,6 +53,7 @@ from loadtests.procs import (
     free_port,
     machine_info,
     noise_meter,
+    save_result,
     wait_http,
     wait_port,
     wait_quiet,
@@ -468,8 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_uvloop()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result = asyncio.run(run(s, stamp))
-    path = OUT_DIR / f"shadow-{stamp}.json"
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    path = save_result("shadow", stamp, result)
     print()
     print(result["table"])
     print(f"\nraw results: {path.relative_to(REPO)}")

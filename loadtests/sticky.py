@@ -61,6 +61,7 @@ from loadtests.procs import (
     free_port,
     machine_info,
     noise_meter,
+    save_result,
     wait_http,
     wait_quiet,
 )
@@ -701,8 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_uvloop()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result = asyncio.run(run(s, stamp))
-    path = OUT_DIR / f"sticky-{stamp}.json"
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    path = save_result("sticky", stamp, result)
     print()
     print(result["table"])
     print(f"\nraw results: {path.relative_to(REPO)}")
