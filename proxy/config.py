@@ -15,7 +15,6 @@ from proxy.units import Bytes, Percent, Seconds
 KIB = 1024
 MIB = 1024 * KIB
 
-ROLES_BY_KEY = ("stable", "canary", "shadow", "fallback")
 NOTIFY_KINDS = (
     "rollback",
     "promote",

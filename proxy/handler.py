@@ -122,7 +122,7 @@ class Proxy:
         if not replayable and self._next_lane(rollout, lane) is not None:
             self.runtime.metrics.body_not_replayable_total.labels(route=rollout.name).inc()
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        headers, _host = upstream_headers(
+        headers = upstream_headers(
             request.raw_headers,
             client_ip=peer[0] if peer else "unknown",
             proto=b"http",

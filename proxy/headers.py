@@ -51,8 +51,8 @@ def upstream_headers(
     client_ip: str,
     proto: bytes,
     request_id: bytes,
-) -> tuple[RawHeaders, bytes]:
-    """Client headers -> headers for the upstream request, and the original Host.
+) -> RawHeaders:
+    """Client headers -> headers for the upstream request.
 
     Names a client lists in ``Connection`` are dropped, but only from what the client
     sent: the x-forwarded-* and x-request-id values the proxy adds are appended after the
@@ -84,7 +84,7 @@ def upstream_headers(
     if host:
         out.append((b"X-Forwarded-Host", host))
     out.append((b"X-Request-Id", request_id))
-    return out, host
+    return out
 
 
 def downstream_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +85,6 @@ class Runtime:
     def __init__(self, config: ProxyConfig, *, metrics: Metrics | None = None) -> None:
         self.events = EventLog()
         self.metrics = metrics or Metrics()
-        self.started = time.time()
         self.draining = False
         self._writer = StateWriter(config.state.file, self.state_dict)
         self._ticker: asyncio.Task[None] | None = None
