@@ -26,7 +26,7 @@ from proxy.lanes import Lane
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
 from proxy.rollout import Rollout
 from proxy.runtime import Runtime
-from proxy.shadow import ShadowMirror, ShadowPair
+from proxy.shadow import ShadowCopy, ShadowMirror
 from proxy.sticky import session_key
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class Proxy:
         body: bytes | _Body | None,
         replayable: bool,
         rid: str,
-        tap: ShadowPair | None = None,
+        tap: ShadowCopy | None = None,
     ) -> web.StreamResponse:
         now = self._loop_time
         failure_statuses = rollout.route.rollback.failure_statuses

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -35,6 +34,8 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 # Shadow minus primary time to headers: either can be faster, so the buckets are symmetric.
 _DELTA = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DELTA_BUCKETS = (*(-b for b in reversed(_DELTA)), 0.0, *_DELTA)
+SHADOW_OUTCOMES = ("sent", "dropped", "skipped_body", "error", "timeout")
+MISMATCH_KINDS = ("status", "body")
 
 
 def outcome_index(status: int) -> int:
@@ -44,20 +45,21 @@ def outcome_index(status: int) -> int:
 
 
 class Histogram:
-    __slots__ = ("counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip(BUCKETS, self.counts, strict=False):
+        for bound, count in zip(self.bounds, self.counts, strict=False):
             running += count
             out.append((repr(bound), running))
         out.append(("+Inf", running + self.counts[-1]))
@@ -79,6 +81,19 @@ class Series:
         self.duration.observe(total)
         if ttfb is not None:
             self.ttfb.observe(ttfb)
+
+
+class ShadowStats:
+    """Shadow figures of one route: copies by outcome (``SHADOW_OUTCOMES``), mismatches
+    by kind (``MISMATCH_KINDS``) and the latency delta; the last two only with compare."""
+
+    __slots__ = ("outcomes", "mismatches", "delta", "compares")
+
+    def __init__(self) -> None:
+        self.outcomes = [0] * len(SHADOW_OUTCOMES)
+        self.mismatches = [0] * len(MISMATCH_KINDS)
+        self.delta = Histogram(DELTA_BUCKETS)
+        self.compares = False  # set once a config compares: then its series are shown
 
 
 class InFlight:
@@ -107,6 +122,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._series: dict[tuple[str, str, str], Series] = {}
         self._in_flight: dict[tuple[str, str], InFlight] = {}
+        self._shadow: dict[str, ShadowStats] = {}
         self._route_gauges: Callable[[], Iterable[RouteGauges]] = lambda: ()
         self._upstream_health: Callable[[], Iterable[tuple[str, bool | None]]] = lambda: ()
         self._redis: Callable[[], tuple[bool, dict[str, int]]] | None = None
@@ -121,18 +137,6 @@ class Metrics:
         self.config_info = Gauge(
             "flipback_config_info", "1 for the loaded config's content hash", ["sha256"],
             registry=r,
-        )
-        self.shadow_total = Counter(
-            "flipback_shadow_total", "Shadow copies by outcome", ["route", "outcome"], registry=r
-        )
-        self.shadow_mismatch_total = Counter(
-            "flipback_shadow_mismatch_total", "Shadow disagreements", ["route", "kind"],
-            registry=r,
-        )
-        self.shadow_latency_delta_seconds = PromHistogram(
-            "flipback_shadow_latency_delta_seconds",
-            "Shadow minus primary time to response headers (negative: shadow was faster)",
-            ["route"], buckets=DELTA_BUCKETS, registry=r,
         )
         self.shadow_records_total = Counter(
             "flipback_shadow_records_total",
@@ -178,6 +182,14 @@ class Metrics:
         found = self._series.get(key)
         if found is None:
             found = self._series[key] = Series()
+        return found
+
+    def shadow(self, route: str, compares: bool) -> ShadowStats:
+        """The shadow figures of ``route``, shared by the mirrors a reload replaces."""
+        found = self._shadow.get(route)
+        if found is None:
+            found = self._shadow[route] = ShadowStats()
+        found.compares = found.compares or compares
         return found
 
     def in_flight(self, route: str, upstream: str) -> InFlight:
@@ -241,6 +253,7 @@ class _Collector(Collector):
         for (route, upstream), cell in list(m._in_flight.items()):
             in_flight.add_metric([route, upstream], cell.value)
         yield in_flight
+        yield from _shadow_families(m._shadow)
         weight = GaugeMetricFamily(
             "flipback_canary_weight", "Effective canary weight (percent)", labels=["route"]
         )
@@ -280,3 +293,29 @@ class _Collector(Collector):
             for op, count in sorted(errors.items()):
                 failures.add_metric([op], count)
             yield failures
+
+
+def _shadow_families(stats: dict[str, ShadowStats]) -> Iterator[Metric]:
+    total = CounterMetricFamily("flipback_shadow", "Shadow copies by outcome",
+                                labels=["route", "outcome"])
+    mismatch = CounterMetricFamily("flipback_shadow_mismatch", "Shadow disagreements",
+                                   labels=["route", "kind"])
+    # Built by hand: HistogramMetricFamily leaves out _count and _sum when a bucket is
+    # negative, and these buckets must be (either side can be the faster).
+    hist = "flipback_shadow_latency_delta_seconds"
+    delta = Metric(hist, "Shadow minus primary time to response headers (negative: shadow "
+                   "was faster)", "histogram")
+    for route, s in list(stats.items()):
+        for outcome, count in zip(SHADOW_OUTCOMES, s.outcomes, strict=True):
+            total.add_metric([route, outcome], count)
+        if s.compares:
+            for kind, count in zip(MISMATCH_KINDS, s.mismatches, strict=True):
+                mismatch.add_metric([route, kind], count)
+            buckets = s.delta.buckets()
+            for le, running in buckets:
+                delta.add_sample(f"{hist}_bucket", {"route": route, "le": le}, running)
+            delta.add_sample(f"{hist}_count", {"route": route}, buckets[-1][1])
+            delta.add_sample(f"{hist}_sum", {"route": route}, s.delta.total)
+    yield total
+    yield mismatch
+    yield delta

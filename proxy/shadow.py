@@ -2,44 +2,58 @@
 upstream, in the background, and compared with the primary response.
 
 The request path calls ``should_mirror`` (one RNG draw or one hash), then ``offer`` right
-before it sends the primary: ``offer`` only schedules a task, from a set bounded by
-``max_in_flight`` (full: the copy is dropped and counted), and returns at once. Nothing
-here raises into the request path or waits on it. The shadow exchange has its own
-``timeout``; its response is read to the end in pieces and discarded, keeping at most
-``inspect_body`` bytes when the comparison needs the body.
+before it sends the primary: ``offer`` queues the copy for the next loop step, at most
+``max_in_flight`` at a time (full: the copy is dropped and counted), and returns at once.
+Nothing here raises into the request path or waits on it. A copy is a detached exchange
+of the upstream pool (``UpstreamPool.send_detached``): no task, future or timer per copy,
+because copies are pure overhead on the proxy's CPU. Its response is read to the end as
+it arrives and discarded, keeping at most ``inspect_body`` bytes when the comparison
+needs the body; its own ``timeout`` bounds the whole exchange.
 
 With ``compare``, the handler reports the primary's status, time to headers and (only
 when JSON paths are compared or bodies recorded) a capped copy of its body to the
-``ShadowPair`` that ``offer`` returned; whichever side finishes last triggers the
+``ShadowCopy`` that ``offer`` returned; whichever side finishes last triggers the
 comparison (``shadow_compare``), the metrics and, on a mismatch, a line in the record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterable
 from typing import Any, NamedTuple
 
 from proxy.config import CompareConfig, ShadowConfig
 from proxy.diffrecord import DiffRecord
-from proxy.errors import UpstreamError
+from proxy.errors import StreamBroken, UpstreamError
 from proxy.events import rfc3339_now
-from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, Metrics, outcome_index
+from proxy.metrics import (
+    MISMATCH_KINDS,
+    OUTCOME_ERROR,
+    OUTCOME_TIMEOUT,
+    SHADOW_OUTCOMES,
+    Metrics,
+    outcome_index,
+)
 from proxy.shadow_compare import Verdict, compare
 from proxy.tasks import TaskSet
 from proxy.upstream import UpstreamPool
+from proxy.upstream_conn import Connection
 
 logger = logging.getLogger(__name__)
 
-SHADOW_HEADER = (b"x-flipback-shadow", b"1")
+SHADOW_LINE = b"x-flipback-shadow: 1\r\n"  # on every copy
 SESSION_BUCKETS = 10_000
 # Salt for session sampling: the sticky canary split hashes the same keys into buckets,
 # and an unsalted hash would mirror exactly the sessions that are on the canary.
 _PERSON = b"flipback-shadow"
-OUTCOMES = ("sent", "dropped", "skipped_body", "error", "timeout")
+SENT, DROPPED, SKIPPED, ERROR, TIMEOUT = (SHADOW_OUTCOMES.index(o) for o in (
+    "sent", "dropped", "skipped_body", "error", "timeout"))
+STATUS, BODY = MISMATCH_KINDS.index("status"), MISMATCH_KINDS.index("body")
 # Bodies up to this size (both together) are compared on the event loop (well under a
 # millisecond); longer ones in a worker thread, at most JUDGES at a time per route.
 INLINE_COMPARE = 64 * 1024
@@ -69,31 +83,65 @@ class _Side(NamedTuple):
                 "ttfb_ms": round(self.ttfb * 1000, 3), "total_ms": round(self.total * 1000, 3)}
 
 
-class ShadowPair:
-    """The two sides of one mirrored request with ``compare``; judged once both are done.
+class ShadowCopy:
+    """One mirrored request: the copy's exchange (a ``proxy.upstream.Sink``: the pool
+    calls ``head``, ``body`` and ``done`` or ``failed``) and, with ``compare``, the pair
+    that is judged once both sides are done.
 
-    When ``wants_body``, the handler calls ``keep`` with each primary body chunk; it
-    calls ``primary_done`` once the primary response ended cleanly. Neither raises or
-    blocks. (No reference cycles here: a pair is freed by refcount, not by the GC.)
+    The handler calls ``keep`` with each primary body chunk when ``wants_body``, and
+    ``primary_done`` once the primary response ended cleanly; neither raises. (No
+    reference cycles: a copy is freed by refcount, not by the GC.)
     """
 
-    __slots__ = ("wants_body", "request_id", "method", "target", "_mirror", "_parts", "_room",
-                 "_truncated", "_primary", "_shadow", "_dead")
+    __slots__ = ("deadline", "conn", "request_id", "method", "target", "wants_body", "_mirror",
+                 "_headers", "_payload", "_t0", "_status", "_ttfb", "_cap", "_keep_shadow",
+                 "_s_parts", "_s_size", "_parts", "_room", "_truncated", "_primary", "_shadow",
+                 "_dead")
 
-    def __init__(self, mirror: ShadowMirror, request_id: str, method: str, target: str,
-                 cap: int, keep_bodies: bool) -> None:
+    def __init__(self, mirror: ShadowMirror, method: str, target: str, headers: RawHeaders,
+                 payload: bytes | None, request_id: str, cap: int, keep_bodies: bool) -> None:
+        self.deadline = 0.0  # set when sent
+        self.conn: Connection | None = None  # set by the connection that takes it
         self.request_id = request_id
         self.method = method
         self.target = target
+        self.wants_body = keep_bodies
         self._mirror = mirror
+        self._headers: RawHeaders | None = headers  # until sent
+        self._payload = payload
+        self._t0 = 0.0
+        self._status = 0
+        self._ttfb: float | None = None
+        self._cap = cap
+        self._keep_shadow = keep_bodies
+        self._s_parts: list[bytes] = []
+        self._s_size = 0
         self._parts: list[bytes] = []
         self._room = cap
         self._truncated = False
         self._primary: _Side | None = None
         self._shadow: _Side | None = None
         self._dead = False
-        self.wants_body = keep_bodies
 
+    # -- the shadow side, called by the upstream connection -------------------------------
+    def head(self, status: int) -> None:
+        self._status = status
+        self._ttfb = self._mirror._now() - self._t0
+
+    def body(self, chunk: bytes) -> None:
+        if self._keep_shadow:
+            size = self._s_size
+            if size <= self._cap:  # one byte past the cap marks it truncated
+                self._s_parts.append(chunk[:self._cap + 1 - size])
+            self._s_size = size + len(chunk)
+
+    def done(self) -> None:
+        self._mirror._copy_done(self)
+
+    def failed(self, exc: BaseException) -> None:
+        self._mirror._copy_failed(self, exc)
+
+    # -- the primary side, called by the handler ------------------------------------------
     def keep(self, chunk: bytes) -> None:
         room = self._room
         if len(chunk) <= room:
@@ -113,10 +161,7 @@ class ShadowPair:
         self._parts = []
         self._primary = _Side(upstream, status, ttfb, total, body, self._truncated)
         if self._shadow is not None:
-            # Judged from the loop, not here: nothing in a comparison can reach the handler.
-            loop = self._mirror._loop
-            assert loop is not None
-            loop.call_soon(self._mirror.judge, self)
+            self._mirror.judge_safely(self)
 
     def _shadow_done(self, side: _Side | None) -> None:
         if side is None:  # the shadow failed: nothing to compare, stop keeping the primary
@@ -126,16 +171,17 @@ class ShadowPair:
             return
         self._shadow = side
         if self._primary is not None:
-            self._mirror.judge(self)
+            self._mirror.judge_safely(self)
 
     def __repr__(self) -> str:
-        return (f"<ShadowPair {self.request_id} primary={self._primary is not None} "
+        return (f"<ShadowCopy {self.request_id} primary={self._primary is not None} "
                 f"shadow={self._shadow is not None}>")
 
 
 class ShadowMirror:
-    """Shadow traffic of one route. Created with the route's ``Rollout``; ``aclose`` at
-    shutdown cancels copies still in flight and flushes the record."""
+    """Shadow traffic of one route. Created with the route's ``Rollout``; ``aclose``
+    (shutdown, or a reload that replaces it) waits for copies in flight, then lets any
+    late ones end unjudged, and flushes the record."""
 
     def __init__(self, *, route: str, cfg: ShadowConfig, pool: UpstreamPool,
                  metrics: Metrics, rng: random.Random | None = None) -> None:
@@ -150,14 +196,14 @@ class ShadowMirror:
         self._random = (rng or random.Random()).random
         self._max = cfg.max_in_flight
         self._timeout = cfg.timeout
-        self._tasks = TaskSet(f"shadow-{route}", limit=cfg.max_in_flight)
+        self._live: set[ShadowCopy] = set()  # copies queued or under way
+        self._emptied: asyncio.Future[None] | None = None  # for aclose: set at _live == 0
+        self._closed = False
         self._judges = TaskSet(f"shadow-compare-{route}", limit=JUDGES)
         self._loop: asyncio.AbstractEventLoop | None = None  # taken at the first offer
-        self._expired: set[asyncio.Task[Any]] = set()
-        sent, dropped, skipped, error, timeout = (
-            metrics.shadow_total.labels(route=route, outcome=o) for o in OUTCOMES)
-        self._sent, self._dropped, self._skipped = sent.inc, dropped.inc, skipped.inc
-        self._error, self._timed_out = error.inc, timeout.inc
+        self._now = time.monotonic  # the loop's clock, once there is a loop
+        self._stats = metrics.shadow(route, compares=cfg.compare is not None)
+        self._outcomes = self._stats.outcomes
         self._series = metrics.series(route, cfg.upstream, "shadow")
         self._in_flight = metrics.in_flight(route, cfg.upstream)
         self._compare: CompareConfig | None = cfg.compare
@@ -166,9 +212,6 @@ class ShadowMirror:
         if cfg.compare is not None:
             c = cfg.compare
             self._keep_bodies = bool(c.json_paths) or c.bodies
-            self._mismatch = {k: metrics.shadow_mismatch_total.labels(route=route, kind=k).inc
-                              for k in ("status", "body")}
-            self._delta = metrics.shadow_latency_delta_seconds.labels(route=route).observe
             records = metrics.shadow_records_total
 
             def count(result: str, n: int) -> None:
@@ -190,98 +233,95 @@ class ShadowMirror:
 
     def offer(self, method: str, target: str, headers: RawHeaders,
               body: bytes | AsyncIterable[bytes] | None, *, request_id: str,
-              inspect_body: int) -> ShadowPair | None:
-        """Schedule the copy of a sampled request and return at once (call it right
-        before sending the primary). ``body`` must be the buffered body: a streamed one
-        (over ``inspect_body``) is not mirrored. Returns the pair to report the primary
-        to when there is something to compare, else None."""
+              inspect_body: int) -> ShadowCopy | None:
+        """Queue the copy of a sampled request and return at once (call it right before
+        sending the primary: the copy is written in the next loop step, after it). ``body``
+        must be the buffered body: a streamed one (over ``inspect_body``) is not mirrored.
+        Returns the copy to report the primary to when there is something to compare."""
         if body is not None and not isinstance(body, bytes):
-            self._skipped()
+            self._outcomes[SKIPPED] += 1
             return None
-        if len(self._tasks) >= self._max:
-            self._dropped()
+        if len(self._live) >= self._max:
+            self._outcomes[DROPPED] += 1
             return None
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        pair = None
-        if self._compare is not None:
-            pair = ShadowPair(self, request_id, method, target, inspect_body, self._keep_bodies)
-        self._tasks.spawn(self._exchange(method, target, headers, body, pair, inspect_body))
-        return pair
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._now = loop.time
+        copy = ShadowCopy(self, method, target, headers, body, request_id, inspect_body,
+                          self._keep_bodies)
+        self._live.add(copy)
+        self._in_flight.value += 1
+        loop.call_soon(self._send, copy)
+        return copy if self._compare is not None else None
 
     # -- in the background ---------------------------------------------------------------
-    async def _exchange(self, method: str, target: str, headers: RawHeaders,
-                        body: bytes | None, pair: ShadowPair | None, cap: int) -> None:
-        loop = self._loop
-        assert loop is not None
-        task = asyncio.current_task(loop)
-        assert task is not None
-        self._in_flight.value += 1
-        keep = pair is not None and pair.wants_body
-        parts: list[bytes] = []
-        size = 0
-        ttfb: float | None = None
-        status = 0
-        t0 = loop.time()
-        # One timer for the whole exchange (cheaper than asyncio.timeout's context).
-        expiry = loop.call_at(t0 + self._timeout, self._expire, task)
+    def _send(self, copy: ShadowCopy) -> None:
+        now = copy._t0 = self._now()
+        copy.deadline = now + self._timeout
+        headers, copy._headers = copy._headers, None
+        payload, copy._payload = copy._payload, None
+        assert headers is not None
         try:
-            up = await self._pool.send(method, target, [*headers, SHADOW_HEADER], body)
-            ttfb = loop.time() - t0
-            status = up.status
-            try:
-                while chunk := await up.read():
-                    if keep and size <= cap:  # one byte past the cap marks it truncated
-                        parts.append(chunk[:cap + 1 - size])
-                        size += len(chunk)
-            finally:
-                up.release()
-        except UpstreamError as exc:
-            kind = OUTCOME_TIMEOUT if exc.kind == "timeout" else OUTCOME_ERROR
-            self._failed(pair, kind, ttfb, loop.time() - t0)
-            return
-        except asyncio.CancelledError:
-            if task not in self._expired:  # cancelled from outside (shutdown): let it go
-                if pair is not None:
-                    pair._shadow_done(None)
-                raise
-            task.uncancel()
-            self._failed(pair, OUTCOME_TIMEOUT, ttfb, loop.time() - t0)
-            return
-        except BaseException:
-            if pair is not None:
-                pair._shadow_done(None)
-            raise
-        finally:
-            expiry.cancel()
-            self._expired.discard(task)
-            self._in_flight.value -= 1
-        total = loop.time() - t0
-        self._sent()
+            self._pool.send_detached(copy.method, copy.target, headers, payload, copy,
+                                     SHADOW_LINE)
+        except Exception as exc:  # noqa: BLE001 - a request the pool cannot encode
+            self._copy_failed(copy, exc)
+
+    def _copy_done(self, copy: ShadowCopy) -> None:
+        total = self._now() - copy._t0
+        ttfb = copy._ttfb if copy._ttfb is not None else total
+        status = copy._status
+        self._outcomes[SENT] += 1
         self._series.observe(outcome_index(status), ttfb, total)
-        if pair is not None:
-            data = b"".join(parts)[:cap] if keep else None
-            pair._shadow_done(_Side(self.upstream, status, ttfb, total, data, size > cap))
+        self._ended(copy)
+        if self._compare is not None:
+            data = None
+            size = copy._s_size
+            if copy._keep_shadow:
+                parts = copy._s_parts
+                copy._s_parts = []
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                if size > copy._cap:
+                    data = data[:copy._cap]
+            copy._shadow_done(_Side(self.upstream, status, ttfb, total, data, size > copy._cap))
 
-    def _expire(self, task: asyncio.Task[Any]) -> None:
-        self._expired.add(task)
-        task.cancel()
+    def _copy_failed(self, copy: ShadowCopy, exc: BaseException) -> None:
+        self._ended(copy)
+        if self._closed:  # aborted by aclose: not the shadow's failure
+            return
+        total = self._now() - copy._t0
+        timed_out = isinstance(exc, UpstreamError) and exc.kind == "timeout"
+        self._outcomes[TIMEOUT if timed_out else ERROR] += 1
+        self._series.observe(OUTCOME_TIMEOUT if timed_out else OUTCOME_ERROR, copy._ttfb, total)
+        if not isinstance(exc, UpstreamError):
+            logger.warning("shadow copy %s on route %s failed: %r", copy.request_id,
+                           self.route, exc)
+        copy._shadow_done(None)
 
-    def _failed(self, pair: ShadowPair | None, outcome: int, ttfb: float | None,
-                total: float) -> None:
-        (self._timed_out if outcome == OUTCOME_TIMEOUT else self._error)()
-        self._series.observe(outcome, ttfb, total)
-        if pair is not None:
-            pair._shadow_done(None)
+    def _ended(self, copy: ShadowCopy) -> None:
+        copy.conn = None
+        live = self._live
+        live.discard(copy)
+        self._in_flight.value -= 1
+        if not live and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)
 
-    def judge(self, pair: ShadowPair) -> Verdict | None:
+    def judge_safely(self, pair: ShadowCopy) -> None:
+        """``judge``, with anything it raises logged: it runs inside the handler."""
+        try:
+            self.judge(pair)
+        except Exception:
+            logger.exception("shadow comparison on route %s failed", self.route)
+
+    def judge(self, pair: ShadowCopy) -> Verdict | None:
         """Compare the two sides of a finished pair: metrics, and a record line on a
         mismatch. Called once per pair by whichever side finished last."""
         p, s, cfg = pair._primary, pair._shadow, self._compare
-        if p is None or s is None or cfg is None:
+        if p is None or s is None or cfg is None or self._closed:
             return None
         pair._primary = pair._shadow = None  # judged once; free the bodies
-        self._delta(s.ttfb - p.ttfb)
+        self._stats.delta.observe(s.ttfb - p.ttfb)
         p_body = None if p.truncated else p.body
         s_body = None if s.truncated else s.body
         skipped = "a body was over inspect_body"
@@ -296,7 +336,7 @@ class ShadowMirror:
         self._conclude(pair, p, s, verdict, cfg, skipped)
         return verdict
 
-    async def _judge_in_thread(self, pair: ShadowPair, p: _Side, s: _Side,
+    async def _judge_in_thread(self, pair: ShadowCopy, p: _Side, s: _Side,
                                p_body: bytes | None, s_body: bytes | None,
                                cfg: CompareConfig) -> None:
         verdict = await asyncio.to_thread(
@@ -304,15 +344,19 @@ class ShadowMirror:
             primary_body=p_body, shadow_body=s_body)
         self._conclude(pair, p, s, verdict, cfg, "a body was over inspect_body")
 
-    def _conclude(self, pair: ShadowPair, p: _Side, s: _Side, verdict: Verdict,
+    def _conclude(self, pair: ShadowCopy, p: _Side, s: _Side, verdict: Verdict,
                   cfg: CompareConfig, skipped: str) -> None:
-        kinds = verdict.kinds
-        for kind in kinds:
-            self._mismatch[kind]()
-        if kinds and self._record is not None:
+        if not verdict.status_differs and not verdict.paths:
+            return
+        mismatches = self._stats.mismatches
+        if verdict.status_differs:
+            mismatches[STATUS] += 1
+        if verdict.paths:
+            mismatches[BODY] += 1
+        if self._record is not None:
             self._record.append(self._entry(pair, p, s, verdict, cfg, skipped))
 
-    def _entry(self, pair: ShadowPair, p: _Side, s: _Side, verdict: Verdict,
+    def _entry(self, pair: ShadowCopy, p: _Side, s: _Side, verdict: Verdict,
                cfg: CompareConfig, skipped: str) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "time": rfc3339_now(),
@@ -341,7 +385,13 @@ class ShadowMirror:
     # -- lifecycle -----------------------------------------------------------------------
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        """Copies queued or under way."""
+        return len(self._live)
+
+    @property
+    def closed(self) -> bool:
+        """``aclose`` has given up on copies in flight: no more are judged."""
+        return self._closed
 
     async def flush(self) -> None:
         """Wait until queued record lines are written (tests, shutdown)."""
@@ -349,13 +399,23 @@ class ShadowMirror:
             await self._record.flush()
 
     async def aclose(self, timeout: float = 1.0) -> None:
-        """Give copies in flight up to ``timeout`` s, cancel the rest, flush the record."""
-        await self._tasks.aclose(min(timeout, self._timeout))
+        """Give copies in flight up to ``timeout`` s, abort the rest (uncounted: they are
+        not the shadow's failures), then flush the record."""
+        if self._live:
+            loop = asyncio.get_running_loop()
+            self._emptied = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._emptied), min(timeout, self._timeout))
+        self._closed = True
+        for copy in list(self._live):
+            if copy.conn is not None:
+                copy.conn.fail(StreamBroken(f"shadow of route {self.route} closed"))
+        # A copy still waiting for a connection ends when the pool closes or serves it.
         await self._judges.aclose(timeout)
         if self._record is not None:
             await self._record.aclose()
 
     def __repr__(self) -> str:
         return (f"<ShadowMirror {self.route} -> {self.upstream} {self.cfg.sample:g}% "
-                f"by {self.cfg.by}: {len(self._tasks)}/{self._max} in flight>")
+                f"by {self.cfg.by}: {len(self._live)}/{self._max} in flight>")
 

@@ -15,10 +15,10 @@ from collections import deque
 from collections.abc import AsyncIterable
 
 from proxy.config import UpstreamConfig
-from proxy.errors import ConnectFailed, Saturated, StreamBroken, UpstreamTimeout
-from proxy.upstream_conn import Connection, StaleConnection
+from proxy.errors import ConnectFailed, Saturated, StreamBroken, UpstreamError, UpstreamTimeout
+from proxy.upstream_conn import Connection, Sink, StaleConnection
 
-__all__ = ["UpstreamPool", "UpstreamResponse"]
+__all__ = ["Sink", "UpstreamPool", "UpstreamResponse"]
 
 # Keep-alive connections idle this long are closed (model servers often drop them at 60 s+,
 # and a closed-while-sending connection costs a retry).
@@ -119,6 +119,7 @@ class UpstreamPool:
         self._ticker: asyncio.TimerHandle | None = None
         self._closing = False
         self._drained: asyncio.Future[None] | None = None
+        self._detaching: set[asyncio.Task[None]] = set()  # detached requests awaiting a conn
 
     @property
     def in_flight(self) -> int:
@@ -160,30 +161,7 @@ class UpstreamPool:
             loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         replayable = body is None or isinstance(body, bytes)
-        parts = [method.encode(), b" ", self._base_path,
-                 target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n", self._host_line]
-        override = self._override
-        if override:
-            for name, value in headers:
-                if name.lower() not in override:
-                    parts += (name, b": ", value, b"\r\n")
-        else:
-            for name, value in headers:
-                parts += (name, b": ", value, b"\r\n")
-        parts.append(self._extra)
-        if body is None:
-            parts.append(b"\r\n")
-        elif isinstance(body, bytes):
-            if body or method in _BODY_METHODS:
-                parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
-                parts.append(body)
-            else:
-                parts.append(b"\r\n")
-        elif content_length is None:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        else:
-            parts.append(b"Content-Length: %d\r\n\r\n" % content_length)
-        head = b"".join(parts)
+        head = self._head(method, target, headers, body, content_length)
         is_head = method == "HEAD"
         fresh = False
         while True:
@@ -203,6 +181,96 @@ class UpstreamPool:
             except BaseException:
                 conn.fail(StreamBroken("request abandoned"))
                 raise
+
+    def send_detached(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                      body: bytes | None, sink: Sink, extra: bytes = b"") -> None:
+        """Send a request whose response goes to ``sink`` (see ``Sink``); never raises
+        and never calls ``sink`` before returning. ``extra`` is more header lines, encoded.
+
+        With an idle connection this is one ``write`` and nothing else: no task, no
+        future, no timer (timeouts are the pool's tick). Otherwise a task waits for a
+        connection first. A stale keep-alive connection is retried once, anew.
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        window = sink.deadline - loop.time()
+        if window < self._tick_every * 10 and self._tick_every > TICK_MIN:
+            self._tick_every = max(window / 10, TICK_MIN)  # the timeout is checked in time
+        head = self._head(method, target, headers, body, None, extra)
+        is_head = method == "HEAD"
+        idle = self._idle
+        if idle and not self._closing:
+            conn = idle.pop()
+            self._busy.add(conn)
+            self._start_detached(loop, conn, head, is_head, sink)
+        else:
+            self._spawn_detached(loop, head, is_head, sink, fresh=False)
+
+    def resend_detached(self, head: bytes, is_head: bool, sink: Sink) -> None:
+        """A detached request met a stale keep-alive connection: once more, anew."""
+        assert self._loop is not None
+        self._spawn_detached(self._loop, head, is_head, sink, fresh=True)
+
+    def _start_detached(self, loop: asyncio.AbstractEventLoop, conn: Connection, head: bytes,
+                        is_head: bool, sink: Sink) -> None:
+        conn.start_detached(head, is_head, min(loop.time() + self._timeout, sink.deadline),
+                            sink)
+        if self._ticker is None:
+            self._ticker = loop.call_later(self._tick_every, self._tick)
+
+    def _spawn_detached(self, loop: asyncio.AbstractEventLoop, head: bytes, is_head: bool,
+                        sink: Sink, *, fresh: bool) -> None:
+        task = loop.create_task(self._detached_via_wait(loop, head, is_head, sink, fresh))
+        self._detaching.add(task)
+        task.add_done_callback(self._detaching.discard)
+
+    async def _detached_via_wait(self, loop: asyncio.AbstractEventLoop, head: bytes,
+                                 is_head: bool, sink: Sink, fresh: bool) -> None:
+        try:
+            conn = await self._acquire(loop, min(loop.time() + self._timeout, sink.deadline),
+                                       fresh)
+        except UpstreamError as exc:
+            sink.failed(exc)
+            return
+        except asyncio.CancelledError:
+            sink.failed(ConnectFailed(f"upstream {self.name}: pool is closed"))
+            raise
+        if conn.closed:  # closed (and forgotten) before we ran: nothing was sent
+            sink.failed(StreamBroken("keep-alive connection closed before the request"))
+            return
+        self._start_detached(loop, conn, head, is_head, sink)
+
+    def _head(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
+              body: bytes | AsyncIterable[bytes] | None, content_length: int | None,
+              extra: bytes = b"") -> bytes:
+        """The request line and headers (and a bytes body), encoded as one write."""
+        parts = [method.encode(), b" ", self._base_path,
+                 target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n", self._host_line]
+        override = self._override
+        if override:
+            for name, value in headers:
+                if name.lower() not in override:
+                    parts += (name, b": ", value, b"\r\n")
+        else:
+            for name, value in headers:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(self._extra)
+        if extra:
+            parts.append(extra)
+        if body is None:
+            parts.append(b"\r\n")
+        elif isinstance(body, bytes):
+            if body or method in _BODY_METHODS:
+                parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
+                parts.append(body)
+            else:
+                parts.append(b"\r\n")
+        elif content_length is None:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        else:
+            parts.append(b"Content-Length: %d\r\n\r\n" % content_length)
+        return b"".join(parts)
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float,
                        fresh: bool) -> Connection:

@@ -4,6 +4,11 @@
 headers; this module owns the bytes on one socket: the request body pump, response parsing,
 body buffering with backpressure, and the body idle timeout. Every socket or parser
 failure becomes a ``proxy.errors`` exception here, once.
+
+A request is either awaited (``start``: a future for the headers, then ``read`` for the
+body) or detached (``start_detached``: the response goes to a ``Sink``'s callbacks and
+the connection returns to its pool by itself). Detached exchanges cost no task, no future
+and no timer: shadow copies use them, so a copy's cost is little more than its syscalls.
 """
 
 from __future__ import annotations
@@ -40,6 +45,24 @@ class Owner(Protocol):
 
     def put_back(self, conn: Connection) -> None: ...
     def forget(self, conn: Connection) -> None: ...
+    def resend_detached(self, head: bytes, is_head: bool, sink: Sink) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a detached exchange reports; exactly one of ``done`` or ``failed`` ends it.
+
+    ``deadline`` (loop time) bounds the whole exchange. The connection sets ``conn`` to
+    itself when it takes the request (``conn.fail`` aborts it). The callbacks run on the
+    event loop from the connection's protocol methods: they must not raise or block.
+    """
+
+    deadline: float
+    conn: Connection | None
+
+    def head(self, status: int) -> None: ...
+    def body(self, chunk: bytes) -> None: ...
+    def done(self) -> None: ...
+    def failed(self, exc: BaseException) -> None: ...
 
 
 # What the response-headers future resolves to: status, reason, headers, the
@@ -55,7 +78,7 @@ class Connection(asyncio.Protocol):
         "_state", "_is_head", "_head_fut", "_reason", "_headers", "_buf", "_buf_size",
         "_body_waiter", "_error", "_eof_body", "_keep", "_read_paused", "_write_paused",
         "_drain_waiter", "_pump", "_forgotten", "_deadline", "_wait_since", "closed", "reused",
-        "got_bytes", "idle_since",
+        "got_bytes", "idle_since", "_sink", "_replay",
     )
 
     def __init__(self, owner: Owner, loop: asyncio.AbstractEventLoop,
@@ -88,6 +111,8 @@ class Connection(asyncio.Protocol):
         self.reused = False
         self.got_bytes = False
         self.idle_since = 0.0
+        self._sink: Sink | None = None  # a detached exchange under way
+        self._replay = b""  # its request, resent once if a stale keep-alive drops it
 
     # -- driven by the pool ------------------------------------------------------------
 
@@ -95,6 +120,27 @@ class Connection(asyncio.Protocol):
               deadline: float) -> asyncio.Future[Head]:
         """Send ``head`` (request line, headers and any bytes body); the future resolves
         with the response once its headers are in, or fails with an UpstreamError."""
+        self._begin(is_head, deadline)
+        fut = self._head_fut = self._loop.create_future()
+        if self.closed:  # handed over by the pool, then closed by the upstream
+            fut.set_exception(StaleConnection("keep-alive connection closed"))
+        else:
+            assert self._transport is not None
+            self._transport.write(head)
+        return fut
+
+    def start_detached(self, head: bytes, is_head: bool, deadline: float, sink: Sink) -> None:
+        """Send ``head`` (a whole request) and hand the response to ``sink``; headers are
+        due by ``deadline``, the whole response by ``sink.deadline``. The pool must not
+        hand over a closed connection."""
+        self._begin(is_head, deadline)
+        self._sink = sink
+        sink.conn = self
+        self._replay = head if self.reused else b""
+        assert self._transport is not None and not self.closed
+        self._transport.write(head)
+
+    def _begin(self, is_head: bool, deadline: float) -> None:
         if self._parser_stale:  # a HEAD response left llhttp expecting a body
             self._parser = HttpResponseParser(self)
             self._parser_stale = False
@@ -105,13 +151,6 @@ class Connection(asyncio.Protocol):
         self._headers = []
         self._error = None
         self._deadline = deadline
-        fut = self._head_fut = self._loop.create_future()
-        if self.closed:  # handed over by the pool, then closed by the upstream
-            fut.set_exception(StaleConnection("keep-alive connection closed"))
-        else:
-            assert self._transport is not None
-            self._transport.write(head)
-        return fut
 
     def start_body(self, body: AsyncIterable[bytes], content_length: int | None) -> None:
         """Stream ``body`` in a task, so an early response (413) is seen while it flows."""
@@ -148,6 +187,15 @@ class Connection(asyncio.Protocol):
     def fail(self, exc: BaseException) -> None:
         """Hand ``exc`` to whoever waits on this connection and abort it at once."""
         state = self._state
+        sink = self._sink
+        if sink is not None:
+            self._sink = None
+            self._abort()
+            if state == _DONE:  # junk after a complete response: the response stands
+                sink.done()
+            else:
+                sink.failed(exc)
+            return
         if state == _HEAD:
             fut = self._head_fut
             if fut is not None and not fut.done():
@@ -156,11 +204,22 @@ class Connection(asyncio.Protocol):
             if self._error is None:
                 self._error = exc
             self._wake_reader()
+        self._abort()
+
+    def _abort(self) -> None:
         if not self.closed:
             self.closed = True
             if self._transport is not None:
                 self._transport.abort()
         self._cleanup()
+
+    def _finish_detached(self) -> None:
+        """The detached response is complete: the connection goes back, then the sink."""
+        sink = self._sink
+        assert sink is not None
+        self._sink = None
+        self.release()
+        sink.done()
 
     def _cleanup(self) -> None:
         self._keep = False
@@ -212,6 +271,12 @@ class Connection(asyncio.Protocol):
 
     def check(self, now: float, timeout_msg: str) -> None:
         """The pool's tick: fail this connection if its headers or body bytes are late."""
+        sink = self._sink
+        if sink is not None:
+            if now >= (self._deadline if self._state == _HEAD else sink.deadline):
+                self.fail(UpstreamTimeout("shadow exchange timed out" if self._state == _BODY
+                                          else timeout_msg))
+            return
         if self._state == _HEAD:
             if now >= self._deadline:
                 self.fail(UpstreamTimeout(timeout_msg))
@@ -287,6 +352,9 @@ class Connection(asyncio.Protocol):
                     self.fail(StreamBroken("upstream sent bytes after the response"))
                 else:
                     self.fail(StreamBroken(f"malformed upstream response: {exc}"))
+                return
+            if self._sink is not None and self._state == _DONE:
+                self._finish_detached()
         else:  # nothing was asked (idle) or the response is complete: not HTTP we can use
             self.fail(StreamBroken("upstream sent bytes after the response"))
 
@@ -299,6 +367,21 @@ class Connection(asyncio.Protocol):
             return
         self.closed = True
         state = self._state
+        sink = self._sink
+        if sink is not None:
+            self._sink = None
+            self._cleanup()
+            if state == _HEAD:
+                if self.reused and not self.got_bytes and self._replay:
+                    self._owner.resend_detached(self._replay, self._is_head, sink)
+                else:
+                    sink.failed(StreamBroken("upstream closed the connection before the "
+                                             "response headers"))
+            elif state == _BODY and not (self._eof_body and exc is None):
+                sink.failed(StreamBroken("upstream closed the connection mid-body"))
+            else:
+                sink.done()
+            return
         if state == _HEAD:
             fut = self._head_fut
             if fut is not None and not fut.done():
@@ -363,6 +446,10 @@ class Connection(asyncio.Protocol):
             # llhttp's keep-alive answer already says no to a body delimited by EOF
             self._eof_body = length is None and not chunked and status != 204 and status != 304
         self._keep = keep
+        sink = self._sink
+        if sink is not None:
+            sink.head(status)
+            return
         fut = self._head_fut
         assert fut is not None
         if not fut.done():
@@ -372,6 +459,10 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._state != _BODY:
             raise _Junk
+        sink = self._sink
+        if sink is not None:
+            sink.body(body)
+            return
         self._buf.append(body)
         self._buf_size += len(body)
         if self._body_waiter is not None:

@@ -17,7 +17,7 @@ import pytest
 from proxy.config import CompareConfig, ShadowConfig, UpstreamConfig
 from proxy.diffrecord import DiffRecord
 from proxy.metrics import Metrics
-from proxy.shadow import SESSION_BUCKETS, ShadowMirror, ShadowPair, _Side, session_bucket
+from proxy.shadow import SESSION_BUCKETS, ShadowCopy, ShadowMirror, _Side, session_bucket
 from proxy.shadow_compare import (
     MISSING,
     PathDiff,
@@ -262,20 +262,20 @@ def test_compare_sse_against_json() -> None:
 
 def test_pair_keeps_at_most_the_cap() -> None:
     mirror = make_mirror(100, compare_cfg=CompareConfig(json_paths=("a",), record=None))
-    pair = ShadowPair(mirror, "rid", "POST", "/v1/x", 10, keep_bodies=True)
+    pair = ShadowCopy(mirror, "POST", "/v1/x", [], b"", "rid", 10, keep_bodies=True)
     assert pair.wants_body
     for chunk in (b"1234", b"5678", b"90ab", b"cdef"):
         pair.keep(chunk)
     assert b"".join(pair._parts) == b"1234567890"
     assert pair._truncated
-    lean = ShadowPair(mirror, "rid", "POST", "/v1/x", 10, keep_bodies=False)
+    lean = ShadowCopy(mirror, "POST", "/v1/x", [], b"", "rid", 10, keep_bodies=False)
     assert not lean.wants_body
 
 
 def test_pair_is_judged_once_when_both_sides_are_in() -> None:
     cfg = CompareConfig(json_paths=("a",), record=None)
     mirror = make_mirror(100, compare_cfg=cfg)
-    pair = ShadowPair(mirror, "rid", "POST", "/v1/x", 100, keep_bodies=True)
+    pair = ShadowCopy(mirror, "POST", "/v1/x", [], b"", "rid", 100, keep_bodies=True)
     pair.keep(b'{"a": 1}')
     pair._shadow_done(_Side("v3", 200, 0.5, 0.6, b'{"a": 2}', False))
     pair._primary = _Side("v1", 200, 0.1, 0.2, b'{"a": 1}', False)

@@ -492,8 +492,16 @@ routes:
                                                                 "    fallback: v4\n"))
         assert (await app.watcher.check(force=True)).ok
         assert app.runtime.rollout("chat").shadow is first  # unchanged: the same mirror
+        v3.behaviour = Behaviour(mode="hang")  # a copy still out when the mirror goes
+        url = f"http://127.0.0.1:{app.data_port}/v1/x"
+        async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as r:
+            assert r.status == 200
+        await until(lambda: first.in_flight == 1)
         path.write_text(text.replace("SHADOW", "v4").replace("    log_marker: X\n", ""))
         assert (await app.watcher.check(force=True)).ok
         assert app.runtime.rollout("chat").shadow is not first
+        assert not first.closed
+        await until(lambda: first.closed and first.in_flight == 0)  # after its 1 s grace
+        assert first.pool.in_flight == 0  # the hung copy's connection was aborted
     finally:
         await app.aclose()
