@@ -1,25 +1,28 @@
 """The `shadow` scenario: what mirroring a sample of traffic costs the primary path.
 
-Three flipbacks run side by side on the same fast upstreams (a 90/10 canary route): one
-without a shadow section ("off"), one mirroring 10% and one mirroring 100% of requests to
-a third `upstream_fast` with `compare: {status: true, json_paths: ["choices.0.text"]}`
-(so the primary body is copied and both bodies parsed) and `max_in_flight: 32`.
-Each round measures all three, in an order rotated per round:
+Three flipback configurations run against the same fast upstreams (a 90/10 canary
+route): one without a shadow section ("off"), one mirroring 10% and one mirroring 100% of
+requests to a third `upstream_fast` with `compare: {status: true, json_paths:
+["choices.0.text"]}` (so the primary body is copied and both bodies parsed) and
+`max_in_flight: 32`. Each round measures all three, in an order rotated per round, each
+in a flipback process of its own started for that measurement (a process's memory layout
+can shift its speed by several percent for its whole life, so one process per target
+would bias every round the same way):
   saturation  `wrk -t1 -c32 -d5s` after a 1 s warm-up, POSTing a ~60-byte JSON body
               (a Lua script): req/s, and flipback's CPU µs per request (/proc/PID/stat);
-  latency     open loop at 1,000 req/s for 10 s after a 1 s warm-up, same body: p50/p99
+  latency     open loop at 1,000 req/s for 6 s after a 1 s warm-up, same body: p50/p99
               from the scheduled send.
-The flipbacks share the last CPU (one runs at a time); the upstreams, wrk and the load
-generator get the others (`--no-pin` turns that off). Alongside each measurement, the
+The flipback runs alone on the last CPU; the upstreams, wrk and the load generator get
+the others (`--no-pin` turns that off). Alongside each measurement, the
 shadow counters from `/metrics` (copies sent, dropped, failed). Before each measurement
 the run waits (up to 4 s) for other programs to go quiet and records how much CPU they
 took meanwhile; runs above `--noise-limit` cores are left out of the medians. Ratios to
 "off" are taken within each round, then the median.
 Prints a markdown table; raw results go to loadtests/out/shadow-*.json.
 
-    python loadtests/shadow.py                    # 3 rounds, ~3.5 minutes
-    python loadtests/shadow.py --rounds 4 --bare  # + 10% without compare, ~6 minutes
-    python loadtests/shadow.py --quick            # 1 short round, ~40 s
+    python loadtests/shadow.py                    # 6 rounds, ~6 minutes
+    python loadtests/shadow.py --rounds 4 --bare  # + 10% without compare, ~5.5 minutes
+    python loadtests/shadow.py --quick            # 1 short round, ~45 s
 """
 
 from __future__ import annotations
@@ -99,12 +102,12 @@ wrk.headers["Content-Type"] = "application/json"
 
 @dataclass(kw_only=True)
 class Settings:
-    rounds: int = 3
+    rounds: int = 6
     sat_seconds: int = 5
     sat_connections: int = 32
     sat_warmup: int = 1
     rate: float = 1000.0
-    duration: float = 10.0
+    duration: float = 6.0
     warmup: float = 1.0
     open_connections: int = 64
     max_in_flight: int = 32
@@ -132,9 +135,9 @@ def target_samples(s: Settings) -> dict[str, float | None]:
 
 
 async def start_flipback(group: ChildGroup, name: str, sample: float | None,
-                         urls: dict[str, str], s: Settings) -> Flipback:
+                         urls: dict[str, str], s: Settings, rnd: int) -> Flipback:
     port, admin_port = free_port(), free_port()
-    work = group.logs / f"flipback-{name.replace('%', 'pct')}"
+    work = group.logs / f"flipback-{name.replace('%', 'pct')}-r{rnd + 1}"
     work.mkdir(exist_ok=True)
     section = "" if sample is None else SHADOW_SECTION.format(
         sample=sample, max_in_flight=s.max_in_flight)
@@ -143,7 +146,7 @@ async def start_flipback(group: ChildGroup, name: str, sample: float | None,
     text = CONFIG.format(port=port, admin_port=admin_port, state=work / "state.json",
                          shadow_section=section, **urls)
     (work / "flipback.yaml").write_text(text)
-    child = group.start_python(f"flipback-{name.replace('%', 'pct')}",
+    child = group.start_python(f"flipback-{name.replace('%', 'pct')}-r{rnd + 1}",
                                ["-m", "proxy", "run", "-c", str(work / "flipback.yaml")],
                                cwd=REPO)
     admin = f"http://127.0.0.1:{admin_port}"
@@ -245,7 +248,8 @@ async def latency(fb: Flipback, all_pids: list[int], s: Settings) -> dict[str, A
 
 def pin_cpus(group: ChildGroup, proxies: list[int]) -> dict[str, list[int]]:
     """Proxies alone on the last usable CPU; upstreams, this process and the wrk it starts
-    on the rest. A proxy's req/s is then bounded by its own CPU, not by what it shares."""
+    on the rest. A proxy's req/s is then bounded by its own CPU, not by what it shares.
+    Proxies started later are pinned to ``result["proxies"]`` by the caller."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return {}
@@ -383,25 +387,33 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
                 "shadow": f"http://127.0.0.1:{port}"}
         script = log_dir / "post.lua"
         script.write_text(WRK_POST.format(body=BODY.decode()))
-        targets = {name: await start_flipback(group, name, sample, urls, s)
-                   for name, sample in target_samples(s).items()}
-        pinning = pin_cpus(group, [t.child.pid for t in targets.values()]) if s.pin else {}
-        for fb in targets.values():
-            fb.checks = await check_target(fb)
-            print(f"# {fb.name}: pid {fb.child.pid}, check {fb.checks}", flush=True)
-        names = list(targets)
+        samples = target_samples(s)
+        pinning = pin_cpus(group, []) if s.pin else {}
+        targets: dict[str, Flipback] = {}
+        names = list(samples)
         try:
             for rnd in range(s.rounds):
                 order = names[rnd % len(names):] + names[: rnd % len(names)]
                 for name in order:
-                    fb = targets[name]
+                    # A fresh process per measurement: one process's memory layout can
+                    # shift its speed by several percent for its whole life (pyperf
+                    # spreads runs over worker processes for the same reason).
+                    fb = await start_flipback(group, name, samples[name], urls, s, rnd)
+                    if pinning:
+                        os.sched_setaffinity(fb.child.pid, pinning["proxies"])
+                    fb.checks = await check_target(fb, 100 if rnd else 400)
+                    if name not in targets:
+                        targets[name] = fb
+                        print(f"# {fb.name}: check {fb.checks}", flush=True)
                     all_pids = [c.pid for c in group.children]
                     settle = await wait_quiet(all_pids, max_wait=s.settle)
                     sat = await saturate(fb, all_pids, s, script)
                     await asyncio.sleep(s.pause)
                     lat = await latency(fb, all_pids, s)
+                    group.stop(fb.child)
                     await asyncio.sleep(s.pause)
                     records.append({"round": rnd, "target": name, "settle": settle,
+                                    "pid": fb.child.pid, "checks": fb.checks,
                                     "saturation": sat, "latency": lat})
                     print(f"# round {rnd + 1}/{s.rounds} {name:5s} {sat['rps']:>8,.0f} req/s "
                           f"cpu {sat['cpu_us_per_req']:4.0f} µs/req shadow {sat['shadow']} | "
@@ -431,10 +443,10 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 round, 2 s + 3 s (~40 s)")
-    parser.add_argument("--rounds", type=int, help="default 3 (1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 s + 3 s (~45 s)")
+    parser.add_argument("--rounds", type=int, help="default 6 (1 with --quick)")
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s")
-    parser.add_argument("--duration", type=float, help="open-loop seconds (default 10)")
+    parser.add_argument("--duration", type=float, help="open-loop seconds (default 6)")
     parser.add_argument("--sat-seconds", type=int, help="saturation seconds (default 5)")
     parser.add_argument("--max-in-flight", type=int, default=32, help="shadow max_in_flight")
     parser.add_argument("--no-wrk", action="store_true", help="use the closed-loop generator")
@@ -455,9 +467,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     s.settle = (2.0 if args.quick else s.settle) if args.settle is None else args.settle
     s.bare = args.bare
     total = s.rounds * len(target_samples(s)) * (s.settle + s.sat_warmup + s.sat_seconds + s.warmup
-                                       + s.duration + 2 * s.pause + 0.4)
-    if total > 400 or not 1 <= s.rounds <= 10 or not 0 < s.rate <= 20_000:
-        parser.error(f"too long or out of range: ~{total:.0f} s (keep it under ~6 min)")
+                                                 + s.duration + 2 * s.pause + 2.0)
+    if total > 480 or not 1 <= s.rounds <= 12 or not 0 < s.rate <= 20_000:
+        parser.error(f"too long or out of range: ~{total:.0f} s (keep it under ~8 min)")
     s.use_wrk = not args.no_wrk and shutil.which("wrk") is not None
     s.pin = not args.no_pin
     return s
