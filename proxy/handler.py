@@ -114,8 +114,14 @@ class Proxy:
         elif not request.body_exists:
             body = b"" if content_length == 0 else None
         elif shadow is None and self._next_lane(rollout, lane) is None:
-            body = _Body(request.content, self.max_body)
-            replayable = False
+            content = request.content
+            if content.is_eof() and content.total_bytes <= self.max_body:
+                # All of it arrived with the headers (most API calls): bytes to send in
+                # the same write as the headers, instead of a task to stream it.
+                body = content.read_nowait()
+            else:
+                body = _Body(content, self.max_body)
+                replayable = False
         else:
             body = await self._buffer(request, content_length)
             replayable = not isinstance(body, _Body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import random
 
@@ -264,3 +265,57 @@ routes:
 
 async def test_suite_runs_on_uvloop():
     assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+
+async def test_a_body_still_arriving_streams_through_unbuffered(flipback):
+    """A body that has all arrived goes upstream as bytes; one still arriving is not
+    waited for: the upstream sees the request while the client is still sending."""
+    got_head = asyncio.Event()
+    received: list[bytes] = []
+
+    upstream_writers: list[asyncio.StreamWriter] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_writers.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                got_head.set()
+                received.append(head)
+                if b"transfer-encoding: chunked" in head.lower():
+                    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+                        received.append(await reader.readexactly(size))
+                        await reader.readexactly(2)
+                    await reader.readexactly(2)
+                else:
+                    received.append(await reader.readexactly(10))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        fb = await flipback(PLAIN, v1=f"http://127.0.0.1:{port}", extra="")
+        reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        await asyncio.wait_for(got_head.wait(), 2)  # before the body's second half
+        writer.write(b"67890")
+        answer = await asyncio.wait_for(reader.readuntil(b"ok"), 2)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b"".join(received[1:]) == b"1234567890"
+        got_head.clear()
+        received.clear()
+        writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"a\r\nabcdefghij\r\n0\r\n\r\n")  # all of it in one segment
+        await asyncio.wait_for(reader.readuntil(b"ok"), 2)
+        assert b"content-length: 10\r\n" in received[0].lower()  # arrived whole: as bytes
+        assert received[1] == b"abcdefghij"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        for conn in upstream_writers:
+            conn.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)  # the upstream handler sees the close and returns
