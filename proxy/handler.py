@@ -197,6 +197,11 @@ class Proxy:
         resp.headers["x-request-id"] = rid
         if up.content_length is not None and status not in _NO_BODY_STATUSES:
             resp.content_length = up.content_length
+        if up.body_ready:
+            # The body came with the headers (most JSON answers): aiohttp then sends the
+            # headers with the first body bytes, one write instead of two. An answer
+            # still on its way (a stream's first token) gets its headers at once.
+            resp._send_headers_immediately = False
         try:
             await resp.prepare(request)
             read = up.read

@@ -69,6 +69,12 @@ class UpstreamResponse:
             return b""
         return await conn.read()
 
+    @property
+    def body_ready(self) -> bool:
+        """Body bytes (or the body's end) came with the headers: ``read`` will not wait."""
+        conn = self._conn
+        return conn is not None and conn.body_ready
+
     def release(self) -> None:
         """Done with the response: a complete one returns its connection to the pool, an
         unfinished one aborts it (the upstream sees the disconnect and stops)."""

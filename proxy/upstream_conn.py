@@ -291,6 +291,11 @@ class Connection(asyncio.Protocol):
                 waiter.set_result(None)
 
     @property
+    def body_ready(self) -> bool:
+        """Unread body bytes are here, or the response is complete."""
+        return bool(self._buf) or self._state == _DONE
+
+    @property
     def buffered(self) -> int:
         """Unread response body bytes held for this connection."""
         return self._buf_size

@@ -319,3 +319,44 @@ async def test_a_body_still_arriving_streams_through_unbuffered(flipback):
         server.close()
         await server.wait_closed()
         await asyncio.sleep(0.01)  # the upstream handler sees the close and returns
+
+
+async def test_headers_are_not_held_for_a_body_still_on_its_way(flipback):
+    """Headers go with the body in one write when it came with them, and at once when
+    it did not: a client waiting on a slow first token sees the status meanwhile."""
+    upstream_writers: list[asyncio.StreamWriter] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_writers.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /slow"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.6)
+                    writer.write(b"late")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfast")
+                await writer.drain()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        fb = await flipback(PLAIN, v1=f"http://127.0.0.1:{port}", extra="")
+        async with fb.session.get(fb.url + "/fast") as resp:
+            assert resp.status == 200 and await resp.read() == b"fast"
+            assert resp.headers["x-flipback-upstream"] == "v1"
+        t0 = loop.time()
+        async with fb.session.get(fb.url + "/slow") as resp:
+            t_headers = loop.time() - t0
+            assert resp.status == 200
+            assert await resp.read() == b"late"
+        assert t_headers < 0.4, t_headers  # not held back until the body (0.6 s)
+    finally:
+        for conn in upstream_writers:
+            conn.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)

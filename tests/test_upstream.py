@@ -565,6 +565,29 @@ async def test_upstream_broken_before_headers_is_stream_broken(
         assert pool.in_flight == 0
 
 
+async def test_upstream_body_ready_says_whether_the_body_came_with_the_headers(
+        pools: Any) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)  # headers and body in one write
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"ok")
+        await wait_for_eof(reader)
+
+    async with raw_server(handle) as srv:
+        pool = pools(srv.port)
+        together = await pool.send("GET", "/", [], None)
+        assert together.body_ready
+        assert await read_all(together) == b"ok"
+        apart = await pool.send("GET", "/", [], None)
+        assert not apart.body_ready
+        assert await read_all(apart) == b"ok"
+        assert not apart.body_ready  # released
+
+
 async def test_upstream_retries_stale_keepalive_connection_once(pools: Any) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
