@@ -5,6 +5,10 @@ request path.
 of a flip, so it only filters and enqueues (a full queue drops and counts). One worker task
 drains the queue through one small ``ClientSession``; a slow, failing or absent receiver
 costs that worker time and nothing else.
+
+Delivery is at least once: an attempt that timed out may still have reached the receiver,
+and is sent again. Every attempt at one event carries the same ``X-Flipback-Delivery`` id
+(and ``X-Flipback-Attempt``: 1, 2, ...), so a receiver can drop the repeats.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets as random_ids
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -173,6 +178,7 @@ class Notifier:
 
     async def _deliver(self, event: Event) -> bool:
         body = orjson.dumps(redact(event.as_json(), self._secrets()))
+        delivery = random_ids.token_hex(8)
         assert self._session is not None
         problem = ""
         for attempt in range(len(self._backoff) + 1):
@@ -185,6 +191,8 @@ class Notifier:
                 async with self._session.post(
                     cfg.webhook,
                     data=body,
+                    headers={"X-Flipback-Delivery": delivery,
+                             "X-Flipback-Attempt": str(attempt + 1)},
                     timeout=aiohttp.ClientTimeout(total=cfg.timeout),
                     allow_redirects=False,
                 ) as resp:

@@ -207,6 +207,14 @@ async def test_notify_retry_that_succeeds_counts_sent(receiver):
     await until_count(metrics, "sent", 1)
     assert len(rec.hits) == 3 and count(metrics, "failed") == 0
     assert rec.hits[0].event == rec.hits[2].event
+    # One delivery id across the attempts, so a receiver can drop repeats.
+    ids = {h.headers["X-Flipback-Delivery"] for h in rec.hits}
+    assert len(ids) == 1 and len(ids.pop()) == 16
+    assert [h.headers["X-Flipback-Attempt"] for h in rec.hits] == ["1", "2", "3"]
+    emit_rollback(events)
+    await until_count(metrics, "sent", 2)
+    assert rec.hits[3].headers["X-Flipback-Delivery"] != rec.hits[0].headers[
+        "X-Flipback-Delivery"]  # a new event, a new id
     await notifier.aclose(1.0)
 
 
