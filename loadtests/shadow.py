@@ -23,6 +23,7 @@ Prints a markdown table; raw results go to loadtests/out/shadow-*.json.
     python loadtests/shadow.py                    # 6 rounds, ~6 minutes
     python loadtests/shadow.py --rounds 4 --bare  # + 10% without compare, ~5.5 minutes
     python loadtests/shadow.py --quick            # 1 short round, ~45 s
+    python loadtests/shadow.py --rounds 12 --duration 3   # throughput to ±1-2%, ~8 min
 """
 
 from __future__ import annotations
@@ -468,8 +469,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     s.bare = args.bare
     total = s.rounds * len(target_samples(s)) * (s.settle + s.sat_warmup + s.sat_seconds + s.warmup
                                                  + s.duration + 2 * s.pause + 2.0)
-    if total > 480 or not 1 <= s.rounds <= 12 or not 0 < s.rate <= 20_000:
-        parser.error(f"too long or out of range: ~{total:.0f} s (keep it under ~8 min)")
+    if total > 720 or not 1 <= s.rounds <= 16 or not 0 < s.rate <= 20_000:
+        parser.error(f"too long or out of range: ~{total:.0f} s (keep it under ~12 min)")
     s.use_wrk = not args.no_wrk and shutil.which("wrk") is not None
     s.pin = not args.no_pin
     return s
