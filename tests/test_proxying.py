@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -267,42 +268,61 @@ async def test_suite_runs_on_uvloop():
     assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
 
 
+Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def scripted_upstream(answer: Answer) -> AsyncIterator[str]:
+    """An upstream on raw sockets: ``answer(head, reader, writer)`` per request, on
+    keep-alive connections; yields its URL and closes everything after."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await answer(await reader.readuntil(b"\r\n\r\n"), reader, writer)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)  # the handlers see the close and return
+
+
 async def test_a_body_still_arriving_streams_through_unbuffered(flipback):
     """A body that has all arrived goes upstream as bytes; one still arriving is not
     waited for: the upstream sees the request while the client is still sending."""
     got_head = asyncio.Event()
     received: list[bytes] = []
 
-    upstream_writers: list[asyncio.StreamWriter] = []
+    async def answer(head: bytes, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        got_head.set()
+        received.append(head)
+        if b"transfer-encoding: chunked" in head.lower():
+            while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+                received.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            await reader.readexactly(2)
+        else:
+            received.append(await reader.readexactly(10))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_writers.append(writer)
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                got_head.set()
-                received.append(head)
-                if b"transfer-encoding: chunked" in head.lower():
-                    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
-                        received.append(await reader.readexactly(size))
-                        await reader.readexactly(2)
-                    await reader.readexactly(2)
-                else:
-                    received.append(await reader.readexactly(10))
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        fb = await flipback(PLAIN, v1=f"http://127.0.0.1:{port}", extra="")
+    async with scripted_upstream(answer) as url:
+        fb = await flipback(PLAIN, v1=url, extra="")
         reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
         writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
         await asyncio.wait_for(got_head.wait(), 2)  # before the body's second half
         writer.write(b"67890")
-        answer = await asyncio.wait_for(reader.readuntil(b"ok"), 2)
-        assert answer.startswith(b"HTTP/1.1 200")
+        response = await asyncio.wait_for(reader.readuntil(b"ok"), 2)
+        assert response.startswith(b"HTTP/1.1 200")
         assert b"".join(received[1:]) == b"1234567890"
         got_head.clear()
         received.clear()
@@ -313,38 +333,25 @@ async def test_a_body_still_arriving_streams_through_unbuffered(flipback):
         assert received[1] == b"abcdefghij"
         writer.close()
         await writer.wait_closed()
-    finally:
-        for conn in upstream_writers:
-            conn.close()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.01)  # the upstream handler sees the close and returns
 
 
 async def test_headers_are_not_held_for_a_body_still_on_its_way(flipback):
     """Headers go with the body in one write when it came with them, and at once when
     it did not: a client waiting on a slow first token sees the status meanwhile."""
-    upstream_writers: list[asyncio.StreamWriter] = []
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_writers.append(writer)
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if head.startswith(b"GET /slow"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
-                    await writer.drain()
-                    await asyncio.sleep(0.6)
-                    writer.write(b"late")
-                else:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfast")
-                await writer.drain()
+    async def answer(head: bytes, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        if head.startswith(b"GET /slow"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.6)
+            writer.write(b"late")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfast")
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     loop = asyncio.get_running_loop()
-    try:
-        fb = await flipback(PLAIN, v1=f"http://127.0.0.1:{port}", extra="")
+    async with scripted_upstream(answer) as url:
+        fb = await flipback(PLAIN, v1=url, extra="")
         async with fb.session.get(fb.url + "/fast") as resp:
             assert resp.status == 200 and await resp.read() == b"fast"
             assert resp.headers["x-flipback-upstream"] == "v1"
@@ -354,9 +361,3 @@ async def test_headers_are_not_held_for_a_body_still_on_its_way(flipback):
             assert resp.status == 200
             assert await resp.read() == b"late"
         assert t_headers < 0.4, t_headers  # not held back until the body (0.6 s)
-    finally:
-        for conn in upstream_writers:
-            conn.close()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.01)

@@ -96,6 +96,16 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+def answer_once(answer: bytes) -> Handler:
+    """A connection handler that reads one request, writes ``answer`` and hangs up."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    return handle
+
+
 async def wait_for_eof(reader: asyncio.StreamReader) -> None:
     while await reader.read(65536):
         pass
@@ -552,12 +562,7 @@ async def test_upstream_cut_mid_body_is_stream_broken(pools: Any, reset: bool) -
 ])
 async def test_upstream_broken_before_headers_is_stream_broken(
         pools: Any, answer: bytes, match: str) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-
-    async with raw_server(handle) as srv:
+    async with raw_server(answer_once(answer)) as srv:
         pool = pools(srv.port)
         with pytest.raises(StreamBroken, match=match):
             await pool.send("GET", "/", [], None)

@@ -12,7 +12,15 @@ import pytest
 from proxy.errors import ConnectFailed, StreamBroken, UpstreamError, UpstreamTimeout
 from proxy.upstream import UpstreamPool
 from proxy.upstream_conn import Connection
-from tests.test_upstream import OK, pools, raw_server, read_request, until, wait_for_eof
+from tests.test_upstream import (
+    OK,
+    answer_once,
+    pools,
+    raw_server,
+    read_request,
+    until,
+    wait_for_eof,
+)
 
 __all__ = ["pools"]  # the fixture, imported for this module's tests
 
@@ -175,12 +183,7 @@ async def test_detached_headers_deadline_is_the_upstream_timeout(pools: Any) -> 
     b"HTTP/1.1 20",  # cut mid-headers
 ])
 async def test_detached_cut_is_stream_broken(pools: Any, answer: bytes) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-
-    async with raw_server(handle) as srv:
+    async with raw_server(answer_once(answer)) as srv:
         pool = pools(srv.port)
         sink = Recorder()
         detach(pool, sink)
