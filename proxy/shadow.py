@@ -47,6 +47,10 @@ from proxy.upstream_conn import Connection
 logger = logging.getLogger(__name__)
 
 SHADOW_LINE = b"x-flipback-shadow: 1\r\n"  # on every copy
+
+
+def _ignore(chunk: bytes) -> None:
+    """``ShadowCopy.keep`` when no body is compared."""
 SESSION_BUCKETS = 10_000
 # Salt for session sampling: the sticky canary split hashes the same keys into buckets,
 # and an unsalted hash would mirror exactly the sessions that are on the canary.
@@ -83,6 +87,37 @@ class _Side(NamedTuple):
                 "ttfb_ms": round(self.ttfb * 1000, 3), "total_ms": round(self.total * 1000, 3)}
 
 
+class _Capped:
+    """The first ``cap`` bytes of a body, and whether more came (both sides of a pair)."""
+
+    __slots__ = ("parts", "room", "truncated")
+
+    def __init__(self, cap: int) -> None:
+        self.parts: list[bytes] = []
+        self.room = cap
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.room
+        if len(chunk) <= room:
+            self.parts.append(chunk)
+            self.room = room - len(chunk)
+        elif not self.truncated:
+            self.truncated = True
+            if room > 0:
+                self.parts.append(chunk[:room])
+            self.room = 0
+
+    def take(self) -> bytes:
+        parts, self.parts = self.parts, []
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def stop(self) -> None:
+        """Keep nothing more (the other side failed)."""
+        self.parts = []
+        self.room = 0
+
+
 class ShadowCopy:
     """One mirrored request: the copy's exchange (a ``proxy.upstream.Sink``: the pool
     calls ``head``, ``body`` and ``done`` or ``failed``) and, with ``compare``, the pair
@@ -93,10 +128,9 @@ class ShadowCopy:
     reference cycles: a copy is freed by refcount, not by the GC.)
     """
 
-    __slots__ = ("deadline", "conn", "request_id", "method", "target", "wants_body", "_mirror",
-                 "_headers", "_payload", "_t0", "_status", "_ttfb", "_cap", "_keep_shadow",
-                 "_s_parts", "_s_size", "_parts", "_room", "_truncated", "_primary", "_shadow",
-                 "_dead")
+    __slots__ = ("deadline", "conn", "request_id", "method", "target", "wants_body", "keep",
+                 "_mirror", "_headers", "_payload", "_t0", "_status", "_ttfb", "_p_body",
+                 "_s_body", "_primary", "_shadow", "_dead")
 
     def __init__(self, mirror: ShadowMirror, method: str, target: str, headers: RawHeaders,
                  payload: bytes | None, request_id: str, cap: int, keep_bodies: bool) -> None:
@@ -112,13 +146,10 @@ class ShadowCopy:
         self._t0 = 0.0
         self._status = 0
         self._ttfb: float | None = None
-        self._cap = cap
-        self._keep_shadow = keep_bodies
-        self._s_parts: list[bytes] = []
-        self._s_size = 0
-        self._parts: list[bytes] = []
-        self._room = cap
-        self._truncated = False
+        # Capped copies of both bodies, kept only when the comparison reads them.
+        self._p_body = _Capped(cap) if keep_bodies else None
+        self._s_body = _Capped(cap) if keep_bodies else None
+        self.keep = self._p_body.add if self._p_body is not None else _ignore
         self._primary: _Side | None = None
         self._shadow: _Side | None = None
         self._dead = False
@@ -129,11 +160,8 @@ class ShadowCopy:
         self._ttfb = self._mirror._now() - self._t0
 
     def body(self, chunk: bytes) -> None:
-        if self._keep_shadow:
-            size = self._s_size
-            if size <= self._cap:  # one byte past the cap marks it truncated
-                self._s_parts.append(chunk[:self._cap + 1 - size])
-            self._s_size = size + len(chunk)
+        if self._s_body is not None:
+            self._s_body.add(chunk)
 
     def done(self) -> None:
         self._mirror._copy_done(self)
@@ -141,33 +169,23 @@ class ShadowCopy:
     def failed(self, exc: BaseException) -> None:
         self._mirror._copy_failed(self, exc)
 
-    # -- the primary side, called by the handler ------------------------------------------
-    def keep(self, chunk: bytes) -> None:
-        room = self._room
-        if len(chunk) <= room:
-            self._parts.append(chunk)
-            self._room = room - len(chunk)
-        elif not self._truncated:
-            self._truncated = True
-            if room > 0:
-                self._parts.append(chunk[:room])
-            self._room = 0
-
+    # -- the primary side, called by the handler (and ``keep``) ----------------------------
     def primary_done(self, upstream: str, status: int, ttfb: float, total: float) -> None:
         """The primary response reached the client whole."""
         if self._dead:
             return
-        body = b"".join(self._parts) if self.wants_body else None
-        self._parts = []
-        self._primary = _Side(upstream, status, ttfb, total, body, self._truncated)
+        kept = self._p_body
+        body = kept.take() if kept is not None else None
+        truncated = kept is not None and kept.truncated
+        self._primary = _Side(upstream, status, ttfb, total, body, truncated)
         if self._shadow is not None:
             self._mirror.judge_safely(self)
 
     def _shadow_done(self, side: _Side | None) -> None:
         if side is None:  # the shadow failed: nothing to compare, stop keeping the primary
             self._dead = True
-            self._parts = []
-            self._room = 0
+            if self._p_body is not None:
+                self._p_body.stop()
             return
         self._shadow = side
         if self._primary is not None:
@@ -180,8 +198,8 @@ class ShadowCopy:
 
 class ShadowMirror:
     """Shadow traffic of one route. Created with the route's ``Rollout``; ``aclose``
-    (shutdown, or a reload that replaces it) waits for copies in flight, then lets any
-    late ones end unjudged, and flushes the record."""
+    (shutdown, or a reload that replaces it) waits briefly for copies in flight, aborts
+    the rest unjudged, and flushes the record."""
 
     def __init__(self, *, route: str, cfg: ShadowConfig, pool: UpstreamPool,
                  metrics: Metrics, rng: random.Random | None = None) -> None:
@@ -276,15 +294,10 @@ class ShadowMirror:
         self._series.observe(outcome_index(status), ttfb, total)
         self._ended(copy)
         if self._compare is not None:
-            data = None
-            size = copy._s_size
-            if copy._keep_shadow:
-                parts = copy._s_parts
-                copy._s_parts = []
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                if size > copy._cap:
-                    data = data[:copy._cap]
-            copy._shadow_done(_Side(self.upstream, status, ttfb, total, data, size > copy._cap))
+            kept = copy._s_body
+            data = kept.take() if kept is not None else None
+            truncated = kept is not None and kept.truncated
+            copy._shadow_done(_Side(self.upstream, status, ttfb, total, data, truncated))
 
     def _copy_failed(self, copy: ShadowCopy, exc: BaseException) -> None:
         self._ended(copy)

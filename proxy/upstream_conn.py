@@ -218,6 +218,7 @@ class Connection(asyncio.Protocol):
         sink = self._sink
         assert sink is not None
         self._sink = None
+        self._replay = b""
         self.release()
         sink.done()
 
@@ -274,8 +275,8 @@ class Connection(asyncio.Protocol):
         sink = self._sink
         if sink is not None:
             if now >= (self._deadline if self._state == _HEAD else sink.deadline):
-                self.fail(UpstreamTimeout("shadow exchange timed out" if self._state == _BODY
-                                          else timeout_msg))
+                self.fail(UpstreamTimeout("response not complete by its deadline"
+                                          if self._state == _BODY else timeout_msg))
             return
         if self._state == _HEAD:
             if now >= self._deadline:

@@ -266,8 +266,13 @@ def test_pair_keeps_at_most_the_cap() -> None:
     assert pair.wants_body
     for chunk in (b"1234", b"5678", b"90ab", b"cdef"):
         pair.keep(chunk)
-    assert b"".join(pair._parts) == b"1234567890"
-    assert pair._truncated
+    pair.primary_done("v1", 200, 0.1, 0.2)
+    assert pair._primary is not None
+    assert pair._primary.body == b"1234567890" and pair._primary.truncated
+    for chunk in (b"12345", b"67890"):  # exactly the cap: whole, not truncated
+        pair.body(chunk)
+    assert pair._s_body is not None
+    assert pair._s_body.take() == b"1234567890" and not pair._s_body.truncated
     lean = ShadowCopy(mirror, "POST", "/v1/x", [], b"", "rid", 10, keep_bodies=False)
     assert not lean.wants_body
 
