@@ -107,24 +107,26 @@ class Proxy:
             role = lane.role
         else:
             lane, role = choice
-        shadow = self._sample_shadow(request, rollout, body) if rollout.shadow else None
+        shadow = rollout.shadow
+        if shadow is not None and not self._sampled(request, rollout, shadow, body):
+            shadow = None
         replayable = True
         if body is not None:
             replayable = not isinstance(body, _Body)
         elif not request.body_exists:
             body = b"" if content_length == 0 else None
-        elif shadow is None and self._next_lane(rollout, lane) is None:
-            content = request.content
-            if content.is_eof() and content.total_bytes <= self.max_body:
-                # All of it arrived with the headers (most API calls): bytes to send in
-                # the same write as the headers, instead of a task to stream it.
-                body = content.read_nowait()
-            else:
-                body = _Body(content, self.max_body)
-                replayable = False
         else:
-            body = await self._buffer(request, content_length)
-            replayable = not isinstance(body, _Body)
+            # A copy or a retry needs the body in memory (up to inspect_body); else it
+            # streams through, unless it is already here whole.
+            keep = shadow is not None or self._next_lane(rollout, lane) is not None
+            body = _whole_body(request.content, self.inspect_body if keep else self.max_body)
+            if body is None:
+                if keep:
+                    body = await self._buffer(request, content_length)
+                    replayable = not isinstance(body, _Body)
+                else:
+                    body = _Body(request.content, self.max_body)
+                    replayable = False
         if not replayable and self._next_lane(rollout, lane) is not None:
             self.runtime.metrics.body_not_replayable_total.labels(route=rollout.name).inc()
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -268,16 +270,14 @@ class Proxy:
         return lane, lane.role
 
     @staticmethod
-    def _sample_shadow(request: web.BaseRequest, rollout: Rollout,
-                       body: bytes | _Body | None) -> ShadowMirror | None:
-        """The route's shadow when this request is sampled for a copy, else None."""
-        shadow = rollout.shadow
-        assert shadow is not None
-        key = None
+    def _sampled(request: web.BaseRequest, rollout: Rollout, shadow: ShadowMirror,
+                 body: bytes | _Body | None) -> bool:
+        """Whether this request gets a shadow copy (by its session with ``by: session``)."""
         sticky = rollout.route.sticky
         if shadow.by_session and sticky is not None:
             key = session_key(sticky, request.headers, body if isinstance(body, bytes) else None)
-        return shadow if shadow.should_mirror(key) else None
+            return shadow.should_mirror(key)
+        return shadow.should_mirror()
 
     @staticmethod
     def _next_lane(rollout: Rollout, lane: Lane) -> Lane | None:
@@ -293,6 +293,9 @@ class Proxy:
         a larger one streams through (what was read so far goes first)."""
         limit = self.inspect_body
         content = request.content
+        whole = _whole_body(content, limit)
+        if whole is not None:
+            return whole
         if length is not None:
             if length > limit:
                 return _Body(content, self.max_body)
@@ -328,6 +331,14 @@ class Proxy:
             "route": route, "upstream": upstream, "role": role, "status": status,
             "ms": round(seconds * 1000, 3),
         }).decode())
+
+
+def _whole_body(content: StreamReader, limit: int) -> bytes | None:
+    """The request body when all of it arrived with the headers (most API calls) and
+    fits ``limit``: bytes at once, sent in the same write as the upstream headers."""
+    if content.is_eof() and content.total_bytes <= limit:
+        return content.read_nowait()
+    return None
 
 
 def _outcome_of(exc: UpstreamError) -> int:
