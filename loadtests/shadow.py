@@ -4,10 +4,11 @@ Three flipback configurations run against the same fast upstreams (a 90/10 canar
 route): one without a shadow section ("off"), one mirroring 10% and one mirroring 100% of
 requests to a third `upstream_fast` with `compare: {status: true, json_paths:
 ["choices.0.text"]}` (so the primary body is copied and both bodies parsed) and
-`max_in_flight: 32`. Each round measures all three, in an order rotated per round, each
-in a flipback process of its own started for that measurement (a process's memory layout
-can shift its speed by several percent for its whole life, so one process per target
-would bias every round the same way):
+`max_in_flight: 32`. Each round starts one flipback process and measures all three in
+it, in an order rotated per round, switching between them by hot reload (`POST /reload`):
+a process's memory layout can shift its speed by several percent for its whole life, so
+ratios taken within one process compare like with like, and a new process per round
+spreads that bias over the rounds (pyperf spreads runs over worker processes likewise):
   saturation  `wrk -t1 -c32 -d5s` after a 1 s warm-up, POSTing a ~60-byte JSON body
               (a Lua script): req/s, and flipback's CPU µs per request (/proc/PID/stat);
   latency     open loop at 1,000 req/s for 6 s after a 1 s warm-up, same body: p50/p99
@@ -23,7 +24,7 @@ Prints a markdown table; raw results go to loadtests/out/shadow-*.json.
     python loadtests/shadow.py                    # 6 rounds, ~6 minutes
     python loadtests/shadow.py --rounds 4 --bare  # + 10% without compare, ~5.5 minutes
     python loadtests/shadow.py --quick            # 1 short round, ~45 s
-    python loadtests/shadow.py --rounds 12 --duration 3   # throughput to ±1-2%, ~8 min
+    python loadtests/shadow.py --rounds 12 --duration 3   # throughput to about ±1%, ~8 min
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class Flipback:
     url: str
     admin: str
     config: str
+    ports: tuple[int, int]
+    work: Path
     checks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,27 +138,46 @@ def target_samples(s: Settings) -> dict[str, float | None]:
     return {**TARGETS, **({BARE: 10.0} if s.bare else {})}
 
 
-async def start_flipback(group: ChildGroup, name: str, sample: float | None,
-                         urls: dict[str, str], s: Settings, rnd: int) -> Flipback:
-    port, admin_port = free_port(), free_port()
-    work = group.logs / f"flipback-{name.replace('%', 'pct')}-r{rnd + 1}"
-    work.mkdir(exist_ok=True)
+def config_text(name: str, sample: float | None, urls: dict[str, str], s: Settings,
+                ports: tuple[int, int], work: Path) -> str:
     section = "" if sample is None else SHADOW_SECTION.format(
         sample=sample, max_in_flight=s.max_in_flight)
     if sample is not None and name != BARE:
-        section += COMPARE.format(record=work / "diffs.jsonl")
-    text = CONFIG.format(port=port, admin_port=admin_port, state=work / "state.json",
+        section += COMPARE.format(record=work / f"diffs-{name.replace('%', 'pct')}.jsonl")
+    return CONFIG.format(port=ports[0], admin_port=ports[1], state=work / "state.json",
                          shadow_section=section, **urls)
+
+
+async def start_flipback(group: ChildGroup, name: str, sample: float | None,
+                         urls: dict[str, str], s: Settings, rnd: int) -> Flipback:
+    """The round's flipback process, serving ``name`` first."""
+    ports = free_port(), free_port()
+    work = group.logs / f"flipback-r{rnd + 1}"
+    work.mkdir(exist_ok=True)
+    text = config_text(name, sample, urls, s, ports, work)
     (work / "flipback.yaml").write_text(text)
-    child = group.start_python(f"flipback-{name.replace('%', 'pct')}-r{rnd + 1}",
+    child = group.start_python(f"flipback-r{rnd + 1}",
                                ["-m", "proxy", "run", "-c", str(work / "flipback.yaml")],
                                cwd=REPO)
-    admin = f"http://127.0.0.1:{admin_port}"
+    admin = f"http://127.0.0.1:{ports[1]}"
     try:
         await wait_http(f"{admin}/readyz", child=child, within=15.0)
     except NotReady as exc:
         raise SystemExit(f"flipback {name} did not come up: {exc} (log: {child.log})") from exc
-    return Flipback(name, sample, child, f"http://127.0.0.1:{port}{PATH}", admin, text)
+    return Flipback(name, sample, child, f"http://127.0.0.1:{ports[0]}{PATH}", admin, text,
+                    ports=ports, work=work)
+
+
+async def switch(fb: Flipback, name: str, sample: float | None, urls: dict[str, str],
+                 s: Settings) -> None:
+    """Reconfigure the round's process for ``name`` by hot reload."""
+    text = config_text(name, sample, urls, s, fb.ports, fb.work)
+    (fb.work / "flipback.yaml").write_text(text)
+    async with aiohttp.ClientSession() as session, \
+            session.post(fb.admin + "/reload") as resp:
+        if resp.status != 200:
+            raise SystemExit(f"reload to {name} refused: {await resp.text()}")
+    fb.name, fb.sample, fb.config = name, sample, text
 
 
 async def shadow_counts(fb: Flipback) -> dict[str, float]:
@@ -390,28 +412,32 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
         script.write_text(WRK_POST.format(body=BODY.decode()))
         samples = target_samples(s)
         pinning = pin_cpus(group, []) if s.pin else {}
-        targets: dict[str, Flipback] = {}
+        targets: dict[str, dict[str, Any]] = {}
         names = list(samples)
         try:
             for rnd in range(s.rounds):
                 order = names[rnd % len(names):] + names[: rnd % len(names)]
+                fb = await start_flipback(group, order[0], samples[order[0]], urls, s, rnd)
+                if pinning:
+                    os.sched_setaffinity(fb.child.pid, pinning["proxies"])
                 for name in order:
-                    # A fresh process per measurement: one process's memory layout can
-                    # shift its speed by several percent for its whole life (pyperf
-                    # spreads runs over worker processes for the same reason).
-                    fb = await start_flipback(group, name, samples[name], urls, s, rnd)
-                    if pinning:
-                        os.sched_setaffinity(fb.child.pid, pinning["proxies"])
+                    if name != fb.name:
+                        await switch(fb, name, samples[name], urls, s)
                     fb.checks = await check_target(fb, 100 if rnd else 400)
+                    sent = fb.checks["shadow"].get("sent", 0)
+                    if (sent > 0) if fb.sample is None else (
+                            fb.sample == 100.0 and sent != fb.checks["requests"]):
+                        raise SystemExit(f"{name}: {sent} copies in the check: the config "
+                                         "did not take")
                     if name not in targets:
-                        targets[name] = fb
+                        targets[name] = {"url": fb.url, "config": fb.config,
+                                         "checks": fb.checks}
                         print(f"# {fb.name}: check {fb.checks}", flush=True)
                     all_pids = [c.pid for c in group.children]
                     settle = await wait_quiet(all_pids, max_wait=s.settle)
                     sat = await saturate(fb, all_pids, s, script)
                     await asyncio.sleep(s.pause)
                     lat = await latency(fb, all_pids, s)
-                    group.stop(fb.child)
                     await asyncio.sleep(s.pause)
                     records.append({"round": rnd, "target": name, "settle": settle,
                                     "pid": fb.child.pid, "checks": fb.checks,
@@ -422,6 +448,7 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
                           f"p99 {lat['latency_ms']['p99']:.2f} ms shadow {lat['shadow']} | "
                           f"other programs {sat['noise']['foreign_cores']:.2f}/"
                           f"{lat['noise']['foreign_cores']:.2f} cores", flush=True)
+                group.stop(fb.child)
         finally:
             group.stop_all()
     summary = summarize(records, s)
@@ -432,8 +459,7 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
         "machine": machine_info(),
         "loadavg_end": os.getloadavg(),
         "settings": asdict(s),
-        "targets": {n: {"url": t.url, "config": t.config, "checks": t.checks}
-                    for n, t in targets.items()},
+        "targets": targets,
         "pinning": pinning,
         "logs": str(log_dir),
         "records": records,
