@@ -245,6 +245,10 @@ class UpstreamPool:
         if conn.closed:  # closed (and forgotten) before we ran: nothing was sent
             sink.failed(StreamBroken("keep-alive connection closed before the request"))
             return
+        if self._closing:  # connected while the pool closed: its tick is gone too
+            conn.close()
+            sink.failed(ConnectFailed(f"upstream {self.name}: pool is closed"))
+            return
         self._start_detached(loop, conn, head, is_head, sink)
 
     def _head(self, method: str, target: str, headers: list[tuple[bytes, bytes]],

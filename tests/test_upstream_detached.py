@@ -259,3 +259,24 @@ async def test_detached_in_flight_is_aborted_by_pool_close(pools: Any) -> None:
         got = await sink.outcome()
         assert isinstance(got, UpstreamError)
         await asyncio.wait_for(gone.wait(), 2)
+
+
+async def test_detached_waiting_for_a_connection_ends_when_the_pool_closes(pools: Any) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await wait_for_eof(reader)  # never answers
+
+    async with raw_server(handle) as srv:
+        pool = pools(srv.port, max_connections=1)
+        first, waiting = Recorder(), Recorder()
+        detach(pool, first)
+        await until(lambda: first.conn is not None)
+        detach(pool, waiting)  # the only connection is busy: it waits in a task
+        await asyncio.sleep(0.05)
+        assert waiting.calls == [] and waiting.conn is None
+        await pool.aclose(0.05)
+        for sink in (first, waiting):
+            got = await sink.outcome()
+            assert isinstance(got, UpstreamError), got
+        assert isinstance(await waiting.outcome(), ConnectFailed)
+        assert pool.in_flight == 0
