@@ -206,8 +206,7 @@ class ShadowMirror:
         self.route = route
         self.cfg = cfg
         self.upstream = cfg.upstream
-        self._pool = pool
-        self.pool = pool  # read by a reload, to keep a mirror whose upstream did not change
+        self.pool = pool  # also read by a reload, to keep a mirror whose upstream is the same
         self._p = cfg.sample / 100.0
         self._threshold = cfg.sample * (SESSION_BUCKETS / 100.0)
         self.by_session = cfg.by == "session"
@@ -281,7 +280,7 @@ class ShadowMirror:
         payload, copy._payload = copy._payload, None
         assert headers is not None
         try:
-            self._pool.send_detached(copy.method, copy.target, headers, payload, copy,
+            self.pool.send_detached(copy.method, copy.target, headers, payload, copy,
                                      SHADOW_LINE)
         except Exception as exc:  # noqa: BLE001 - a request the pool cannot encode
             self._copy_failed(copy, exc)

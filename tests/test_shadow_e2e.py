@@ -138,6 +138,23 @@ async def test_shadow_copy_carries_marker_original_headers_and_identical_body(mo
     assert mirror(fb).in_flight == 0
 
 
+async def test_a_body_arriving_in_pieces_is_mirrored_whole(model, flipback):
+    v1, v3 = await model("v1"), await model("v3")
+    fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg())
+    body = b'{"prompt": "' + b"x" * 2000 + b'"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
+    writer.write(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(body), body[:700]))
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the handler starts with the body incomplete: it buffers
+    writer.write(body[700:])
+    response = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 200")
+    await until(lambda: count(fb, "sent") == 1)
+    assert v3.seen[0].body == v1.seen[0].body == body
+
+
 async def test_shadow_get_without_body_is_mirrored(model, flipback):
     v1, v3 = await model("v1"), await model("v3")
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg())
