@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 
 import aiohttp
 
-from loadtests.loadgen import install_uvloop, run_closed_loop, run_open_loop
+from loadtests.loadgen import run_closed_loop, run_open_loop
 from loadtests.nginx_proxy import find_nginx, start_nginx, stop_nginx
 from loadtests.procs import (
     OUT_DIR,
@@ -50,7 +50,7 @@ from loadtests.procs import (
     free_port,
     machine_info,
     noise_meter,
-    save_result,
+    run_scenario,
     wait_http,
     wait_port,
     wait_quiet,
@@ -576,17 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = parse_args(argv)
     if not s.use_wrk:
         print("# wrk not used: saturation by the closed-loop generator", file=sys.stderr)
-    install_uvloop()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = asyncio.run(run(s, stamp))
-    path = save_result("overhead", stamp, result)
-    print()
-    print(result["table"])
-    if result["skipped"]:
-        print()
-        for name, why in result["skipped"].items():
-            print(f"{name} skipped: {why.splitlines()[0]}")
-    print(f"\nraw results: {path.relative_to(REPO)}")
+
+    def report(r: dict[str, Any]) -> list[str]:
+        skipped = [f"{name} skipped: {why.splitlines()[0]}" for name, why in r["skipped"].items()]
+        return [r["table"], "\n".join(skipped)]
+
+    result = run_scenario("overhead", run, s, report)
     return 0 if result["records"] else 1
 
 

@@ -18,12 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+
+from loadtests.loadgen import install_uvloop
 
 REPO = Path(__file__).resolve().parents[1]
 LOADTESTS = REPO / "loadtests"
@@ -356,3 +359,21 @@ def save_result(scenario: str, stamp: str, result: object) -> Path:
     path = OUT_DIR / f"{scenario}-{stamp}.json"
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     return path
+
+
+S = TypeVar("S")
+Result = dict[str, Any]
+
+
+def run_scenario(scenario: str, run: Callable[[S, str], Coroutine[Any, Any, Result]],
+                 settings: S, report: Callable[[Result], Iterable[str]]) -> Result:
+    """A scenario's ``main``: run it on uvloop, save its raw results, print the report's
+    non-empty blocks and where the raw results went."""
+    install_uvloop()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    result = asyncio.run(run(settings, stamp))
+    path = save_result(scenario, stamp, result)
+    print()
+    print("\n\n".join(block for block in report(result) if block))
+    print(f"\nraw results: {path.relative_to(REPO)}")
+    return result

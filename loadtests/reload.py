@@ -40,16 +40,15 @@ if __package__ in (None, ""):
 
 import aiohttp
 
-from loadtests.loadgen import install_uvloop, percentile, run_open_loop
+from loadtests.loadgen import percentile, run_open_loop
 from loadtests.overhead import start_upstreams
 from loadtests.procs import (
     OUT_DIR,
-    REPO,
     ChildGroup,
     cpu_meter,
     machine_info,
     noise_meter,
-    save_result,
+    run_scenario,
     wait_quiet,
 )
 from loadtests.sticky import ROUTE, Flipback, flipback_config, rss_bytes, start_flipback_text
@@ -357,14 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    s = parse_args(argv)
-    install_uvloop()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = asyncio.run(run(s, stamp))
-    path = save_result("reload", stamp, result)
-    print()
-    print(result["table"])
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    result = run_scenario("reload", run, parse_args(argv), lambda r: [r["table"]])
     return 0 if result["failed_total"] == 0 else 1
 
 

@@ -57,7 +57,7 @@ if __package__ in (None, ""):
 import aiohttp
 import orjson
 
-from loadtests.loadgen import Traced, install_uvloop, percentile, run_open_loop
+from loadtests.loadgen import Traced, percentile, run_open_loop
 from loadtests.overhead import Settings as OverheadSettings
 from loadtests.overhead import Target, saturate
 from loadtests.procs import (
@@ -68,7 +68,7 @@ from loadtests.procs import (
     free_port,
     machine_info,
     noise_meter,
-    save_result,
+    run_scenario,
     wait_http,
     wait_port,
     wait_quiet,
@@ -587,23 +587,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    s = parse_args(argv)
-    install_uvloop()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = asyncio.run(run(s, stamp))
-    path = save_result("rollback", stamp, result)
-    print()
-    if result["table"]:
-        print(result["table"])
-    if result["cost_table"]:
-        print()
-        print(result["cost_table"])
-    if result["proxy_changed_during_run"]:
-        print(
-            "\nWARNING: changed during the run (cases may mix versions): proxy/"
-            + ", proxy/".join(result["proxy_changed_during_run"])
-        )
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    def report(r: dict[str, Any]) -> list[str]:
+        changed = r["proxy_changed_during_run"]
+        return [r["table"], r["cost_table"],
+                "WARNING: changed during the run (cases may mix versions): proxy/"
+                + ", proxy/".join(changed) if changed else ""]
+
+    run_scenario("rollback", run, parse_args(argv), report)
     return 0
 
 

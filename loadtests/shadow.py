@@ -46,7 +46,7 @@ if __package__ in (None, ""):
 
 import aiohttp
 
-from loadtests.loadgen import install_uvloop, run_closed_loop, run_open_loop
+from loadtests.loadgen import run_closed_loop, run_open_loop
 from loadtests.overhead import parse_wrk, start_upstreams
 from loadtests.procs import (
     OUT_DIR,
@@ -58,7 +58,7 @@ from loadtests.procs import (
     free_port,
     machine_info,
     noise_meter,
-    save_result,
+    run_scenario,
     wait_http,
     wait_port,
     wait_quiet,
@@ -503,14 +503,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    s = parse_args(argv)
-    install_uvloop()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = asyncio.run(run(s, stamp))
-    path = save_result("shadow", stamp, result)
-    print()
-    print(result["table"])
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    result = run_scenario("shadow", run, parse_args(argv), lambda r: [r["table"]])
     return 0 if result["records"] else 1
 
 

@@ -49,7 +49,6 @@ if __package__ in (None, ""):
 import aiohttp
 import orjson
 
-from loadtests.loadgen import install_uvloop
 from loadtests.overhead import parse_wrk, start_upstreams
 from loadtests.procs import (
     OUT_DIR,
@@ -61,7 +60,7 @@ from loadtests.procs import (
     free_port,
     machine_info,
     noise_meter,
-    save_result,
+    run_scenario,
     wait_http,
     wait_quiet,
 )
@@ -698,14 +697,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    s = parse_args(argv)
-    install_uvloop()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = asyncio.run(run(s, stamp))
-    path = save_result("sticky", stamp, result)
-    print()
-    print(result["table"])
-    print(f"\nraw results: {path.relative_to(REPO)}")
+    run_scenario("sticky", run, parse_args(argv), lambda r: [r["table"]])
     return 0
 
 
