@@ -32,42 +32,58 @@ ANSWER = "Hi there, friend."
 OTHER_ANSWERS = ("Hello! Lovely to meet you.", "Hey, hi, hello.", "Greetings, dear user.")
 
 
-class ToyModel:
-    """One toy model server on 127.0.0.1 (port 0). ``mode`` may be switched at any time:
-    ``ok`` answers a chat completion after ~20 ms, ``error`` answers HTTP 500, ``slow``
-    answers after ``SLOW_DELAY``. ``arrivals`` holds the loop time of every request. With
-    ``disagree_every`` N, every Nth answer says something else than ``ANSWER`` (the shadow
-    model whose content a comparison should catch)."""
+class LocalServer:
+    """One of the demo's aiohttp servers on 127.0.0.1, on a port the OS picks."""
 
-    def __init__(self, name: str, *, disagree_every: int = 0) -> None:
-        self.name = name
-        self.mode: Mode = "ok"
-        self.arrivals: list[float] = []
-        self.disagree_every = disagree_every
-        self.answers = 0
+    cancel_handlers = False  # aiohttp's handler_cancellation
+
+    def __init__(self) -> None:
         self.port = 0
         self._runner: web.AppRunner | None = None
-        self._ids = itertools.count(1)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        # handler_cancellation: when flipback gives up on a request, stop working on it.
+        self.add_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     handler_cancellation=True, shutdown_timeout=0.5)
+                                     handler_cancellation=self.cancel_handlers,
+                                     shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
         self.port = int(self._runner.addresses[0][1])
 
     async def aclose(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class ToyModel(LocalServer):
+    """One toy model server on 127.0.0.1 (port 0). ``mode`` may be switched at any time:
+    ``ok`` answers a chat completion after ~20 ms, ``error`` answers HTTP 500, ``slow``
+    answers after ``SLOW_DELAY``. ``arrivals`` holds the loop time of every request. With
+    ``disagree_every`` N, every Nth answer says something else than ``ANSWER`` (the shadow
+    model whose content a comparison should catch)."""
+
+    cancel_handlers = True  # flipback gave up on a request: stop working on it
+
+    def __init__(self, name: str, *, disagree_every: int = 0) -> None:
+        super().__init__()
+        self.name = name
+        self.mode: Mode = "ok"
+        self.arrivals: list[float] = []
+        self.disagree_every = disagree_every
+        self.answers = 0
+        self._ids = itertools.count(1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.arrivals.append(asyncio.get_running_loop().time())

@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin_client import AdminError, Key
+from proxy.demo_models import LocalServer
 from proxy.units import Seconds
 
 HOOK_PATH = "/hooks/flipback"
@@ -57,35 +58,22 @@ class Notification:
         return self.received_at - self.event_at
 
 
-class WebhookReceiver:
+class WebhookReceiver(LocalServer):
     """A tiny HTTP server on 127.0.0.1 (port 0) that accepts flipback's notifications at
     ``HOOK_PATH``, keeps each in ``received`` and tells ``on_notification``."""
 
     def __init__(self, on_notification: Callable[[Notification], None]) -> None:
+        super().__init__()
         self.received: list[Notification] = []
         self.rejected = 0  # POSTs that were not a JSON event
-        self.port = 0
         self._on = on_notification
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{HOOK_PATH}"
 
-    async def start(self) -> None:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_post(HOOK_PATH, self._hook)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-
-    async def aclose(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     async def _hook(self, request: web.Request) -> web.Response:
         received = time.time()
