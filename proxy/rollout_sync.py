@@ -65,15 +65,16 @@ def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None
         changed = True
         notes.append(("kill", "admin", f"kill switch {'on' if kill else 'off'} in the fleet"))
     if present and r.canary is not None:
-        if latch is not None and r.latch is None:
+        was = r.latch
+        if latch is not None and was is None:
             if r.pins is not None:
                 r.pins.unpin_canary()
             notes.append(("rollback", str(latch.get("actor", "auto")),
                           f"rolled back in the fleet: {latch.get('detail', '')}"))
-        elif latch is None and r.latch is not None:
-            r._reset()
+        elif latch is None and was is not None:
+            r._reset()  # clears r.latch: compare with what it was
             notes.append(("resume", "admin", "resumed in the fleet"))
-        changed = changed or latch != r.latch
+        changed = changed or latch != was
         r.latch = dict(latch) if latch is not None else None
         if manual_weight != r.manual_weight:
             r.manual_weight = manual_weight

@@ -246,6 +246,25 @@ async def test_fleet_replica_started_later_picks_up_the_latch(fleet: Any) -> Non
 
 
 @needs_redis
+async def test_fleet_replica_restarted_after_a_resume_sends_the_canary_traffic_again(
+    fleet: Any,
+) -> None:
+    a, _, _, replica = fleet
+    c = await replica("c")
+    await a.post_admin("/routes/chat/rollback", {"reason": "bad"})
+    await _until(lambda: c.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await c.app.aclose()  # C's state file keeps the latch
+    await a.post_admin("/routes/chat/resume")
+    assert await a.runtime.fleet.flush()
+    c = await replica("c")  # latched in its file, resumed in Redis: Redis wins
+    chat = c.runtime.rollout("chat")
+    assert chat.state == "canary" and chat.latch is None
+    assert chat.effective_weight == 30
+    picks = [await _ask(c, f"after{i}") for i in range(60)]
+    assert picks.count("v2") >= 8  # new sessions split by the weight again
+
+
+@needs_redis
 async def test_fleet_redis_killed_mid_traffic_fails_no_request_and_reconnects(
     fleet: Any, redis_server: RedisServer
 ) -> None:
