@@ -8,7 +8,6 @@ span keys (references to upstreams, roles that must differ) are in ``Schema``.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from yaml.nodes import Node
@@ -133,12 +132,7 @@ _STATE = section(
     c.StateConfig,
     {
         "file": nullable(string()),
-        "redis": nullable(
-            string(
-                pattern=re.compile(r"(rediss?|unix)://\S+"),
-                hint="expected a redis://, rediss:// or unix:// URL",
-            )
-        ),
+        "redis": nullable(scalar(v.parse_redis_url)),
     },
 )
 

@@ -93,6 +93,34 @@ def parse_url(value: object) -> Url:
                parts.path.rstrip("/"))  # fmt: skip
 
 
+def parse_redis_url(value: object) -> str:
+    """``redis://[:password@]host[:port][/db]``, ``rediss://...`` or ``unix:///path?db=N``,
+    checked as far as the client will read it, so a bad one is refused here and not at
+    start-up."""
+    text = as_str(value)
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix") or any(ch.isspace() for ch in text):
+        raise Invalid(f"expected a redis://, rediss:// or unix:// URL, got {text!r}")
+    if scheme == "unix":
+        if not parts.path:
+            raise Invalid(f"has no socket path: {text!r}")
+    else:
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise Invalid(f"invalid port in {text!r}") from None
+        if not parts.hostname:
+            raise Invalid(f"has no host: {text!r}")
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise Invalid(f"the path is the database number, got {db!r} in {text!r}")
+    for name, _, given in (q.partition("=") for q in parts.query.split("&") if q):
+        if name == "db" and not given.isdigit():
+            raise Invalid(f"db must be a number, got {given!r} in {text!r}")
+    return text
+
+
 def parse_status(value: object) -> frozenset[int]:
     """``"5xx"`` -> 500..599; ``429`` or ``"429"`` -> {429}."""
     if isinstance(value, str) and _STATUS_CLASS.fullmatch(value):

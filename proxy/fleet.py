@@ -84,10 +84,13 @@ class FleetLink:
         self.url = fs.display_url(url)
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         # No retries inside the client: a failure is reported at once and the link decides.
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=None,
-            socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=WRITE_TIMEOUT,
-            retry=Retry(NoBackoff(), 0), protocol=2)
+        try:
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=MAX_CONNECTIONS, timeout=None,
+                socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=WRITE_TIMEOUT,
+                retry=Retry(NoBackoff(), 0), protocol=2)
+        except (TypeError, ValueError) as exc:  # a query option the client cannot read
+            raise ProxyError(f"state.redis: {exc}") from None
         self.client = aioredis.Redis(connection_pool=self._pool)
         self._seed = self.client.register_script(_SEED)
         self._rollouts = rollouts

@@ -20,7 +20,9 @@ from proxy.config import (
     StickyConfig,
 )
 from proxy.config_parser import load_config, parse_config, summarize
+from proxy.config_values import parse_redis_url
 from proxy.errors import ConfigError
+from proxy.yamlnodes import Invalid
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "configs" / "bad"
@@ -346,3 +348,24 @@ def test_parse_config_explains_a_yaml_date_given_for_a_string() -> None:
         "f.yaml:4: routes[0].name: expected a string, got 2024-01-01"
         " (YAML reads it as a date; quote it)"
     ]
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0", "redis://:secret@cache.internal", "rediss://c:6380/3",
+    "unix:///run/redis.sock?db=2", "redis://[::1]:6379/1",
+])
+def test_redis_urls_the_client_reads_are_accepted(url: str) -> None:
+    assert parse_redis_url(url) == url
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("redis://127.0.0.1:notaport/0", "invalid port"),
+    ("redis://127.0.0.1:6379/zero", "database number"),
+    ("redis:///0", "no host"),
+    ("unix://", "no socket path"),
+    ("unix:///run/redis.sock?db=x", "db must be a number"),
+    ("http://127.0.0.1:6379", "expected a redis://"),
+])
+def test_redis_urls_the_client_would_refuse_at_start_are_refused(url: str, why: str) -> None:
+    with pytest.raises(Invalid, match=why):
+        parse_redis_url(url)
