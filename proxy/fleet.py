@@ -166,13 +166,15 @@ class FleetLink:
                   event: Event | None) -> None:
         fp = rollout.fingerprint()
         shared = self._routes.get(rollout.name)
-        cepoch, sepoch = ("", "") if shared is None else (shared.cepoch, shared.sepoch)
+        # New epochs for a rollback (canary pins) or a resume (all pins); other actions
+        # carry none ("" leaves an epoch as it is), so they cannot undo a newer resume.
+        cepoch = sepoch = ""
         if op == "rollback":
             cepoch = fs.new_epoch()
         elif op == "resume":
             cepoch, sepoch = fs.new_epoch(), fs.new_epoch()
-        if shared is not None and shared.fingerprint == fp:
-            shared.set_epochs(cepoch, sepoch)
+        if shared is not None and shared.fingerprint == fp and (cepoch or sepoch):
+            shared.set_epochs(cepoch or shared.cepoch, sepoch or shared.sepoch)
         canary = rollout.route.canary
         sets, dels = fs.op_fields(fp, op, data, configured_weight=canary.weight if canary else None,
                                   cepoch=cepoch, sepoch=sepoch)
@@ -275,8 +277,9 @@ class FleetLink:
         if rollout is None or (message.op != "kill" and message.fp != rollout.fingerprint()):
             return  # a route or rollout this replica does not serve (a config change rolls)
         shared = self._routes.get(message.route)
-        if shared is not None and shared.fingerprint == message.fp:
-            shared.set_epochs(message.cepoch, message.sepoch)  # ours too: Redis's order wins
+        if (shared is not None and shared.fingerprint == message.fp
+                and (message.cepoch or message.sepoch)):  # ours too: Redis's order wins
+            shared.set_epochs(message.cepoch or shared.cepoch, message.sepoch or shared.sepoch)
         if message.origin == self.replica:
             return
         try:

@@ -119,7 +119,8 @@ def state_fields(fingerprint: str, *, latch: dict[str, Any] | None,
 def op_fields(fingerprint: str, op: str, data: dict[str, Any], *,
               configured_weight: float | None, cepoch: str,
               sepoch: str) -> tuple[dict[str, bytes], list[str]]:
-    """What an action changes in the route's hash: (fields to set, fields to delete)."""
+    """What an action changes in the route's hash: (fields to set, fields to delete).
+    An empty epoch is one the action leaves as it is."""
     p = fp8(fingerprint) + ":"
     sets: dict[str, bytes] = {p + "fp": fingerprint.encode()}
     dels: list[str] = []
@@ -135,8 +136,12 @@ def op_fields(fingerprint: str, op: str, data: dict[str, Any], *,
         dels += [p + "latch", p + "weight"]
         if data.get("step") is not None:
             sets[p + "step"] = str(int(data["step"])).encode()
-    sets[p + "cepoch"] = cepoch.encode()
-    sets[p + "sepoch"] = sepoch.encode()
+    # Only the ops that draw epochs write them: any other op from a replica that missed
+    # a resume would otherwise put the old epochs (and their pins) back.
+    if cepoch:
+        sets[p + "cepoch"] = cepoch.encode()
+    if sepoch:
+        sets[p + "sepoch"] = sepoch.encode()
     return sets, dels
 
 

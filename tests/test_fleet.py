@@ -265,6 +265,28 @@ async def test_fleet_replica_restarted_after_a_resume_sends_the_canary_traffic_a
 
 
 @needs_redis
+async def test_fleet_an_action_from_a_replica_with_old_epochs_keeps_the_newer_ones(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    a, b, _, _ = fleet
+    await a.post_admin("/routes/chat/rollback", {"reason": "bad"})
+    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await a.post_admin("/routes/chat/resume")
+    await _until(lambda: b.runtime.rollout("chat").state == "canary", 1.0)
+    on_a = a.runtime.rollout("chat").shared
+    epochs = (on_a.cepoch, on_a.sepoch)
+    assert all(epochs)
+    b.runtime.rollout("chat").shared.set_epochs("old-c", "old-s")  # as if B missed the resume
+    await b.post_admin("/routes/chat/weight", {"weight": 50})
+    await _until(lambda: a.runtime.rollout("chat").weight == 50, 1.0)
+    assert (on_a.cepoch, on_a.sepoch) == epochs  # the weight message carried no epochs
+    assert await b.runtime.fleet.flush()
+    stored = fs.decode_state(await a.runtime.fleet.client.hgetall(fs.route_key("chat")),
+                             a.runtime.rollout("chat").fingerprint(), 30.0)
+    assert (stored.cepoch, stored.sepoch) == epochs
+
+
+@needs_redis
 async def test_fleet_redis_killed_mid_traffic_fails_no_request_and_reconnects(
     fleet: Any, redis_server: RedisServer
 ) -> None:
