@@ -47,6 +47,9 @@ BACKOFF_MIN, BACKOFF_MAX = 0.2, 2.0
 LISTEN_TICK = 0.1  # how often the listener notices a link marked down by a request
 PING_EVERY = 1.0
 MAX_CONNECTIONS = 64
+# Pin lookups in a row that may time out before the link counts as down: one slow
+# answer (a busy pool, a loop stall) is that request assigned locally, not an outage.
+SLOW_LOOKUPS_DOWN = 3
 
 # Seed a rollout Redis does not know yet (the marker field is absent) from local state;
 # the route's kill switch only where Redis has none. 1 when it seeded, else 0.
@@ -97,6 +100,7 @@ class FleetLink:
         self.up = False
         self.errors: dict[str, int] = {"lookup": 0, "pin_write": 0, "publish": 0, "connection": 0}
         self._told_down = False
+        self._slow_lookups = 0  # lookups in a row that timed out
         self._routes: dict[str, SharedPins] = {}
         self._writer = FleetWriter(self.client, is_up=lambda: self.up, failed=self.failed)
         self._resync = asyncio.Event()
@@ -148,6 +152,20 @@ class FleetLink:
                            "local until it is back", self.url, op, _describe(exc))
             self._told_down = True
         self.up = False
+
+    def lookup_failed(self, exc: BaseException) -> None:
+        """A pin lookup failed: a timeout counts, and takes the link down only as the
+        ``SLOW_LOOKUPS_DOWN``-th in a row; any other error takes it down at once."""
+        if isinstance(exc, TimeoutError):
+            self._slow_lookups += 1
+            if self._slow_lookups < SLOW_LOOKUPS_DOWN:
+                self.errors["lookup"] += 1
+                return
+        self._slow_lookups = 0
+        self.failed("lookup", exc)
+
+    def lookup_answered(self) -> None:
+        self._slow_lookups = 0
 
     def queue_pin(self, key: str, value: bytes, px: int) -> None:
         self._writer.queue_pin(key, value, px)

@@ -72,8 +72,9 @@ class SharedPins:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
                 raw = await link.client.getex(self._key(hashed), px=self._px)
         except Exception as exc:  # noqa: BLE001 - any Redis failure: assign locally instead
-            link.failed("lookup", exc)
+            link.lookup_failed(exc)
             return None
+        link.lookup_answered()
         if raw == self._stable:
             self._note_fresh(hashed)  # GETEX just extended it
             return False
