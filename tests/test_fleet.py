@@ -215,6 +215,8 @@ async def test_fleet_manual_rollback_reaches_the_other_replica_within_a_second(
     # One rollback in the fleet, counted where it happened.
     assert 'flipback_rollbacks_total{reason="manual",route="chat"} 0.0' in (
         b.runtime.metrics.render().decode())
+    assert 'flipback_rollbacks_total{reason="manual",route="chat"} 1.0' in (
+        a.runtime.metrics.render().decode())
     # Resume on B: a fresh split everywhere (the canary-bucket sessions go back to v2).
     await b.post_admin("/routes/chat/resume")
     await _until(lambda: a.runtime.rollout("chat").state == "canary", 1.0)
@@ -379,7 +381,9 @@ async def test_fleet_kill_switch_and_a_new_rollout_per_replica(
     assert b.runtime.apply(new).ok
     await _until(lambda: b.runtime.rollout("chat").state == "canary", 1.0)
     await b.post_admin("/routes/chat/weight", {"weight": 50})
-    assert await b.runtime.fleet.flush()
-    await asyncio.sleep(0.05)
-    assert a.runtime.rollout("chat").state == "rolled_back"
+    # Then a kill switch (the route's, whatever its rollout): once A has applied that,
+    # it has seen the weight message before it, and ignored it.
+    await b.post_admin("/routes/chat/kill", {"enabled": True})
+    await _until(lambda: a.runtime.rollout("chat").kill_override is True, 1.0)
+    assert a.runtime.rollout("chat").latch is not None  # still latched on v2
     assert a.runtime.rollout("chat").manual_weight is None
