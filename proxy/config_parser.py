@@ -15,6 +15,7 @@ import yaml
 from proxy import config as c
 from proxy.config_schema import Schema
 from proxy.errors import ConfigError
+from proxy.fleet_state import display_url
 from proxy.units import format_duration
 from proxy.yamlnodes import NodeReader
 
@@ -70,11 +71,11 @@ def summarize(cfg: c.ProxyConfig) -> str:
         "state: " + ", ".join(
             part for part in (
                 f"file {cfg.state.file}" if cfg.state.file else "no state file",
-                f"shared in {cfg.state.redis.split('@')[-1]}" if cfg.state.redis else "",
+                f"shared in {display_url(cfg.state.redis)}" if cfg.state.redis else "",
             ) if part),
     ]
     if cfg.notify is not None and cfg.notify.webhook:
-        lines.append(f"notify: {cfg.notify.webhook.split('@')[-1]} "
+        lines.append(f"notify: {cfg.notify.webhook} "  # parse_url refused credentials
                      f"({', '.join(cfg.notify.kinds)})")
     lines.append(f"upstreams ({len(cfg.upstreams)}):")
     width = max(len(name) for name in cfg.upstreams) if cfg.upstreams else 0

@@ -79,8 +79,9 @@ class ConfigWatcher:
                 logger.exception("config check failed")
 
     async def check(self, force: bool) -> ReloadResult:
-        """Reload if the file's content changed (or always, with ``force``: SIGHUP and
-        ``POST /reload``). Unreadable files during a swap are retried on the next tick."""
+        """Reload if the file's content changed; with ``force`` (SIGHUP, ``POST /reload``)
+        a content refused before is tried again too. Unchanged content is a no-op either
+        way. Unreadable files during a swap are retried on the next tick."""
         async with self._lock:
             known = (self._current,) if force else (self._current, self._refused)
             digest, cfg, errors = await asyncio.to_thread(_read_and_parse, self._path, *known)

@@ -152,9 +152,9 @@ class Runtime:
             self.fleet.resync()
         self._set_notify(config.notify)
         self._follow_health(self.snapshot)
-        mirrors = {id(r.shadow) for r in self.snapshot.rollouts.values() if r.shadow}
+        mirrors = {r.shadow for r in self.snapshot.rollouts.values() if r.shadow}
         for old_rollout in previous.rollouts.values():
-            if old_rollout.shadow is not None and id(old_rollout.shadow) not in mirrors:
+            if old_rollout.shadow is not None and old_rollout.shadow not in mirrors:
                 self._background.spawn(old_rollout.shadow.aclose(),
                                        name=f"shadow-close-{old_rollout.name}")
         for name, pool in previous.pools.items():

@@ -337,6 +337,13 @@ def test_summarize_marks_plain_route_without_rollback() -> None:
     assert "rollback" not in text
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cret@cache:6379/1",
+                                 "unix:///run/redis.sock?db=3&password=s3cret"])
+def test_summarize_shows_the_redis_url_without_its_password(url: str) -> None:
+    text = summarize(parse_config(f'state: {{redis: "{url}"}}\n' + MINIMAL, "f.yaml"))
+    assert "shared in " in text and "s3cret" not in text
+
+
 def test_parse_config_reports_control_character_on_one_line() -> None:
     assert errors_of(MINIMAL + "log: {access: \x00}\n") == [
         "f.yaml:7: (syntax): unacceptable character #x0000: special characters are not allowed"
