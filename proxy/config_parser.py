@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -63,6 +64,12 @@ def load_config(path: str) -> c.ProxyConfig:
     return replace(cfg, sha256=hashlib.sha256(data).hexdigest())
 
 
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of a webhook: its path often holds the token (Slack's do)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/..." if parts.path.strip("/") else url
+
+
 def summarize(cfg: c.ProxyConfig) -> str:
     """The one-screen text ``flipback check`` prints for a valid config."""
     lines = [
@@ -75,7 +82,7 @@ def summarize(cfg: c.ProxyConfig) -> str:
             ) if part),
     ]
     if cfg.notify is not None and cfg.notify.webhook:
-        lines.append(f"notify: {cfg.notify.webhook} "  # parse_url refused credentials
+        lines.append(f"notify: {_origin(cfg.notify.webhook)} "
                      f"({', '.join(cfg.notify.kinds)})")
     lines.append(f"upstreams ({len(cfg.upstreams)}):")
     width = max(len(name) for name in cfg.upstreams) if cfg.upstreams else 0

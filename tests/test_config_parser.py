@@ -344,6 +344,12 @@ def test_summarize_shows_the_redis_url_without_its_password(url: str) -> None:
     assert "shared in " in text and "s3cret" not in text
 
 
+def test_summarize_shows_the_webhook_without_its_path() -> None:
+    hook = "https://hooks.slack.com/services/T0/B0/S3cretToken"
+    text = summarize(parse_config(f'notify: {{webhook: "{hook}"}}\n' + MINIMAL, "f.yaml"))
+    assert "notify: https://hooks.slack.com/... (" in text and "S3cret" not in text
+
+
 def test_parse_config_reports_control_character_on_one_line() -> None:
     assert errors_of(MINIMAL + "log: {access: \x00}\n") == [
         "f.yaml:7: (syntax): unacceptable character #x0000: special characters are not allowed"
