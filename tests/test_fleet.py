@@ -22,8 +22,11 @@ from proxy.server import App
 from proxy.sticky import bucket, key_hash
 from tests.conftest import Running, make_config
 from tests.fakes import Behaviour
+from tests.test_notify import receiver
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+__all__ = ["receiver"]  # the fixture, imported for the webhook test
+
 needs_redis = pytest.mark.skipif(
     not os.path.exists(REDIS_SERVER),
     reason="redis-server is not installed (.ci/run installs it with apt-get)",
@@ -236,6 +239,26 @@ async def test_fleet_automatic_trip_reaches_the_other_replica(fleet: Any) -> Non
     latch = b.runtime.rollout("chat").latch
     assert latch["actor"] == "auto" and latch["reason"] == "consecutive_failures"
     assert v2.count == 3  # the trip's three; B never sent the bad canary a request
+
+
+@needs_redis
+async def test_fleet_only_the_replica_that_acted_sends_the_webhook(
+    redis_server: RedisServer, model: Any, flipback: Any, receiver: Any, tmp_path: Path
+) -> None:
+    hook = await receiver()
+    v1, v2 = await model("v1"), await model("v2")
+    text = CONFIG.replace("upstreams:", f'notify: {{{{webhook: "{hook.url}"}}}}\nupstreams:')
+    a, b = [await flipback(text, state=tmp_path / f"state-{n}.json", redis=redis_server.url,
+                           v1=v1.url, v2=v2.url) for n in "ab"]
+    await a.post_admin("/routes/chat/rollback", {"reason": "bad answers"})
+    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await b.post_admin("/routes/chat/kill", {"enabled": True})
+    await _until(lambda: a.runtime.rollout("chat").state == "killed", 1.0)
+    hits = await hook.wait(2)
+    await asyncio.sleep(0.2)  # room for a wrong third (B's rollback, A's kill) to arrive
+    assert [(h.event["kind"], h.event["actor"]) for h in hook.hits] == [
+        ("rollback", "admin"), ("kill", "admin")]
+    assert "from replica" not in hits[0].event["reason"]  # A's own event, not B's copy
 
 
 @needs_redis
