@@ -7,6 +7,9 @@ import asyncio
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_deployment import SPEC_METRICS
 
 ROUTE = """
 upstreams:
@@ -213,24 +216,30 @@ async def test_manual_rollback_under_load_has_no_errors(model, flipback):
     assert late and set(late) == {"v1"}
 
 
-SPEC_METRICS = (
-    "flipback_requests_total", "flipback_request_duration_seconds",
-    "flipback_upstream_ttfb_seconds", "flipback_in_flight", "flipback_canary_weight",
-    "flipback_route_state", "flipback_rollbacks_total", "flipback_shadow_total",
-    "flipback_shadow_mismatch_total", "flipback_config_reloads_total",
-    "flipback_sticky_sessions", "flipback_shadow_latency_delta_seconds",
-    "flipback_config_info", "flipback_upstream_healthy", "flipback_verifications_total",
-    "flipback_notifications_total",
-)
+EVERY_FEATURE = """
+    sticky: {header: x-session-id}
+    shadow: {upstream: v3, sample: 100, compare: {status: true}}
+    rollback: {verify: 10s}"""
 
 
-async def test_metrics_expose_every_spec_name(model, flipback):
-    v1, v2 = await model("v1"), await model("v2")
-    fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, weight=50, extra="")
-    await _upstream_of(fb)
+async def test_metrics_expose_every_spec_name_with_its_labels(model, flipback):
+    v1, v2, v3 = await model("v1"), await model("v2"), await model("v3")
+    text = ROUTE.replace("upstreams:", 'notify: {{webhook: "http://127.0.0.1:9/h"}}\nupstreams:')
+    text = text.replace('  v2: {{url: "{v2}"}}',
+                        '  v2: {{url: "{v2}", health: {{path: /health}}}}\n  v3: {{url: "{v3}"}}')
+    fb = await flipback(text, v1=v1.url, v2=v2.url, v3=v3.url, weight=50,
+                        extra=EVERY_FEATURE.strip())
+    await _upstream_of(fb, headers={"x-session-id": "s1"})
+    await fb.runtime.rollout("chat").shadow.flush()
     async with fb.session.get(fb.admin + "/metrics") as resp:
-        text = await resp.text()
-    declared = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
-    for name in SPEC_METRICS:
-        base = name.removesuffix("_total")
-        assert base in declared or name in declared, name
+        families = list(text_string_to_metric_families(await resp.text()))
+    labels: dict[str, set[str]] = {}
+    for family in families:
+        for sample in family.samples:
+            name = sample.name.removesuffix("_bucket").removesuffix("_count").removesuffix(
+                "_sum").removesuffix("_created")
+            if family.type == "counter" and not name.endswith("_total"):
+                name += "_total"
+            labels.setdefault(name, set()).update(set(sample.labels) - {"le"})
+    for name, (_, spec) in SPEC_METRICS.items():
+        assert labels.get(name) == spec, (name, labels.get(name))

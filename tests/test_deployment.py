@@ -32,26 +32,26 @@ K8S_FILES = ("gateway.yaml", "sidecar.yaml")
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "config" / "grafana" / "flipback.json"
 
-# SPEC §9, by type. Counters are named with their `_total`; a histogram is exposed as
-# `_bucket`, `_sum` and `_count`. SPEC does not say whether the shadow latency delta is
-# a gauge or a histogram, so both forms pass for it.
-SPEC_METRICS: dict[str, str] = {
-    "flipback_requests_total": "counter",
-    "flipback_request_duration_seconds": "histogram",
-    "flipback_upstream_ttfb_seconds": "histogram",
-    "flipback_in_flight": "gauge",
-    "flipback_canary_weight": "gauge",
-    "flipback_route_state": "gauge",
-    "flipback_rollbacks_total": "counter",
-    "flipback_shadow_total": "counter",
-    "flipback_shadow_mismatch_total": "counter",
-    "flipback_config_reloads_total": "counter",
-    "flipback_sticky_sessions": "gauge",
-    "flipback_shadow_latency_delta_seconds": "gauge or histogram",
-    "flipback_config_info": "gauge",
-    "flipback_upstream_healthy": "gauge",
-    "flipback_verifications_total": "counter",
-    "flipback_notifications_total": "counter",
+# SPEC §9: each name with its type and labels. Counters are named with their `_total`; a
+# histogram is exposed as `_bucket`, `_sum` and `_count`. SPEC does not say whether the
+# shadow latency delta is a gauge or a histogram, so both forms pass for it.
+SPEC_METRICS: dict[str, tuple[str, set[str]]] = {
+    "flipback_requests_total": ("counter", {"route", "upstream", "role", "outcome"}),
+    "flipback_request_duration_seconds": ("histogram", {"route", "upstream", "role"}),
+    "flipback_upstream_ttfb_seconds": ("histogram", {"route", "upstream", "role"}),
+    "flipback_in_flight": ("gauge", {"route", "upstream"}),
+    "flipback_canary_weight": ("gauge", {"route"}),
+    "flipback_route_state": ("gauge", {"route", "state"}),
+    "flipback_rollbacks_total": ("counter", {"route", "reason"}),
+    "flipback_shadow_total": ("counter", {"route", "outcome"}),
+    "flipback_shadow_mismatch_total": ("counter", {"route", "kind"}),
+    "flipback_config_reloads_total": ("counter", {"result"}),
+    "flipback_sticky_sessions": ("gauge", {"route"}),
+    "flipback_shadow_latency_delta_seconds": ("gauge or histogram", {"route"}),
+    "flipback_config_info": ("gauge", {"sha256"}),
+    "flipback_upstream_healthy": ("gauge", {"upstream"}),
+    "flipback_verifications_total": ("counter", {"route", "result"}),
+    "flipback_notifications_total": ("counter", {"result"}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 METRIC_RE = re.compile(r"\bflipback_[a-z0-9_]+")
@@ -59,7 +59,7 @@ METRIC_RE = re.compile(r"\bflipback_[a-z0-9_]+")
 
 def exposition_names() -> set[str]:
     names = set()
-    for name, kind in SPEC_METRICS.items():
+    for name, (kind, _) in SPEC_METRICS.items():
         if kind != "histogram":
             names.add(name)
         if "histogram" in kind:
