@@ -60,12 +60,14 @@ class Notification:
 
 class WebhookReceiver(LocalServer):
     """A tiny HTTP server on 127.0.0.1 (port 0) that accepts flipback's notifications at
-    ``HOOK_PATH``, keeps each in ``received`` and tells ``on_notification``."""
+    ``HOOK_PATH``, keeps each in ``received`` and tells ``on_notification``; a retried
+    delivery (an ``X-Flipback-Delivery`` seen before) is acknowledged and not kept again,
+    as the README asks of receivers."""
 
     def __init__(self, on_notification: Callable[[Notification], None]) -> None:
         super().__init__()
         self.received: list[Notification] = []
-        self.rejected = 0  # POSTs that were not a JSON event
+        self._deliveries: set[str] = set()
         self._on = on_notification
 
     @property
@@ -82,8 +84,12 @@ class WebhookReceiver(LocalServer):
         except orjson.JSONDecodeError:
             event = None
         if not isinstance(event, dict):
-            self.rejected += 1
             return web.json_response({"error": "expected a JSON event"}, status=400)
+        delivery = request.headers.get("x-flipback-delivery")
+        if delivery is not None:
+            if delivery in self._deliveries:
+                return web.Response(status=204)  # a retry of one already kept
+            self._deliveries.add(delivery)
         key = event_key(event)
         at = wall_time(key[0])
         note = Notification(key, received if at is None else at, received)

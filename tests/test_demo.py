@@ -11,11 +11,12 @@ import re
 import signal
 import threading
 
+import aiohttp
 import pytest
 
 from proxy import demo
 from proxy.demo_models import Sample, ToyModel
-from proxy.demo_probes import ShadowFigures, parse_metrics
+from proxy.demo_probes import Notification, ShadowFigures, WebhookReceiver, parse_metrics
 from proxy.demo_report import ActRecord, Report, render_summary
 from proxy.demo_view import Entry, Scene, render_frame
 
@@ -184,3 +185,19 @@ def test_demo_frame_fits_100_columns():
     colored = render_frame(scene, 30.0, 100, color=True)
     visible = re.sub(r"\x1b\[[0-9;]*m", "", colored)
     assert max(len(line) for line in visible.splitlines()) <= 100
+
+
+async def test_demo_receiver_keeps_a_retried_delivery_once():
+    kept: list[Notification] = []
+    hook = WebhookReceiver(kept.append)
+    await hook.start()
+    try:
+        event = b'{"time": "2026-11-26T06:00:00Z", "route": "chat", "kind": "rollback"}'
+        async with aiohttp.ClientSession() as session:
+            for delivery in ("d1", "d1", "d2"):  # d1 retried after a lost answer
+                async with session.post(hook.url, data=event,
+                                        headers={"x-flipback-delivery": delivery}) as resp:
+                    assert resp.status == 204
+        assert len(kept) == len(hook.received) == 2
+    finally:
+        await hook.aclose()
