@@ -12,12 +12,13 @@ import datetime
 import errno
 import shutil
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.errors import ProxyError
@@ -38,6 +39,17 @@ SWITCH = {"on": True, "true": True, "off": False, "false": False}
 CLEAR, HOME, CLEAR_EOL, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
 
 Key = tuple[str, str]  # (route, upstream)
+
+
+def request_counts_in(families: Iterable[Metric]) -> dict[Key, float]:
+    """``flipback_requests_total`` summed per (route, upstream); ValueError on bad text."""
+    counts: dict[Key, float] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "flipback_requests_total":
+                key = (sample.labels.get("route", ""), sample.labels.get("upstream", ""))
+                counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
 VerbCall = Callable[["AdminClient"], Awaitable[dict[str, Any]]]
 
 
@@ -112,21 +124,20 @@ class AdminClient:
     async def kill(self, route: str, enabled: bool) -> dict[str, Any]:
         return await self._json("POST", _route_path(route, "kill"), body={"enabled": enabled})
 
-    async def request_counts(self) -> dict[Key, float]:
-        """``flipback_requests_total`` summed per (route, upstream), from ``GET /metrics``."""
+    async def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus text."""
         status, reason, raw = await self._fetch("GET", "/metrics")
         if status != 200:
             raise AdminError(f"GET /metrics: HTTP {status} {reason}".rstrip(), status)
-        counts: dict[Key, float] = {}
+        return raw.decode("utf-8", "replace")
+
+    async def request_counts(self) -> dict[Key, float]:
+        """``flipback_requests_total`` summed per (route, upstream), from ``GET /metrics``."""
+        text = await self.metrics()
         try:
-            for family in text_string_to_metric_families(raw.decode("utf-8", "replace")):
-                for sample in family.samples:
-                    if sample.name == "flipback_requests_total":
-                        key = (sample.labels.get("route", ""), sample.labels.get("upstream", ""))
-                        counts[key] = counts.get(key, 0.0) + sample.value
+            return request_counts_in(text_string_to_metric_families(text))
         except ValueError as exc:
             raise AdminError(f"GET /metrics: unreadable: {exc}") from None
-        return counts
 
     async def _json(self, method: str, path: str, *, body: dict[str, Any] | None = None,
                     params: dict[str, str] | None = None,

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin_client import AdminError, Key
+from proxy.admin_client import AdminClient, AdminError, Key, request_counts_in
 from proxy.demo_models import LocalServer
 from proxy.units import Seconds
 
@@ -104,7 +103,8 @@ class ShadowFigures:
     """One route's shadow traffic, from flipback's counters: copies ``sent`` (answered),
     ``dropped`` (in-flight cap), ``failed`` (error, timeout); ``compared`` pairs (the count
     of ``flipback_shadow_latency_delta_seconds``, observed once per judged pair) and how many
-    ``differed`` (``flipback_shadow_mismatch_total``, all kinds)."""
+    ``differed``: the larger of ``flipback_shadow_mismatch_total``'s two kinds, since a pair
+    can count in both (exact when one kind differs, as in the demo: bodies only)."""
 
     sent: int = 0
     dropped: int = 0
@@ -127,22 +127,19 @@ class Scrape:
 
 
 def parse_metrics(text: str, route: str) -> Scrape:
-    """The figures the demo shows, from flipback's Prometheus text."""
-    counts: dict[Key, float] = {}
+    """The figures the demo shows, from flipback's Prometheus text (ValueError if bad)."""
+    families = list(text_string_to_metric_families(text))
     shadow: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
-            if name == "flipback_requests_total":
-                key = (labels.get("route", ""), labels.get("upstream", ""))
-                counts[key] = counts.get(key, 0.0) + value
-            elif labels.get("route") != route:
+            if labels.get("route") != route:
                 continue
-            elif name == "flipback_shadow_total":
+            if name == "flipback_shadow_total":
                 outcome = labels.get("outcome", "")
                 shadow[outcome] = shadow.get(outcome, 0.0) + value
-            elif name == "flipback_shadow_mismatch_total":
-                shadow["differed"] = shadow.get("differed", 0.0) + value
+            elif name == "flipback_shadow_mismatch_total":  # by kind: status, body
+                shadow["differed"] = max(shadow.get("differed", 0.0), value)
             elif name == "flipback_shadow_latency_delta_seconds_count":
                 shadow["compared"] = value
     figures = ShadowFigures(
@@ -152,33 +149,16 @@ def parse_metrics(text: str, route: str) -> Scrape:
         compared=int(shadow.get("compared", 0)),
         differed=int(shadow.get("differed", 0)),
     )
-    return Scrape(counts, figures)
+    return Scrape(request_counts_in(families), figures)
 
 
-class MetricsReader:
-    """Reads ``GET /metrics`` from the admin listener; raises ``AdminError`` like the
-    admin client, so the watcher handles both alike."""
-
-    def __init__(self, admin_url: str, route: str, timeout: Seconds = 2.0) -> None:
-        self.url = admin_url.rstrip("/") + "/metrics"
-        self.route = route
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
-
-    async def read(self) -> Scrape:
-        try:
-            async with self._session.get(self.url) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise AdminError(f"GET /metrics: HTTP {resp.status}", resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AdminError(f"GET /metrics: {exc or type(exc).__name__}") from None
-        try:
-            return parse_metrics(raw.decode("utf-8", "replace"), self.route)
-        except ValueError as exc:
-            raise AdminError(f"GET /metrics: unreadable: {exc}") from None
-
-    async def aclose(self) -> None:
-        await self._session.close()
+async def read_metrics(admin: AdminClient, route: str) -> Scrape:
+    """``parse_metrics`` of ``GET /metrics``; every failure is an ``AdminError``."""
+    text = await admin.metrics()
+    try:
+        return parse_metrics(text, route)
+    except ValueError as exc:
+        raise AdminError(f"GET /metrics: unreadable: {exc}") from None
 
 
 # -- the shadow's diff record ----------------------------------------------------------------

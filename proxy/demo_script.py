@@ -19,7 +19,7 @@ import orjson
 from proxy.admin_client import TOKEN_ENV, AdminClient, AdminError
 from proxy.config_parser import parse_config
 from proxy.demo_models import SLOW_DELAY, LoadGen, Mode, ToyModel
-from proxy.demo_probes import DiffSample, MetricsReader, WebhookReceiver, read_diffs
+from proxy.demo_probes import DiffSample, WebhookReceiver, read_diffs
 from proxy.demo_report import ActRecord, Report, render_summary
 from proxy.demo_screen import Screen, quiet_proxy_logs
 from proxy.demo_view import Entry, Scene
@@ -102,7 +102,7 @@ class Demo:
         loop = asyncio.get_running_loop()
         with quiet_proxy_logs(), self._sigint(loop), self.screen.cursor():
             async with contextlib.AsyncExitStack() as stack:
-                app, admin, probe, load = await self._start_cast(stack)
+                app, admin, load = await self._start_cast(stack)
                 background = TaskSet("demo")
                 stack.push_async_callback(background.aclose, 0)  # closes first
                 t0 = loop.time()
@@ -120,7 +120,7 @@ class Demo:
                 self.watcher.start(scene)
                 self._intro(app, load.url)
                 background.spawn(load.run(), name="demo-load")
-                background.spawn(self.watcher.run(admin, probe), name="demo-watch")
+                background.spawn(self.watcher.run(admin, ROUTE), name="demo-watch")
                 background.spawn(self.screen.paint(scene, lambda: load.in_flight, REFRESH),
                                  name="demo-paint")
                 try:
@@ -144,7 +144,7 @@ class Demo:
         return report
 
     async def _start_cast(self, stack: contextlib.AsyncExitStack) -> tuple[
-            App, AdminClient, MetricsReader, LoadGen]:
+            App, AdminClient, LoadGen]:
         """Toy models, webhook receiver, flipback, admin readers and load generator, each
         closed by ``stack`` in reverse order: the load drains first, flipback then delivers
         its last notifications, the record of shadow diffs is read before its directory
@@ -163,12 +163,10 @@ class Demo:
         admin_url = f"http://127.0.0.1:{app.admin_port}"
         admin = AdminClient(admin_url, os.environ.get(TOKEN_ENV) or None)
         stack.push_async_callback(admin.aclose)
-        probe = MetricsReader(admin_url, ROUTE)
-        stack.push_async_callback(probe.aclose)
-        stack.push_async_callback(self.watcher.last_reading, probe)
+        stack.push_async_callback(self.watcher.last_reading, admin, ROUTE)
         load = LoadGen(f"http://127.0.0.1:{app.data_port}/v1/chat/completions", RATE)
         stack.push_async_callback(lambda: load.aclose(self._drain))
-        return app, admin, probe, load
+        return app, admin, load
 
     # -- the script -------------------------------------------------------------------
     async def _script(self, admin: AdminClient) -> None:

@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any
 
 from proxy.admin_client import AdminClient, AdminError, Key, compute_rates
-from proxy.demo_probes import EventKey, MetricsReader, Notification, event_key, wall_time
+from proxy.demo_probes import EventKey, Notification, event_key, read_metrics, wall_time
 from proxy.demo_report import VERDICTS
 from proxy.demo_screen import Screen
 from proxy.demo_view import Entry, Scene
@@ -44,7 +44,7 @@ class Watcher:
             self.scene.timeline.append(entry)
             self.screen.entry(entry, self.scene.t0)
 
-    async def run(self, admin: AdminClient, probe: MetricsReader) -> None:
+    async def run(self, admin: AdminClient, route: str) -> None:
         scene = self.scene
         assert scene is not None
         loop = asyncio.get_running_loop()
@@ -53,27 +53,31 @@ class Watcher:
             try:
                 routes = await admin.routes()
                 events = await admin.events(limit=20)
-                scrape = await probe.read()
             except AdminError as exc:
                 scene.admin_error = str(exc)
             else:
-                now = loop.time()
-                history.append((now, scrape.counts))
-                while len(history) > 2 and now - history[1][0] >= 1.0:
-                    history.popleft()  # rates over the last second or so
-                then, before = history[0]
                 scene.routes = routes
-                scene.rates = compute_rates(before, scrape.counts, now - then) \
-                    if now > then else None
-                scene.shadow = scrape.shadow
                 for event in reversed(events):
                     self.on_event(event)
+                try:  # apart: a failed scrape must not hide a rollback in the events
+                    scrape = await read_metrics(admin, route)
+                except AdminError as exc:
+                    scene.admin_error = str(exc)
+                else:
+                    now = loop.time()
+                    history.append((now, scrape.counts))
+                    while len(history) > 2 and now - history[1][0] >= 1.0:
+                        history.popleft()  # rates over the last second or so
+                    then, before = history[0]
+                    scene.rates = compute_rates(before, scrape.counts, now - then) \
+                        if now > then else None
+                    scene.shadow = scrape.shadow
             await asyncio.sleep(self.refresh)
 
-    async def last_reading(self, probe: MetricsReader) -> None:
+    async def last_reading(self, admin: AdminClient, route: str) -> None:
         """The shadow figures once the load has drained, for the summary."""
         with contextlib.suppress(AdminError):
-            scrape = await probe.read()
+            scrape = await read_metrics(admin, route)
             if self.scene is not None:
                 self.scene.shadow = scrape.shadow
 
