@@ -20,13 +20,6 @@ from proxy.fleet_state import display_url
 from proxy.units import format_duration
 from proxy.yamlnodes import NodeReader
 
-NOT_YET = "not supported yet in this version"
-# Features that parse and validate but are not served yet: a config using one is refused
-# rather than half-honoured. Keys are path patterns ("[]" any index, "*" any name);
-# deleting an entry is all it takes to enable the feature's config.
-# Empty while every documented key is served.
-UNSUPPORTED: dict[str, str] = {}
-
 
 def parse_config(text: str, source: str) -> c.ProxyConfig:
     """The config in ``text``; raises ``ConfigError`` listing every problem found."""
@@ -43,7 +36,7 @@ def parse_config(text: str, source: str) -> c.ProxyConfig:
         raise ConfigError([f"{source}:{line}: (syntax): {problem}"]) from None
     if root is None:
         raise ConfigError([f"{source}:1: (root): the file is empty; it needs upstreams and routes"])
-    reader = NodeReader(source, UNSUPPORTED)
+    reader = NodeReader(source)
     cfg: c.ProxyConfig = reader.read(root, "", Schema().proxy)
     if reader.errors:
         raise ConfigError(reader.errors)

@@ -76,12 +76,6 @@ def _describe_node(node: Node) -> str:
     return repr(node.value) if node.tag == "tag:yaml.org,2002:str" else str(node.value)
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
-    # "routes[].sticky" matches any index, "upstreams.*.health" any one name.
-    rx = re.escape(pattern).replace(r"\[\]", r"\[\d+\]").replace(r"\*", r"[^.\[]+")
-    return re.compile(rx)
-
-
 def child(node: Node | None, key: str) -> Node | None:
     """The value node under ``key`` in a mapping node, for cross-checks that need a line."""
     if isinstance(node, MappingNode):
@@ -92,16 +86,11 @@ def child(node: Node | None, key: str) -> Node | None:
 
 
 class NodeReader:
-    """Collects ``FILE:LINE: path: message`` errors while a schema walks the nodes.
+    """Collects ``FILE:LINE: path: message`` errors while a schema walks the nodes."""
 
-    ``unsupported`` maps path patterns (``routes[].sticky``, ``upstreams.*.health.path``)
-    to a note; every non-null value found at a matching path is reported with that note.
-    """
-
-    def __init__(self, source: str, unsupported: Mapping[str, str] | None = None) -> None:
+    def __init__(self, source: str) -> None:
         self.source = source
         self._errors: list[tuple[int, str]] = []
-        self._unsupported = [(_compile(p), note) for p, note in (unsupported or {}).items()]
         self._constructor = yaml.constructor.SafeConstructor()
 
     @property
@@ -122,11 +111,6 @@ class NodeReader:
         except Reported:
             pass
         return MISSING
-
-    def check_supported(self, path: str, line: int) -> None:
-        for rx, note in self._unsupported:
-            if rx.fullmatch(path):
-                self.error(line, path, note)
 
     def scalar(self, node: Node) -> object:
         """The Python value of a scalar node, typed as YAML resolves it."""
@@ -213,9 +197,7 @@ class Section:
         for key, conv in fields.items():
             if key not in self._nodes:
                 continue
-            knode, vnode = self._nodes[key]
-            if not is_null(vnode):
-                reader.check_supported(join(path, key), line_of(knode))
+            _, vnode = self._nodes[key]
             value = reader.read(vnode, join(path, key), conv)
             if value is not MISSING:
                 self.values[key] = value

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config_parser
 from proxy.config import (
     CanaryConfig,
     CompareConfig,
@@ -105,12 +104,6 @@ def errors_of(text: str) -> list[str]:
     return info.value.errors
 
 
-@pytest.fixture
-def all_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_parser, "UNSUPPORTED", {})
-
-
-@pytest.mark.usefixtures("all_supported")
 def test_parse_config_reads_every_section() -> None:
     cfg = parse_config(FULL, "full.yaml")
     assert cfg.source == "full.yaml"
@@ -238,25 +231,7 @@ routes: [{name: r, match: {}, stable: a, canary: {upstream: b, weight: 1}}]
     assert (b.port, b.timeout) == (9002, 5.0)
 
 
-def test_parse_config_refuses_unsupported_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Nothing is unsupported today; the mechanism stays for the next feature that lands
-    # in the schema before it is served.
-    monkeypatch.setattr(config_parser, "UNSUPPORTED", {
-        "routes[].shadow.compare": config_parser.NOT_YET,
-        "upstreams.*.health.path": config_parser.NOT_YET,
-    })
-    text = MINIMAL.replace('"http://127.0.0.1:9001"}', '"http://127.0.0.1:9001", '
-                           'health: {path: /health}}')
-    text += "    shadow: {upstream: b, compare: {status: true}}\n"
-    text = text.replace("routes:", '  b: {url: "http://127.0.0.1:9002"}\nroutes:')
-    assert errors_of(text) == [
-        "f.yaml:2: upstreams.a.health.path: not supported yet in this version",
-        "f.yaml:8: routes[0].shadow.compare: not supported yet in this version",
-    ]
-
-
-def test_parse_config_accepts_state_redis_now_that_it_is_served() -> None:
-    assert config_parser.UNSUPPORTED == {}
+def test_parse_config_accepts_state_redis() -> None:
     cfg = parse_config('state: {redis: "redis://127.0.0.1:6379/0"}\n' + MINIMAL, "f.yaml")
     assert cfg.state.redis == "redis://127.0.0.1:6379/0"
 
@@ -315,7 +290,7 @@ def test_load_config_accepts_example_config() -> None:
     assert (cfg.server.listen, cfg.admin.listen) == ("127.0.0.1:8080", "127.0.0.1:9901")
 
 
-def test_summarize_shows_routes_and_rollback(all_supported: None) -> None:
+def test_summarize_shows_routes_and_rollback() -> None:
     text = summarize(parse_config(FULL, "full.yaml"))
     assert "listen [::1]:8080, admin 127.0.0.1:9901" in text
     assert "https://models.internal/api/v1/" in text
