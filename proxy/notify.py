@@ -25,7 +25,7 @@ import orjson
 
 from proxy import __version__
 from proxy.config import NotifyConfig
-from proxy.events import Event, EventLog
+from proxy.events import Event
 from proxy.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,6 @@ class Notifier:
     @property
     def cfg(self) -> NotifyConfig:
         return self._cfg
-
-    def attach(self, events: EventLog) -> None:
-        events.subscribe(self.offer)
 
     def reconfigure(self, cfg: NotifyConfig) -> None:
         """Hot reload: the kinds apply to events emitted from now on; the webhook and

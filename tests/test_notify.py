@@ -140,7 +140,7 @@ def make_notifier(hook: str, **kw: Any) -> tuple[Notifier, EventLog, Metrics]:
     kinds = kw.pop("kinds", ("rollback",))
     notifier = Notifier(NotifyConfig(webhook=hook, timeout=kw.pop("timeout", 1.0),
                                      kinds=kinds), metrics, **kw)
-    notifier.attach(events)
+    events.subscribe(notifier.offer)  # Runtime subscribes through its fleet filter
     notifier.start()
     return notifier, events, metrics
 
