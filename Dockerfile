@@ -21,8 +21,8 @@ RUN groupadd --system --gid 10001 flipback \
 
 WORKDIR /src
 
-# Dependencies first, read from [project.dependencies] in pyproject.toml, so that a
-# code change does not re-download them (layer cache). README.md is the project's
+# Dependencies first, read from pyproject.toml ([project.dependencies] and the redis
+# extra, for fleet state), so that a code change does not re-download them (layer cache). README.md is the project's
 # `readme`: setuptools needs it to build.
 COPY pyproject.toml README.md ./
 RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["redis"]))' > /tmp/pyproject-deps.txt \

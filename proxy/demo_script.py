@@ -69,7 +69,6 @@ routes:
 """
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DemoOptions:
     scale: float = 1.0
@@ -271,7 +270,6 @@ class Demo:
 
     def _say(self, kind: str, actor: str, text: str) -> None:
         self.watcher.add(Entry(self._now(), kind, actor, text))
-
 
     def _doing(self, text: str) -> None:
         assert self.scene is not None
