@@ -50,6 +50,8 @@ def request_counts_in(families: Iterable[Metric]) -> dict[Key, float]:
                 key = (sample.labels.get("route", ""), sample.labels.get("upstream", ""))
                 counts[key] = counts.get(key, 0.0) + sample.value
     return counts
+
+
 VerbCall = Callable[["AdminClient"], Awaitable[dict[str, Any]]]
 
 

@@ -52,6 +52,7 @@ def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any
                           f"{event.get('reason', '')} (from replica {origin})",
                           {**(event.get("figures") or {}), "replica": origin})
 
+
 def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None,
                       manual_weight: float | None, step: int | None,
                       kill: bool | None) -> None:
@@ -91,12 +92,12 @@ def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None
     for kind, actor, reason in notes:
         _emit_shared(r, kind, actor, reason, {"replica": "redis"})
 
+
 def _emit_shared(r: Rollout, kind: Any, actor: Any, reason: str, figures: dict[str, Any]) -> None:
     """An event for a change that came through Redis (``via``: not notified again)."""
     if kind in EVENT_KINDS and actor in ACTORS:
         r._events.emit(route=r.name, kind=kind, actor=actor, reason=reason,
                           figures={**figures, "via": "redis"})
-
 
 
 def state_dict(r: Rollout) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def state_dict(r: Rollout) -> dict[str, Any]:
         "kill_override": r.kill_override,
         "step": r.step,
     }
+
 
 def adopt(r: Rollout, old: Rollout) -> None:
     """Carry live state over a reload. Windows of the same lanes always survive (and
@@ -140,6 +142,7 @@ def adopt(r: Rollout, old: Rollout) -> None:
             r.step = min(old.step, len(r.route.progressive.steps) - 1)
             r._step_since = old._step_since
     r._refresh()
+
 
 def restore(r: Rollout, saved: dict[str, Any]) -> None:
     """Apply persisted state; a canary that changed since then is a new rollout."""

@@ -44,6 +44,7 @@ def pick_for(r: Rollout, key: str) -> Lane:
         return r.canary
     return assign(r, hashed)
 
+
 def pick_cached(r: Rollout, key: str) -> Lane | int:
     """Sticky pick with fleet-wide pins, local part: the lane when this replica has the
     session cached (or Redis is down: then the bucket decides, as on every replica);
@@ -61,6 +62,7 @@ def pick_cached(r: Rollout, key: str) -> Lane | int:
         return assign(r, hashed)
     return hashed
 
+
 async def pick_shared(r: Rollout, hashed: int) -> Lane:
     """Sticky pick for a session this replica has not cached: its pin in Redis (made
     by any replica), else the bucket rule; Redis failing or slow means the bucket."""
@@ -73,6 +75,7 @@ async def pick_shared(r: Rollout, hashed: int) -> Lane:
     if found and r._p:
         return r.canary  # type: ignore[return-value]
     return r._base
+
 
 def assign(r: Rollout, hashed: int) -> Lane:
     assert r.pins is not None

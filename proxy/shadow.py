@@ -51,6 +51,8 @@ SHADOW_LINE = b"x-flipback-shadow: 1\r\n"  # on every copy
 
 def _ignore(chunk: bytes) -> None:
     """``ShadowCopy.keep`` when no body is compared."""
+
+
 SESSION_BUCKETS = 10_000
 # Salt for session sampling: the sticky canary split hashes the same keys into buckets,
 # and an unsalted hash would mirror exactly the sessions that are on the canary.
