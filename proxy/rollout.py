@@ -110,7 +110,7 @@ class Rollout:
         self.stable_down = False
         self._base = self.stable
         self._p = 0.0
-        self._refresh()
+        self.refresh()
 
     # -- the request path -------------------------------------------------------------
     def pick(self) -> Lane:
@@ -165,7 +165,8 @@ class Rollout:
             return "promoted"
         return "canary"
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Recompute the canary share and the base lane from the state (no side effects)."""
         if self.canary is None or self.latch is not None or not self.canary_ready:
             self._p = 0.0
         else:
@@ -181,7 +182,7 @@ class Rollout:
             name = self.canary.upstream
             self.canary_ready = not probed(name) or healthy(name) is True
         self.stable_down = probed(self.stable.upstream) and healthy(self.stable.upstream) is False
-        self._refresh()
+        self.refresh()
         if quiet or was_ready == self.canary_ready or self.canary is None:
             return
         kind = "canary_healthy" if self.canary_ready else "canary_unhealthy"
@@ -189,11 +190,26 @@ class Rollout:
                   f"{self.weight:g}% again" if self.canary_ready else
                   f"canary {self.canary.upstream} fails its health probes: no traffic "
                   "until it recovers")
-        self._events.emit(route=self.name, kind=kind, actor="auto", reason=reason, figures={})
+        self.emit(kind=kind, actor="auto", reason=reason, figures={})
 
-    def _changed(self) -> None:
-        self._refresh()
+    def emit(self, kind: str, actor: str, reason: str, figures: dict[str, Any]) -> Event:
+        """An event of this route (``/events``, and the webhook through the runtime)."""
+        return self._events.emit(route=self.name, kind=kind, actor=actor, reason=reason,
+                                 figures=figures)
+
+    def changed(self) -> None:
+        """The state changed: recompute, and have the runtime persist it."""
+        self.refresh()
         self._on_change()
+
+    def go_to_step(self, step: int, since: float | None = None) -> None:
+        """Put a progressive rollout at ``step`` (clamped to its last), taken at ``since``."""
+        assert self.route.progressive is not None
+        self.step = min(step, len(self.route.progressive.steps) - 1)
+        self._step_since = self._clock() if since is None else since
+
+    def step_since(self) -> float:
+        return self._step_since
 
     # -- automatic decisions ----------------------------------------------------------
     def _after_canary_end(self, failed: bool, latency: float) -> None:
@@ -229,12 +245,12 @@ class Rollout:
         }
         if self.route.rollback.verify:
             self._verify_at = self._clock() + self.route.rollback.verify
-        self._changed()
+        self.changed()
         self._metrics.rollbacks_total.labels(route=self.name, reason=trip.reason.value).inc()
         figures = dict(trip.figures)
         figures["trip"] = trip.reason.value
-        event = self._events.emit(route=self.name, kind="rollback", actor="auto",
-                                  reason=trip.detail, figures=figures)
+        event = self.emit(kind="rollback", actor="auto",
+                          reason=trip.detail, figures=figures)
         self._announce("rollback", {"latch": self.latch}, event)
 
     def tick(self) -> None:
@@ -264,8 +280,8 @@ class Rollout:
         self._on_change()
         self._announce("verify", {"latch": self.latch}, None)
         self._metrics.verifications_total.labels(route=self.name, result=result).inc()
-        self._events.emit(route=self.name, kind=kind, actor="auto", reason=detail,
-                          figures={"stable": rollback.figures_of(stats)})
+        self.emit(kind=kind, actor="auto", reason=detail,
+                  figures={"stable": rollback.figures_of(stats)})
 
     def _maybe_step(self) -> None:
         prog = self.route.progressive
@@ -282,11 +298,11 @@ class Rollout:
         self.step += 1
         self._step_since = now
         weight = prog.steps[self.step]
-        self._changed()
+        self.changed()
         kind = "promote" if weight >= 100 else "step"
-        event = self._events.emit(route=self.name, kind=kind, actor="auto",
-                                  reason=f"healthy window: weight {weight:g}%",
-                                  figures=rollback.figures_of(stats))
+        event = self.emit(kind=kind, actor="auto",
+                          reason=f"healthy window: weight {weight:g}%",
+                          figures=rollback.figures_of(stats))
         self._announce("step", {"step": self.step}, event)
 
     # -- operator actions (admin API) -------------------------------------------------
@@ -299,10 +315,10 @@ class Rollout:
         if self.pins is not None:
             self.pins.unpin_canary()
         self.latch = {"reason": "manual", "detail": text, "actor": actor, "time": time.time()}
-        self._changed()
+        self.changed()
         self._metrics.rollbacks_total.labels(route=self.name, reason="manual").inc()
-        event = self._events.emit(route=self.name, kind="rollback", actor=actor, reason=text,
-                                  figures=self.figures())
+        event = self.emit(kind="rollback", actor=actor, reason=text,
+                          figures=self.figures())
         self._announce("rollback", {"latch": self.latch}, event)
 
     def promote(self, actor: str = "admin") -> None:
@@ -313,9 +329,9 @@ class Rollout:
             raise RolloutConflict(f"canary {self.canary.upstream} is not ready (its health "
                                   "probes fail): refusing to promote it")
         self.manual_weight = 100.0
-        self._changed()
-        event = self._events.emit(route=self.name, kind="promote", actor=actor,
-                                  reason="promoted to 100%", figures=self.figures())
+        self.changed()
+        event = self.emit(kind="promote", actor=actor,
+                          reason="promoted to 100%", figures=self.figures())
         self._announce("promote", {"weight": 100.0}, event)
 
     def set_weight(self, weight: float, actor: str = "admin") -> None:
@@ -324,20 +340,21 @@ class Rollout:
         if not 0.0 <= weight <= 100.0:
             raise RolloutConflict("weight must be between 0 and 100", status=400)
         self.manual_weight = weight
-        self._changed()
-        event = self._events.emit(route=self.name, kind="weight", actor=actor,
-                                  reason=f"weight set to {weight:g}%", figures=self.figures())
+        self.changed()
+        event = self.emit(kind="weight", actor=actor,
+                          reason=f"weight set to {weight:g}%", figures=self.figures())
         self._announce("weight", {"weight": weight}, event)
 
     def resume(self, actor: str = "admin") -> None:
         """Clear the latch and manual overrides: back to the configured weight."""
-        self._reset()
-        self._changed()
-        event = self._events.emit(route=self.name, kind="resume", actor=actor,
-                                  reason=f"resumed at {self.weight:g}%", figures={})
+        self.reset()
+        self.changed()
+        event = self.emit(kind="resume", actor=actor,
+                          reason=f"resumed at {self.weight:g}%", figures={})
         self._announce("resume", {"step": self.step}, event)
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Resume's state change: no latch or overrides, no pins, fresh windows, step 0."""
         self.latch = None
         self._verify_at = None
         self.manual_weight = None
@@ -352,10 +369,10 @@ class Rollout:
 
     def kill(self, enabled: bool, actor: str = "admin") -> None:
         self.kill_override = enabled
-        self._changed()
-        event = self._events.emit(route=self.name, kind="kill", actor=actor,
-                                  reason="kill switch on" if enabled else "kill switch off",
-                                  figures={})
+        self.changed()
+        event = self.emit(kind="kill", actor=actor,
+                          reason="kill switch on" if enabled else "kill switch off",
+                          figures={})
         self._announce("kill", {"enabled": enabled}, event)
 
     def _need_canary(self) -> None:

@@ -31,7 +31,7 @@ def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any
             r.pins.unpin_canary()
         r.latch = dict(latch)
     elif op == "resume":
-        r._reset()
+        r.reset()
     elif op in ("weight", "promote"):
         weight = data.get("weight")
         if r.latch is not None or not isinstance(weight, int | float):
@@ -42,11 +42,10 @@ def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any
         if (r.latch is not None or r.step is None or not isinstance(step, int)
                 or step <= r.step or r.route.progressive is None):
             return
-        r.step = min(step, len(r.route.progressive.steps) - 1)
-        r._step_since = r._clock()
+        r.go_to_step(step)
     else:
         return
-    r._changed()
+    r.changed()
     if event is not None and op != "verify":  # a verdict is reported where it was made
         _emit_shared(r, event.get("kind"), event.get("actor"),
                           f"{event.get('reason', '')} (from replica {origin})",
@@ -73,7 +72,7 @@ def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None
             notes.append(("rollback", str(latch.get("actor", "auto")),
                           f"rolled back in the fleet: {latch.get('detail', '')}"))
         elif latch is None and was is not None:
-            r._reset()  # clears r.latch: compare with what it was
+            r.reset()  # clears r.latch: compare with what it was
             notes.append(("resume", "admin", "resumed in the fleet"))
         changed = changed or latch != was
         r.latch = dict(latch) if latch is not None else None
@@ -83,12 +82,10 @@ def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None
             if manual_weight is not None and latch is None:
                 notes.append(("weight", "admin", f"weight {manual_weight:g}% in the fleet"))
         if step is not None and r.step is not None and step != r.step:
-            assert r.route.progressive is not None
-            r.step = min(step, len(r.route.progressive.steps) - 1)
-            r._step_since = r._clock()
+            r.go_to_step(step)
             changed = True
     if changed:
-        r._changed()
+        r.changed()
     for kind, actor, reason in notes:
         _emit_shared(r, kind, actor, reason, {"replica": "redis"})
 
@@ -96,8 +93,7 @@ def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None
 def _emit_shared(r: Rollout, kind: Any, actor: Any, reason: str, figures: dict[str, Any]) -> None:
     """An event for a change that came through Redis (``via``: not notified again)."""
     if kind in EVENT_KINDS and actor in ACTORS:
-        r._events.emit(route=r.name, kind=kind, actor=actor, reason=reason,
-                          figures={**figures, "via": "redis"})
+        r.emit(kind, actor, reason, {**figures, "via": "redis"})
 
 
 def state_dict(r: Rollout) -> dict[str, Any]:
@@ -138,10 +134,8 @@ def adopt(r: Rollout, old: Rollout) -> None:
         if old.route.canary == r.route.canary:  # a new configured weight wins
             r.manual_weight = old.manual_weight
         if r.step is not None and old.step is not None:
-            assert r.route.progressive is not None
-            r.step = min(old.step, len(r.route.progressive.steps) - 1)
-            r._step_since = old._step_since
-    r._refresh()
+            r.go_to_step(old.step, since=old.step_since())
+    r.refresh()
 
 
 def restore(r: Rollout, saved: dict[str, Any]) -> None:
@@ -154,6 +148,5 @@ def restore(r: Rollout, saved: dict[str, Any]) -> None:
             r.manual_weight = saved.get("manual_weight")
         step = saved.get("step")
         if r.step is not None and isinstance(step, int):
-            assert r.route.progressive is not None
-            r.step = min(step, len(r.route.progressive.steps) - 1)
-    r._refresh()
+            r.go_to_step(step)
+    r.refresh()
