@@ -26,7 +26,7 @@ from proxy.lanes import Lane
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
 from proxy.rollout import Rollout
 from proxy.runtime import Runtime
-from proxy.shadow import ShadowCopy, ShadowMirror
+from proxy.shadow import ShadowCopy
 from proxy.sticky import session_key
 
 logger = logging.getLogger(__name__)
@@ -101,14 +101,20 @@ class Proxy:
         body: bytes | _Body | None = None
         if rollout.wants_body_first and request.body_exists:
             body = await self._buffer(request, content_length)  # sticky json_field
-        choice = self._choose(request, rollout, body)
+        # The session key, read once for the sticky pick and for shadow sampling by session.
+        key = None
+        sticky = rollout.route.sticky
+        shadow = rollout.shadow
+        if sticky is not None and (rollout.pins is not None
+                                   or (shadow is not None and shadow.by_session)):
+            key = session_key(sticky, request.headers, body if isinstance(body, bytes) else None)
+        choice = self._choose(request, rollout, key)
         if isinstance(choice, int):  # a session not cached here, pins shared in Redis
             lane = await session_pick.pick_shared(rollout, choice)
             role = lane.role
         else:
             lane, role = choice
-        shadow = rollout.shadow
-        if shadow is not None and not self._sampled(request, rollout, shadow, body):
+        if shadow is not None and not shadow.should_mirror(key):
             shadow = None
         replayable = True
         if body is not None:
@@ -242,7 +248,7 @@ class Proxy:
         return resp
 
     def _choose(self, request: web.BaseRequest, rollout: Rollout,
-                body: bytes | _Body | None) -> tuple[Lane, str] | int:
+                key: str | None) -> tuple[Lane, str] | int:
         """Override header, then sticky session, then the weighted split; the lane and
         the role its request is counted under. With pins in Redis, a session this replica
         has not cached comes back as its hash, for ``session_pick.pick_shared`` to await."""
@@ -254,30 +260,17 @@ class Proxy:
                 if lane is not None:
                     return lane, "override"
                 self.runtime.metrics.override_ignored_total.labels(route=rollout.name).inc()
-        if route.sticky is not None and rollout.pins is not None:
-            key = session_key(route.sticky, request.headers,
-                              body if isinstance(body, bytes) else None)
-            if key is not None:
-                if rollout.shared is None:
-                    lane = session_pick.pick_for(rollout, key)
-                else:
-                    found = session_pick.pick_cached(rollout, key)
-                    if isinstance(found, int):
-                        return found
-                    lane = found
-                return lane, lane.role
+        if key is not None and rollout.pins is not None:
+            if rollout.shared is None:
+                lane = session_pick.pick_for(rollout, key)
+            else:
+                found = session_pick.pick_cached(rollout, key)
+                if isinstance(found, int):
+                    return found
+                lane = found
+            return lane, lane.role
         lane = rollout.pick()
         return lane, lane.role
-
-    @staticmethod
-    def _sampled(request: web.BaseRequest, rollout: Rollout, shadow: ShadowMirror,
-                 body: bytes | _Body | None) -> bool:
-        """Whether this request gets a shadow copy (by its session with ``by: session``)."""
-        sticky = rollout.route.sticky
-        if shadow.by_session and sticky is not None:
-            key = session_key(sticky, request.headers, body if isinstance(body, bytes) else None)
-            return shadow.should_mirror(key)
-        return shadow.should_mirror()
 
     @staticmethod
     def _next_lane(rollout: Rollout, lane: Lane) -> Lane | None:

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from proxy.server import App
+from proxy.shadow import session_bucket
 from tests.conftest import make_config
 from tests.fakes import Behaviour
 
@@ -413,6 +414,41 @@ async def test_sample_thirty_mirrors_about_thirty_percent(model, flipback):
     hits = v3.count
     assert count(fb, "sent") == hits and count(fb, "dropped") == 0
     assert abs(hits - n * 0.3) <= 5 * math.sqrt(n * 0.3 * 0.7), hits
+
+
+SESSION_ROUTE = """
+upstreams:
+  v1: {{url: "{v1}"}}
+  v2: {{url: "{v2}"}}
+  v3: {{url: "{v3}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/v1/"}}
+    stable: v1
+    canary: {{upstream: v2, weight: 50}}
+    sticky: {{json_field: user}}
+    shadow: {{upstream: v3, sample: 30, by: session, max_in_flight: 1000}}
+"""
+
+
+async def test_by_session_mirrors_whole_conversations(model, flipback):
+    v1, v2, v3 = await model("v1"), await model("v2"), await model("v3")
+    fb = await flipback(SESSION_ROUTE, v1=v1.url, v2=v2.url, v3=v3.url)
+    users = [f"user-{i}" for i in range(120)]
+    for turn in range(3):
+        for user in users:
+            body = b'{"user": "%s", "turn": %d}' % (user.encode(), turn)
+            async with fb.session.post(fb.url + "/v1/chat", data=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+    await until(lambda: mirror(fb).in_flight == 0)
+    copies: dict[str, int] = {}
+    for seen in v3.seen:
+        user = orjson.loads(seen.body)["user"]
+        copies[user] = copies.get(user, 0) + 1
+    assert set(copies.values()) == {3}  # every turn of a mirrored conversation, or none
+    assert set(copies) == {u for u in users if session_bucket(u) < 3000}  # the key's bucket
+    assert 0.15 < len(copies) / len(users) < 0.45
 
 
 # -- isolation ------------------------------------------------------------------------------------
