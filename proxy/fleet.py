@@ -33,7 +33,7 @@ from proxy import rollout_sync
 from proxy.errors import ProxyError
 from proxy.events import Event
 from proxy.fleet_pins import SharedPins
-from proxy.fleet_writer import WRITE_TIMEOUT, Action, FleetWriter
+from proxy.fleet_writer import WRITE_TIMEOUT, Action, FleetWriter, PinWrite
 from proxy.rollout import Rollout
 from proxy.tasks import TaskSet
 
@@ -167,8 +167,8 @@ class FleetLink:
     def lookup_answered(self) -> None:
         self._slow_lookups = 0
 
-    def queue_pin(self, key: str, value: bytes, px: int) -> None:
-        self._writer.queue_pin(key, value, px)
+    def queue_pin(self, key: str, write: PinWrite) -> None:
+        self._writer.queue_pin(key, write)
 
     def announce(self, rollout: Rollout, op: str, data: dict[str, Any],
                  event: Event | None) -> None:

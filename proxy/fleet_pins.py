@@ -3,7 +3,9 @@
 round trip. A session this replica has not seen is looked up once, with a tight timeout;
 a new pin is written in the background, and a pin in use is rewritten (value and expiry)
 at most once per ``ttl/4``, so Redis keeps it for ``ttl`` to ``1.25 x ttl`` after its last
-use on any replica and gets it back by itself after an outage.
+use on any replica and gets it back by itself after an outage. Within the same epochs
+the first pin written wins (``fleet_writer``): a replica that assigned the session
+otherwise adopts it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from proxy import fleet_state
-from proxy.pins import PinTable
+from proxy.fleet_writer import PinWrite
+from proxy.pins import STABLE, PinTable
 
 if TYPE_CHECKING:
     from proxy.fleet import FleetLink
@@ -87,15 +90,28 @@ class SharedPins:
         """A session was just assigned here: write its pin in the background."""
         if self._link.up:
             self._note_fresh(hashed)
-            self._link.queue_pin(self._key(hashed), self._canary if canary else self._stable,
-                                 self._px)
+            self._write(hashed, canary)
 
     def touch(self, hashed: int, canary: bool) -> None:
         """A cached session was used: rewrite its pin once per quarter-ttl."""
         if hashed not in self._fresh and self._link.up:
             self._note_fresh(hashed)
-            self._link.queue_pin(self._key(hashed), self._canary if canary else self._stable,
-                                 self._px)
+            self._write(hashed, canary)
+
+    def _write(self, hashed: int, canary: bool) -> None:
+        ours, rival = (self._canary, self._stable) if canary else (self._stable, self._canary)
+        self._link.queue_pin(self._key(hashed), PinWrite(ours, rival, self._px, self, hashed))
+
+    def adopt(self, hashed: int, raw: bytes) -> None:
+        """Another replica pinned this session first, in these epochs: follow its pin
+        (a pin of epochs that changed since the write was queued is ignored)."""
+        pins = self.pins
+        if pins is None:
+            return
+        if raw == self._canary:
+            pins.put(hashed, pins.canary_code)
+        elif raw == self._stable:
+            pins.put(hashed, STABLE)
 
     def _note_fresh(self, hashed: int) -> None:
         if len(self._fresh) >= self._max:

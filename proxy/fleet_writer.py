@@ -1,7 +1,12 @@
 """Writes to Redis for the fleet link, all in the background: announced actions (in
 order, each one hash update plus PUBLISH in a MULTI/EXEC) and sticky pins (coalesced by
 key, pipelined in batches). Actions wait while Redis is away and go out on reconnect;
-pin writes are dropped (a pin in use is written again on its next use)."""
+pin writes are dropped (a pin in use is written again on its next use).
+
+A pin write never replaces a pin of the same epochs: the first replica to pin a session
+wins, and a replica that assigned it otherwise (it could not look the pin up in time, or
+had not yet seen a weight change) is told the winner and follows it. Plain SETs would let
+the last writer win and leave each replica serving the conversation its own way."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from proxy import fleet_state as fs
 
@@ -18,6 +23,34 @@ WRITE_TIMEOUT = 1.0  # seconds for one action or one batch of pins
 PIN_BATCH = 500
 MAX_PENDING_PINS = 20_000  # pin writes waiting; beyond this they are dropped (and counted)
 MAX_OUTBOX = 1_000  # actions waiting for Redis to come back (the oldest go first)
+
+# KEYS[1]: the pin; ARGV: our value, the other side's value in the same epochs, expiry (ms).
+# A pin of these epochs stays (its expiry renewed) and is returned; none, or an older
+# epoch's, is replaced and nil returned. One round trip, atomic.
+SET_PIN = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] or cur == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return cur
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return false
+"""
+
+
+class PinOwner(Protocol):
+    """Who queued a pin write (a route's ``SharedPins``)."""
+
+    def adopt(self, hashed: int, raw: bytes) -> None:
+        """Another replica pinned the session first: follow its pin ``raw``."""
+
+
+class PinWrite(NamedTuple):
+    value: bytes
+    rival: bytes  # the other side's value in the same epochs: a pin this write must keep
+    px: int
+    owner: PinOwner
+    hashed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,18 +74,19 @@ class FleetWriter:
         self._is_up = is_up
         self._failed = failed
         self.outbox: deque[Action] = deque(maxlen=MAX_OUTBOX)
-        self.pins: dict[str, tuple[bytes, int]] = {}
+        self.pins: dict[str, PinWrite] = {}
+        self._set_pin = client.register_script(SET_PIN)
         self.dropped_pins = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock = asyncio.Lock()  # one sender of actions at a time (run or replay)
 
-    def queue_pin(self, key: str, value: bytes, px: int) -> None:
+    def queue_pin(self, key: str, write: PinWrite) -> None:
         if len(self.pins) >= MAX_PENDING_PINS and key not in self.pins:
             self.dropped_pins += 1
             return
-        self.pins[key] = (value, px)
+        self.pins[key] = write
         self._poke()
 
     def queue_action(self, action: Action) -> None:
@@ -86,14 +120,14 @@ class FleetWriter:
                 self.outbox.popleft()
 
     async def send(self, action: Action) -> None:
-        pipe = self._client.pipeline(transaction=True)
         key = fs.route_key(action.route)
-        pipe.hset(key, mapping=action.sets)
-        if action.dels:
-            pipe.hdel(key, *action.dels)
-        pipe.publish(fs.CHANNEL, action.message)
-        async with asyncio.timeout(WRITE_TIMEOUT):
-            await pipe.execute()
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=action.sets)
+            if action.dels:
+                pipe.hdel(key, *action.dels)
+            pipe.publish(fs.CHANNEL, action.message)
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await pipe.execute()
 
     async def run(self) -> None:
         """Actions first (in order), then pin writes in pipelined batches."""
@@ -107,14 +141,19 @@ class FleetWriter:
                     continue
                 n = min(PIN_BATCH, len(self.pins))
                 batch = [self.pins.popitem() for _ in range(n)]
-                pipe = self._client.pipeline(transaction=False)
-                for key, (value, px) in batch:
-                    pipe.set(key, value, px=px)
                 try:
-                    async with asyncio.timeout(WRITE_TIMEOUT):
-                        await pipe.execute()
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for key, w in batch:  # queued in the pipeline (no I/O)
+                            await self._set_pin(keys=[key], args=[w.value, w.rival, w.px],
+                                                client=pipe)
+                        async with asyncio.timeout(WRITE_TIMEOUT):  # loads the script if need be
+                            found = await pipe.execute()
                 except Exception as exc:  # noqa: BLE001 - pins come back with their next use
                     self._failed("pin_write", exc)
+                    continue
+                for (_, w), raw in zip(batch, found, strict=True):
+                    if raw is not None and raw != w.value:
+                        w.owner.adopt(w.hashed, raw)
             if not self._is_up():
                 self.pins.clear()
             if not self.outbox and not self.pins or not self._is_up():

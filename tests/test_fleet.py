@@ -197,6 +197,37 @@ async def test_fleet_session_pinned_on_one_replica_is_honoured_by_another(fleet:
 
 
 @needs_redis
+async def test_fleet_a_late_pin_write_does_not_overwrite_the_pin_another_replica_made(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    """A pinned a session to the canary at 90%; B, whose lookup Redis was too slow to
+    answer, assigned it to stable by its bucket at 30%. The pin written first stays, and
+    B follows it from its next request on: the conversation does not flip between
+    versions by which replica serves it."""
+    a, b, _, _ = fleet
+    key = next(k for k in (f"late{i}" for i in range(1000))
+               if 3000 <= bucket(key_hash(k)) < 9000)
+    await b.post_admin("/routes/chat/weight", {"weight": 90})
+    await _until(lambda: a.runtime.rollout("chat").weight == 90)
+    assert await _ask(a, key) == "v2"
+    assert await a.runtime.fleet.flush()
+    await a.post_admin("/routes/chat/weight", {"weight": 30})
+    await _until(lambda: b.runtime.rollout("chat").weight == 30)
+    blocker = asyncio.ensure_future(redis_server.command(b"DEBUG SLEEP 0.3"))
+    await asyncio.sleep(0.05)
+    assert await _ask(b, key) == "v1"  # no answer within LOOKUP_TIMEOUT: the bucket decided
+    await blocker
+    assert await b.runtime.fleet.flush()
+    assert b.runtime.fleet.up
+    assert await _ask(b, key) == "v2"  # B learned the pin A made first
+    assert await _ask(a, key) == "v2"
+    shared = a.runtime.rollout("chat").shared
+    assert shared is not None
+    raw = await a.runtime.fleet.client.get(shared._key(key_hash(key)))
+    assert raw == b"c" + shared.cepoch.encode()
+
+
+@needs_redis
 async def test_fleet_manual_rollback_reaches_the_other_replica_within_a_second(
     fleet: Any,
 ) -> None:
