@@ -101,24 +101,27 @@ class Rollout:
         self.shared: SharedPins | None = None
         self.announce: Announce | None = None
         self._step_since = clock()
-        self._verify_at: float | None = None
+        self.verify_at: float | None = None  # when the post-rollback verify window ends
         max_p99 = route.rollback.max_p99
         self._slow_after = max_p99 if max_p99 is not None else 0.0
         # Health (SPEC §5): a canary with probes takes traffic only once healthy; a
         # stable that probes unhealthy hands its share to the fallback.
         self.canary_ready = True
         self.stable_down = False
-        self._base = self.stable
-        self._p = 0.0
+        # Written only by ``refresh``; read on the request path (``pick``, session_pick):
+        # the lane that takes what the canary does not (stable, or its fallback while
+        # stable is down), and the canary's share of traffic, 0..1.
+        self.base_lane = self.stable
+        self.canary_share = 0.0
         self.refresh()
 
     # -- the request path -------------------------------------------------------------
     def pick(self) -> Lane:
         """Stable or canary for the next request: canary with probability weight/100."""
-        p = self._p
+        p = self.canary_share
         if p and (p >= 1.0 or self._random() < p):
             return self.canary  # type: ignore[return-value]
-        return self._base
+        return self.base_lane
 
     @property
     def sticky_sessions(self) -> int:
@@ -149,7 +152,7 @@ class Rollout:
 
     @property
     def effective_weight(self) -> float:
-        return self._p * 100.0
+        return self.canary_share * 100.0
 
     @property
     def state(self) -> str:
@@ -168,10 +171,10 @@ class Rollout:
     def refresh(self) -> None:
         """Recompute the canary share and the base lane from the state (no side effects)."""
         if self.canary is None or self.latch is not None or not self.canary_ready:
-            self._p = 0.0
+            self.canary_share = 0.0
         else:
-            self._p = min(max(self.weight, 0.0), 100.0) / 100.0
-        self._base = self.fallback if (self.stable_down and self.fallback) else self.stable
+            self.canary_share = min(max(self.weight, 0.0), 100.0) / 100.0
+        self.base_lane = self.fallback if (self.stable_down and self.fallback) else self.stable
 
     def apply_health(self, healthy: Callable[[str], bool | None],
                      probed: Callable[[str], bool], *, quiet: bool = False) -> None:
@@ -217,7 +220,7 @@ class Rollout:
         or slower than max_p99); a fast success cannot raise the error rate or the p99,
         so what it changes (reaching min_requests, the ratio) waits for the 100 ms tick.
         This keeps a promoted blue-green route from paying two window reads per request."""
-        if self.latch is None and self._p and (failed or latency > self._slow_after):
+        if self.latch is None and self.canary_share and (failed or latency > self._slow_after):
             self.evaluate()
 
     def evaluate(self) -> rollback.Trip | None:
@@ -244,7 +247,7 @@ class Rollout:
             "time": time.time(),
         }
         if self.route.rollback.verify:
-            self._verify_at = self._clock() + self.route.rollback.verify
+            self.verify_at = self._clock() + self.route.rollback.verify
         self.changed()
         self._metrics.rollbacks_total.labels(route=self.name, reason=trip.reason.value).inc()
         figures = dict(trip.figures)
@@ -256,11 +259,11 @@ class Rollout:
     def tick(self) -> None:
         """Called about every 100 ms: catches hung canaries, takes progressive steps and
         ends post-rollback verification."""
-        if self._verify_at is not None and self._clock() >= self._verify_at:
+        if self.verify_at is not None and self._clock() >= self.verify_at:
             self._verify()
         if self.canary is None or self.latch is not None or self.killed:
             return
-        if self._p:
+        if self.canary_share:
             self.evaluate()
         if (self.latch is None and self.step is not None and self.manual_weight is None
                 and self.canary_ready):
@@ -269,7 +272,7 @@ class Rollout:
     def _verify(self) -> None:
         """After an automatic rollback: is stable within the thresholds (the canary was
         the fault) or bad too (look elsewhere)?"""
-        self._verify_at = None
+        self.verify_at = None
         if self.latch is None:
             return  # resumed before the verdict: nothing left to verify
         assert self.stable.window is not None
@@ -356,7 +359,7 @@ class Rollout:
     def reset(self) -> None:
         """Resume's state change: no latch or overrides, no pins, fresh windows, step 0."""
         self.latch = None
-        self._verify_at = None
+        self.verify_at = None
         self.manual_weight = None
         if self.pins is not None:
             self.pins.clear()  # a fresh start: new sessions split by the weight again

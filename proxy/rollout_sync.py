@@ -130,7 +130,7 @@ def adopt(r: Rollout, old: Rollout) -> None:
                 old.route.sticky == r.route.sticky):
             r.pins = old.pins
         r.latch = old.latch
-        r._verify_at = old._verify_at
+        r.verify_at = old.verify_at
         if old.route.canary == r.route.canary:  # a new configured weight wins
             r.manual_weight = old.manual_weight
         if r.step is not None and old.step is not None:

@@ -39,8 +39,8 @@ def pick_for(r: Rollout, key: str) -> Lane:
     hashed = key_hash(key)
     pinned = pins.get(hashed)
     if pinned is not None:
-        if pinned == STABLE or not r._p:
-            return r._base
+        if pinned == STABLE or not r.canary_share:
+            return r.base_lane
         return r.canary
     return assign(r, hashed)
 
@@ -55,8 +55,8 @@ def pick_cached(r: Rollout, key: str) -> Lane | int:
     pinned = pins.get(hashed)
     if pinned is not None:
         shared.touch(hashed, pinned != STABLE)
-        if pinned == STABLE or not r._p:
-            return r._base
+        if pinned == STABLE or not r.canary_share:
+            return r.base_lane
         return r.canary  # type: ignore[return-value]
     if not shared.available:
         return assign(r, hashed)
@@ -72,15 +72,15 @@ async def pick_shared(r: Rollout, hashed: int) -> Lane:
     if found is None:
         return assign(r, hashed)
     pins.put(hashed, pins.canary_code if found else STABLE)
-    if found and r._p:
+    if found and r.canary_share:
         return r.canary  # type: ignore[return-value]
-    return r._base
+    return r.base_lane
 
 
 def assign(r: Rollout, hashed: int) -> Lane:
     assert r.pins is not None
-    canary = bool(r._p) and bucket(hashed) < r._p * BUCKETS
+    canary = bool(r.canary_share) and bucket(hashed) < r.canary_share * BUCKETS
     r.pins.put(hashed, r.pins.canary_code if canary else STABLE)
     if r.shared is not None:
         r.shared.store(hashed, canary)
-    return r.canary if canary else r._base  # type: ignore[return-value]
+    return r.canary if canary else r.base_lane  # type: ignore[return-value]
