@@ -228,6 +228,23 @@ async def test_fleet_a_late_pin_write_does_not_overwrite_the_pin_another_replica
 
 
 @needs_redis
+async def test_fleet_a_pin_of_older_epochs_is_replaced(fleet: Any) -> None:
+    """A pin left by a rolled-back rollout reads as absent; the new assignment replaces
+    it in Redis (a write that kept it would cost the session a lookup every time)."""
+    _, b, _, _ = fleet
+    shared = b.runtime.rollout("chat").shared
+    assert shared is not None
+    key = "stale-epoch-session"
+    redis_key = shared._key(key_hash(key))
+    client = b.runtime.fleet.client
+    await client.set(redis_key, b"c" + b"an-old-epoch", px=60_000)
+    side = await _ask(b, key)
+    assert await b.runtime.fleet.flush()
+    want = (b"c" + shared.cepoch.encode()) if side == "v2" else (b"s" + shared.sepoch.encode())
+    assert await client.get(redis_key) == want
+
+
+@needs_redis
 async def test_fleet_manual_rollback_reaches_the_other_replica_within_a_second(
     fleet: Any,
 ) -> None:
