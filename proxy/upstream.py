@@ -312,7 +312,8 @@ class UpstreamPool:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # handed a connection or a slot in the same tick we were cancelled
                 got = fut.result()
-                if got is None:
+                if got is None:  # the slot was counted for us: uncount it, pass it on
+                    self._n_conns -= 1
                     self._slot_freed()
                 else:
                     self.put_back(got)

@@ -657,6 +657,35 @@ async def test_upstream_waits_fifo_then_saturates(pools: Any) -> None:
         assert srv.connections == 1 and pool.pending == 0
 
 
+async def test_upstream_waiter_cancelled_as_it_is_handed_a_slot_gives_the_slot_back(
+    pools: Any,
+) -> None:
+    """A's connection dies, its slot goes to B, and B's client leaves in the same loop
+    step: the slot must come back, or the pool has one connection fewer for good."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            if head.split()[1] != b"/hang":
+                writer.write(OK)
+
+    async with raw_server(handle) as srv:
+        pool = pools(srv.port, max_connections=1, timeout=1.0)
+        a = asyncio.ensure_future(pool.send("GET", "/hang", [], None))
+        await until(lambda: pool.in_flight == 1)
+        b = asyncio.ensure_future(pool.send("GET", "/b", [], None))
+        await until(lambda: pool.pending == 1)
+        conn = next(iter(pool._busy))
+        conn.fail(StreamBroken("the upstream dropped it"))  # as connection_lost does
+        b.cancel()
+        for task in (a, b):
+            with contextlib.suppress(StreamBroken, asyncio.CancelledError):
+                await task
+        resp = await pool.send("GET", "/c", [], None)
+        assert await read_all(resp) == b"ok"
+        assert pool.in_flight == 0 and pool.pending == 0
+
+
 async def test_upstream_waiting_for_a_connection_counts_toward_timeout(pools: Any) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
