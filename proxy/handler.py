@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion, web
 from aiohttp.streams import StreamReader
 
 from proxy import session_pick
@@ -34,6 +34,8 @@ access_logger = logging.getLogger("proxy.access")
 
 _JSON = "application/json"
 _NO_BODY_STATUSES = frozenset({204, 304})
+_HTTP11 = HttpVersion(1, 1)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Body:
@@ -97,6 +99,12 @@ class Proxy:
         content_length = request.content_length
         if content_length is not None and content_length > self.max_body:
             return json_error(413, f"request body over {self.max_body} bytes", rid)
+        if request.body_exists and request.version >= _HTTP11:
+            expect = request.headers.get("expect")
+            if expect is not None and expect.lower() == "100-continue":
+                # The client holds its body back until told to send it (curl does, for
+                # bodies over 1 KiB); the low-level server leaves this answer to us.
+                await request.writer.write(_CONTINUE)
 
         body: bytes | _Body | None = None
         if rollout.wants_body_first and request.body_exists:

@@ -113,3 +113,31 @@ def test_aiohttp_c_parser_in_use():
     from aiohttp import http_parser
 
     assert http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(model, flipback):
+    """curl sends ``Expect: 100-continue`` for bodies over 1 KiB and waits (1 s) for the
+    interim answer: flipback gives it, the body follows, and the upstream gets it whole;
+    a body over max_body gets its 413 instead, without a 100."""
+    v1 = await model("v1")
+    fb = await flipback(PLAIN, v1=v1.url)
+    for framing, body in ((b"Content-Length: 5\r\n", b"hello"),
+                          (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
+        try:
+            writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\n" + framing
+                         + b"Expect: 100-continue\r\n\r\n")
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(body)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answer = await asyncio.wait_for(reader.readexactly(length), 2.0)
+            assert b'"echo_len":5' in answer
+            assert v1.seen[-1].body == b"hello" and "expect" not in v1.seen[-1].headers
+        finally:
+            writer.close()
+    reply = await _raw(fb.app.data_port, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: "
+                       b"999999999\r\nExpect: 100-continue\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:60]
