@@ -36,6 +36,18 @@ _JSON = "application/json"
 _NO_BODY_STATUSES = frozenset({204, 304})
 _HTTP11 = HttpVersion(1, 1)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SCHEMES = ("http://", "https://")
+
+
+def origin_form(target: str) -> str:
+    """The path and query of an absolute-form request target (``GET http://host/p?q``),
+    which RFC 9112 says a server must accept; other forms (``*``) stay as they are."""
+    if target[:8].lower().startswith(_SCHEMES):
+        rest = target.partition("://")[2]
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        rest = rest[cut:]
+        return rest if rest.startswith("/") else "/" + rest
+    return target
 
 
 class _Body:
@@ -89,6 +101,8 @@ class Proxy:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         snap = self.runtime.snapshot
         raw_path = request.raw_path
+        if raw_path[:1] != "/":
+            raw_path = origin_form(raw_path)
         path = raw_path.partition("?")[0]
         rid = request.headers.get("x-request-id") or new_request_id()
         rollout = snap.table.match(request.method, path, request.headers)
@@ -153,8 +167,8 @@ class Proxy:
         # The copy is only scheduled here: it runs once the primary below is on its way.
         tap = (shadow.offer(request.method, raw_path, headers, body, request_id=rid,
                             inspect_body=self.inspect_body) if shadow is not None else None)
-        return await self._forward(request, rollout, lane, role, headers, body, replayable, rid,
-                                   tap)
+        return await self._forward(request, rollout, lane, role, raw_path, headers, body,
+                                   replayable, rid, tap)
 
     async def _forward(
         self,
@@ -162,6 +176,7 @@ class Proxy:
         rollout: Rollout,
         lane: Lane,
         role: str,
+        target: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | _Body | None,
         replayable: bool,
@@ -171,7 +186,6 @@ class Proxy:
         now = self._loop_time
         failure_statuses = rollout.route.rollback.failure_statuses
         method = request.method
-        target = request.raw_path
         content_length = request.content_length if isinstance(body, _Body) else None
         while True:
             started = lane.begin()

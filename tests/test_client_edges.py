@@ -141,3 +141,17 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(model, fl
     reply = await _raw(fb.app.data_port, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: "
                        b"999999999\r\nExpect: 100-continue\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 413"), reply[:60]
+
+
+async def test_absolute_form_target_is_routed_by_its_path(model, flipback):
+    """RFC 9112 §3.2.2: a server must accept ``GET http://host/path`` (clients talking
+    to a proxy send it); the upstream gets the origin form."""
+    v1 = await model("v1")
+    fb = await flipback(PLAIN, v1=v1.url)
+    for target, want in ((b"http://front.example/v1/x?y=1", "/v1/x?y=1"),
+                         (b"HTTPS://front.example?y=2", "/?y=2"),
+                         (b"http://front.example", "/")):
+        reply = await _raw(fb.app.data_port,
+                           b"GET " + target + b" HTTP/1.1\r\nHost: front.example\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200"), (target, reply[:60])
+        assert v1.seen[-1].path == want
