@@ -206,9 +206,9 @@ class Rollout:
         self._on_change()
 
     def go_to_step(self, step: int, since: float | None = None) -> None:
-        """Put a progressive rollout at ``step`` (clamped to its last), taken at ``since``."""
+        """Put a progressive rollout at ``step`` (clamped to its steps), taken at ``since``."""
         assert self.route.progressive is not None
-        self.step = min(step, len(self.route.progressive.steps) - 1)
+        self.step = max(0, min(step, len(self.route.progressive.steps) - 1))
         self._step_since = self._clock() if since is None else since
 
     def step_since(self) -> float:

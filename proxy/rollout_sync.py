@@ -8,10 +8,14 @@ would, without announcing it again.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 from proxy.events import ACTORS, EVENT_KINDS
 from proxy.rollout import Rollout
+
+logger = logging.getLogger(__name__)
 
 
 def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any] | None,
@@ -97,21 +101,38 @@ def _emit_shared(r: Rollout, kind: Any, actor: Any, reason: str, figures: dict[s
 
 
 def state_dict(r: Rollout) -> dict[str, Any]:
+    """What ``restore`` needs after a restart, with what each value was made against:
+    the progressive plan of ``step``, the configured kill switch of ``kill_override``."""
+    prog = r.route.progressive
     return {
         "fingerprint": r.fingerprint(),
         "latch": r.latch,
         "manual_weight": r.manual_weight,
         "configured_weight": (r.route.canary.weight if r.route.canary else None),
         "kill_override": r.kill_override,
+        "kill_configured": r.route.kill_switch.enabled,
         "step": r.step,
+        "steps": list(prog.steps) if prog is not None and r.step is not None else None,
     }
+
+
+def _carried_step(old_steps: Sequence[float], old_step: int, steps: Sequence[float]) -> int:
+    """The step of ``steps`` a rollout at ``old_step`` of ``old_steps`` goes on from: the
+    same one under the same plan, else the highest whose weight is not above the old
+    step's (the first if none), so an edited plan never raises the weight unobserved."""
+    if tuple(old_steps) == tuple(steps):
+        return old_step
+    weight = old_steps[old_step]
+    return max((i for i, w in enumerate(steps) if w <= weight), default=0)
 
 
 def adopt(r: Rollout, old: Rollout) -> None:
     """Carry live state over a reload. Windows of the same lanes always survive (and
     requests still in flight on the old lanes report to this rollout); the latch,
     manual weight and progressive step survive when the rollout is the same one,
-    i.e. the canary section did not change (a changed canary is a new rollout)."""
+    i.e. the canary section did not change (a changed canary is a new rollout). An
+    admin kill override gives way to a change of the configured kill switch, as a
+    manual weight does to a new configured weight."""
     same_window = old.route.rollback.window == r.route.rollback.window
     for name, prev in old.lanes.items():
         lane = r.lanes.get(name)
@@ -121,7 +142,8 @@ def adopt(r: Rollout, old: Rollout) -> None:
         if same_window and prev.window is not None:
             lane.window = prev.window
         prev._after_end = lane._after_end
-    r.kill_override = old.kill_override
+    if old.route.kill_switch.enabled == r.route.kill_switch.enabled:
+        r.kill_override = old.kill_override
     if (old.shadow is not None and r.shadow is not None and old.route.shadow == r.route.shadow
             and old.shadow.pool is r.shadow.pool):
         r.shadow = old.shadow  # same mirror: its copies in flight and its record carry on
@@ -134,19 +156,40 @@ def adopt(r: Rollout, old: Rollout) -> None:
         if old.route.canary == r.route.canary:  # a new configured weight wins
             r.manual_weight = old.manual_weight
         if r.step is not None and old.step is not None:
-            r.go_to_step(old.step, since=old.step_since())
+            assert old.route.progressive is not None and r.route.progressive is not None
+            old_steps, steps = old.route.progressive.steps, r.route.progressive.steps
+            if old_steps == steps:
+                r.go_to_step(old.step, since=old.step_since())
+            else:  # a new plan: its interval starts now
+                r.go_to_step(_carried_step(old_steps, old.step, steps))
     r.refresh()
 
 
 def restore(r: Rollout, saved: dict[str, Any]) -> None:
-    """Apply persisted state; a canary that changed since then is a new rollout."""
-    r.kill_override = saved.get("kill_override")
+    """Apply persisted state, its fields already type-checked (``statefile.route_state``).
+    As over a reload, a canary that changed since then is a new rollout, and a kill
+    override or step made against another config gives way (older files did not say
+    which config: their override is dropped and their step restarts at the first)."""
+    override = saved.get("kill_override")
+    if override is not None:
+        if saved.get("kill_configured") == r.route.kill_switch.enabled:
+            r.kill_override = override
+        elif override != r.route.kill_switch.enabled:
+            logger.warning("route %s: admin kill switch %s not restored: made against another "
+                           "kill_switch.enabled", r.name, "on" if override else "off")
     if saved.get("fingerprint") == r.fingerprint() and r.canary is not None:
         r.latch = saved.get("latch")
         configured = r.route.canary.weight if r.route.canary else None
         if saved.get("configured_weight") == configured:
             r.manual_weight = saved.get("manual_weight")
-        step = saved.get("step")
-        if r.step is not None and isinstance(step, int):
-            r.go_to_step(step)
+        step, old_steps = saved.get("step"), saved.get("steps")
+        if r.step is not None and r.route.progressive is not None and step:
+            if old_steps is None:
+                logger.warning("route %s: progressive step %d not restored: the state file "
+                               "does not say of which steps", r.name, step)
+            elif step >= len(old_steps):
+                logger.warning("route %s: progressive step %d not restored: out of range",
+                               r.name, step)
+            else:
+                r.go_to_step(_carried_step(old_steps, step, r.route.progressive.steps))
     r.refresh()

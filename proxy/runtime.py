@@ -24,7 +24,7 @@ from proxy.metrics import Metrics, RouteGauges
 from proxy.notify import Notifier
 from proxy.rollout import Rollout
 from proxy.routing import RouteTable
-from proxy.statefile import StateWriter, load_state
+from proxy.statefile import StateWriter, load_state, route_state
 from proxy.tasks import TaskSet
 from proxy.upstream import UpstreamPool
 
@@ -189,16 +189,25 @@ class Runtime:
         await pool.aclose(self.snapshot.config.server.drain_timeout)
 
     def _restore(self, saved: dict[str, Any]) -> None:
+        """Take the state file's routes; like an unreadable file, a damaged entry is
+        logged and skipped, never fatal."""
         routes = saved.get("routes")
+        if routes is None:
+            return
         if not isinstance(routes, dict):
+            logger.warning("state file: ignoring routes, not an object")
             return
         for name, state in routes.items():
             rollout = self.snapshot.rollouts.get(name)
-            if rollout is not None and isinstance(state, dict):
-                rollout_sync.restore(rollout, state)
-                if rollout.latch is not None:
-                    logger.warning("route %s restored rolled_back: %s", name,
-                                   rollout.latch.get("detail"))
+            if rollout is None:
+                continue
+            if not isinstance(state, dict):
+                logger.warning("state file: route %s: ignoring its state, not an object", name)
+                continue
+            rollout_sync.restore(rollout, route_state(name, state))
+            if rollout.latch is not None:
+                logger.warning("route %s restored rolled_back: %s", name,
+                               rollout.latch.get("detail"))
 
     def state_dict(self) -> dict[str, Any]:
         return {

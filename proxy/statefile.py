@@ -32,6 +32,49 @@ def load_state(path: str | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_percent(value: Any) -> bool:
+    return _is_number(value) and 0 <= value <= 100
+
+
+def _is_latch(value: Any) -> bool:
+    return (isinstance(value, dict)
+            and all(isinstance(value.get(key), str) for key in ("reason", "detail", "actor"))
+            and _is_number(value.get("time"))
+            and isinstance(value.get("verify", ""), str))
+
+
+# What ``rollout_sync.state_dict`` writes for a route; any field may also be null.
+_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "fingerprint": lambda v: isinstance(v, str),
+    "latch": _is_latch,
+    "manual_weight": _is_percent,
+    "configured_weight": _is_percent,
+    "kill_override": lambda v: isinstance(v, bool),
+    "kill_configured": lambda v: isinstance(v, bool),
+    "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "steps": lambda v: isinstance(v, list) and bool(v) and all(_is_percent(s) for s in v),
+}
+
+
+def route_state(route: str, saved: dict[str, Any]) -> dict[str, Any]:
+    """The fields of one route's saved state that have the shape flipback writes. Any
+    other is dropped with a warning, so a hand-edited or damaged file can neither stop
+    start-up nor restore nonsense (``"kill_override": "no"`` is truthy)."""
+    out: dict[str, Any] = {}
+    for key, check in _FIELDS.items():
+        value = saved.get(key)
+        if value is None or check(value):
+            out[key] = value
+        else:
+            logger.warning("state file: route %s: ignoring %s, not a valid value: %.80r",
+                           route, key, value)
+    return out
+
+
 def write_state(path: str, data: dict[str, Any]) -> None:
     """Atomic replace: readers see the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))
