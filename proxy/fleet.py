@@ -195,6 +195,7 @@ class FleetLink:
             shared.set_epochs(cepoch or shared.cepoch, sepoch or shared.sepoch)
         canary = rollout.route.canary
         sets, dels = fs.op_fields(fp, op, data, configured_weight=canary.weight if canary else None,
+                                  kill_configured=rollout.route.kill_switch.enabled,
                                   cepoch=cepoch, sepoch=sepoch)
         ev = None if event is None else {"kind": event.kind, "actor": event.actor,
                                          "reason": event.reason, "figures": event.figures}
@@ -321,7 +322,9 @@ class FleetLink:
                 fp, latch=rollout.latch, manual_weight=rollout.manual_weight,
                 configured_weight=canary.weight if canary else None, step=rollout.step,
                 cepoch=cepoch, sepoch=sepoch)
-            kill = "" if rollout.kill_override is None else "1" if rollout.kill_override else "0"
+            override = rollout.kill_override
+            kill = b"" if override is None else fs.kill_field(
+                override, rollout.route.kill_switch.enabled)
             args: list[Any] = [f"{fs.fp8(fp)}:fp", kill]
             for key, value in fields.items():
                 args += [key, value]
@@ -334,7 +337,8 @@ class FleetLink:
                 continue
             canary = rollout.route.canary
             state = fs.decode_state(await self.client.hgetall(fs.route_key(name)), fp,
-                                    canary.weight if canary else None)
+                                    canary.weight if canary else None,
+                                    rollout.route.kill_switch.enabled)
             shared = self._routes.get(name)
             if state.present and shared is not None and shared.fingerprint == fp:
                 shared.set_epochs(state.cepoch, state.sepoch)

@@ -75,15 +75,25 @@ class FleetState:
     sepoch: str = ""
 
 
+def kill_field(enabled: bool, configured: bool) -> bytes:
+    """The stored kill override and the configured ``kill_switch.enabled`` it was made
+    against: ``b"1/0"`` is killed by an operator where the config says not killed."""
+    return (b"1/" if enabled else b"0/") + (b"1" if configured else b"0")
+
+
 def decode_state(flat: dict[bytes, bytes], fingerprint: str,
-                 configured_weight: float | None) -> FleetState:
+                 configured_weight: float | None, kill_configured: bool = False) -> FleetState:
     """The hash (``HGETALL``) as this rollout sees it. A manual weight counts only when it
-    was set against the same configured weight (as with the state file)."""
+    was set against the same configured weight, a kill override only when made against
+    the same configured kill switch (as with the state file; an older bare ``1`` still
+    kills, an older bare ``0`` gives way to the config)."""
     p = fp8(fingerprint) + ":"
     got = {k.decode(): v for k, v in flat.items()}
     state = FleetState(present=got.get(p + "fp") is not None)
     if (kill := got.get("kill")) is not None:
-        state.kill = kill == b"1"
+        on, _, against = kill.partition(b"/")
+        if against == (b"1" if kill_configured else b"0") or (not against and on == b"1"):
+            state.kill = on == b"1"
     if (latch := got.get(p + "latch")) is not None:
         value = _loads(latch)
         state.latch = value if isinstance(value, dict) else None
@@ -117,7 +127,7 @@ def state_fields(fingerprint: str, *, latch: dict[str, Any] | None,
 
 
 def op_fields(fingerprint: str, op: str, data: dict[str, Any], *,
-              configured_weight: float | None, cepoch: str,
+              configured_weight: float | None, kill_configured: bool, cepoch: str,
               sepoch: str) -> tuple[dict[str, bytes], list[str]]:
     """What an action changes in the route's hash: (fields to set, fields to delete).
     An empty epoch is one the action leaves as it is."""
@@ -125,7 +135,7 @@ def op_fields(fingerprint: str, op: str, data: dict[str, Any], *,
     sets: dict[str, bytes] = {p + "fp": fingerprint.encode()}
     dels: list[str] = []
     if op == "kill":
-        sets["kill"] = b"1" if data.get("enabled") else b"0"
+        sets["kill"] = kill_field(bool(data.get("enabled")), kill_configured)
     elif op in ("rollback", "verify"):
         sets[p + "latch"] = orjson.dumps(data.get("latch"))
     elif op in ("weight", "promote"):

@@ -169,10 +169,13 @@ def restore(r: Rollout, saved: dict[str, Any]) -> None:
     """Apply persisted state, its fields already type-checked (``statefile.route_state``).
     As over a reload, a canary that changed since then is a new rollout, and a kill
     override or step made against another config gives way (older files did not say
-    which config: their override is dropped and their step restarts at the first)."""
+    which config: their kill holds, an "off" gives way, and their step restarts at the
+    first)."""
     override = saved.get("kill_override")
     if override is not None:
-        if saved.get("kill_configured") == r.route.kill_switch.enabled:
+        made_against = saved.get("kill_configured")
+        # An older file does not say what it was made against: its kill still holds.
+        if made_against == r.route.kill_switch.enabled or (made_against is None and override):
             r.kill_override = override
         elif override != r.route.kill_switch.enabled:
             logger.warning("route %s: admin kill switch %s not restored: made against another "

@@ -53,6 +53,20 @@ def test_fleet_state_round_trip_keeps_rollouts_apart() -> None:
     assert fs.decode_state(flat, "v2|http://a", 10.0).manual_weight is None  # new config weight
 
 
+@pytest.mark.parametrize(("stored", "configured", "kill"), [
+    (fs.kill_field(True, False), False, True),
+    (fs.kill_field(False, False), False, False),
+    (fs.kill_field(False, False), True, None),  # made against another config: gives way
+    (fs.kill_field(True, True), False, None),
+    (b"1", True, True),  # an older bare value: a kill still holds...
+    (b"0", True, None),  # ...an "off" gives way to the config
+])
+def test_fleet_kill_override_counts_against_the_config_it_was_made_for(
+    stored: bytes, configured: bool, kill: bool | None
+) -> None:
+    assert fs.decode_state({b"kill": stored}, "v2|http://a", 5.0, configured).kill is kill
+
+
 def test_fleet_message_decode_rejects_foreign_payloads() -> None:
     msg = fs.Message(origin="a", route="chat", fp="x", op="weight", data={"weight": 5},
                      event=None, cepoch="", sepoch="")
@@ -428,6 +442,30 @@ async def test_fleet_slow_redis_costs_at_most_the_lookup_timeout(
     with contextlib.suppress(Exception):
         await blocker
     await _until(lambda: a.runtime.fleet.up, 4.0)
+
+
+@needs_redis
+async def test_fleet_a_stored_kill_override_gives_way_to_a_changed_kill_switch_config(
+    fleet: Any, tmp_path: Path
+) -> None:
+    """An operator killed the route and let it live again (stored in Redis, made against
+    ``kill_switch.enabled: false``); B's config then says enabled: true. The catch-up
+    from Redis after the reload must not undo the config with the old override."""
+    a, b, _, _ = fleet
+    await a.post_admin("/routes/chat/kill", {"enabled": True})
+    await a.post_admin("/routes/chat/kill", {"enabled": False})
+    await _until(lambda: b.runtime.rollout("chat").kill_override is False, 1.0)
+    assert await a.runtime.fleet.flush()
+    ups = b.runtime.snapshot.config.upstreams
+    text = CONFIG.replace("    rollback:", "    kill_switch: {{enabled: true}}\n    rollback:")
+    new = make_config(text, tmp_path, state=tmp_path / "state-b.json", redis=b.runtime.fleet.url,
+                      v1=ups["v1"].url, v2=ups["v2"].url)
+    assert b.runtime.apply(new).ok
+    link = b.runtime.fleet
+    await _until(lambda: not link._resync.is_set(), 2.0)
+    await asyncio.sleep(0.2)  # the catch-up's HGETALL and its apply
+    assert b.runtime.rollout("chat").state == "killed"
+    assert a.runtime.rollout("chat").state == "canary"  # A's config did not change
 
 
 @needs_redis
