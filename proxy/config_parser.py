@@ -20,11 +20,24 @@ from proxy.fleet_state import display_url
 from proxy.units import format_duration
 from proxy.yamlnodes import NodeReader
 
+_OPENS = (
+    yaml.FlowSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.BlockMappingStartToken,
+)
+_CLOSES = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+
 
 def parse_config(text: str, source: str) -> c.ProxyConfig:
     """The config in ``text``; raises ``ConfigError`` listing every problem found."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        # PyYAML composes recursively: some 500 nested (even unclosed) brackets exhaust
+        # the stack. No config nests anywhere near that deep.
+        line = _deepest_line(text)
+        raise ConfigError([f"{source}:{line}: (syntax): nested too deeply"]) from None
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
         problem = exc.problem or "invalid YAML"
@@ -37,10 +50,30 @@ def parse_config(text: str, source: str) -> c.ProxyConfig:
     if root is None:
         raise ConfigError([f"{source}:1: (root): the file is empty; it needs upstreams and routes"])
     reader = NodeReader(source)
-    cfg: c.ProxyConfig = reader.read(root, "", Schema().proxy)
+    try:
+        cfg: c.ProxyConfig = reader.read(root, "", Schema().proxy)
+    except RecursionError:
+        raise ConfigError([f"{source}:1: (root): nested too deeply"]) from None
     if reader.errors:
         raise ConfigError(reader.errors)
     return replace(cfg, source=source)
+
+
+def _deepest_line(text: str) -> int:
+    """The line where the lists and mappings nest deepest; the scanner is not recursive."""
+    depth = deepest = 0
+    line = 1
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, _OPENS):
+                depth += 1
+                if depth > deepest:
+                    deepest, line = depth, token.start_mark.line + 1
+            elif isinstance(token, _CLOSES):
+                depth -= 1
+    except yaml.YAMLError:
+        pass  # the deepest point so far is the answer
+    return line
 
 
 def load_config(path: str) -> c.ProxyConfig:

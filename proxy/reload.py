@@ -43,7 +43,17 @@ def _read_and_parse(path: str, *known: str) -> tuple[str, ProxyConfig | None, li
         cfg = parse_config(text, path)
     except ConfigError as exc:
         return digest, None, exc.errors
+    except Exception as exc:
+        # A parser bug must not become a crash loop: refuse this content like any invalid
+        # config (the old one keeps serving) and keep the traceback for debugging.
+        logger.debug("parsing %s failed unexpectedly", path, exc_info=True)
+        return digest, None, [f"{path}:1: (root): cannot read this config: {_describe(exc)}"]
     return digest, _with_hash(cfg, digest), []
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _with_hash(cfg: ProxyConfig, digest: str) -> ProxyConfig:
@@ -90,13 +100,32 @@ class ConfigWatcher:
                 # unchanged file is a no-op, not a second identical event).
                 return ReloadResult(ok=True, changed=False, reason="unchanged", errors=[])
             if cfg is None:
-                self._refused = digest
-                result = self._runtime.refuse(errors)
-                logger.error("config reload refused, old config keeps serving: %s",
-                             result.reason)
-                return result
+                return self._refuse(digest, errors)
+            previous = self._runtime.snapshot
+            try:
+                result = self._runtime.apply(cfg)
+            except Exception as exc:
+                if self._runtime.snapshot is previous:
+                    # Building the new snapshot failed and nothing changed: refuse it like
+                    # an invalid file, once for this content.
+                    logger.debug("applying %s failed unexpectedly", self._path, exc_info=True)
+                    return self._refuse(digest, [
+                        f"{self._path}:1: (root): cannot apply this config: {_describe(exc)}"
+                    ])
+                # Swapped in already: the new config serves; a later step failed. Note it
+                # once and do not apply the same content again on every tick.
+                logger.exception("config applied (%s), but a follow-up step failed",
+                                 digest[:12])
+                self._refused, self._current = "", digest
+                return ReloadResult(ok=True, changed=True, errors=[],
+                                    reason=f"applied; then failed: {_describe(exc)}")
             self._refused = ""
             self._current = digest
-            result = self._runtime.apply(cfg)
             logger.info("config reloaded (%s): %s", digest[:12], result.reason)
             return result
+
+    def _refuse(self, digest: str, errors: list[str]) -> ReloadResult:
+        self._refused = digest
+        result = self._runtime.refuse(errors)
+        logger.error("config reload refused, old config keeps serving: %s", result.reason)
+        return result

@@ -92,6 +92,9 @@ class NodeReader:
         self.source = source
         self._errors: list[tuple[int, str]] = []
         self._constructor = yaml.constructor.SafeConstructor()
+        self._resolve: Callable[..., str] = yaml.resolver.Resolver().resolve
+        self._expanding: set[int] = set()  # mappings being expanded: guards merge cycles
+        self._merged: dict[int, list[tuple[str, Node, Node]]] = {}  # no "billion laughs"
 
     @property
     def errors(self) -> list[str]:
@@ -118,8 +121,20 @@ class NodeReader:
             raise Invalid(f"expected a single value, got {_describe_node(node)}")
         try:
             return self._constructor.construct_object(node)
-        except yaml.YAMLError as exc:
-            raise Invalid(f"cannot read this value: {getattr(exc, 'problem', exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure of PyYAML's code on user input
+            # Unmark the failed node "being built", so an alias of it fails the same way.
+            self._constructor.recursive_objects.pop(node, None)
+            raise Invalid(self._construct_failure(node, exc)) from None
+
+    def _construct_failure(self, node: ScalarNode, exc: Exception) -> str:
+        """Why PyYAML failed on a scalar; it raises ValueError, KeyError... not only YAMLError."""
+        if isinstance(exc, yaml.YAMLError):
+            return f"cannot read this value: {getattr(exc, 'problem', None) or exc}"
+        kind = node.tag.rsplit(":", 1)[-1]  # "tag:yaml.org,2002:timestamp" -> "timestamp"
+        detail = f" ({exc})" if isinstance(exc, ValueError) and str(exc) else ""
+        implicit = self._resolve(ScalarNode, node.value, (True, False))
+        hint = "; quote it if it is text" if implicit == node.tag else ""  # no explicit !!tag
+        return f"cannot read {node.value!r} as a YAML {kind}{detail}{hint}"
 
     def items(self, node: Node) -> list[Node]:
         if not isinstance(node, SequenceNode):
@@ -131,11 +146,18 @@ class NodeReader:
         (PyYAML would keep the last one silently); ``<<`` merges expand, own keys win."""
         if not isinstance(node, MappingNode):
             raise Invalid(f"expected a mapping, got {_describe_node(node)}")
+        self._expanding.add(id(node))
+        try:
+            return self._entries(node, path)
+        finally:
+            self._expanding.discard(id(node))
+
+    def _entries(self, node: MappingNode, path: str) -> list[tuple[str, Node, Node]]:
         own: dict[str, tuple[Node, Node]] = {}
         merged: list[tuple[str, Node, Node]] = []
         for knode, vnode in node.value:
             if knode.tag == _MERGE_TAG:
-                merged.extend(self._merge_sources(vnode, join(path, "<<")))
+                merged.extend(self._merge_sources(knode, vnode, join(path, "<<")))
             elif not isinstance(knode, ScalarNode):
                 self.error(line_of(knode), path, "keys must be plain strings")
             elif knode.value in own:
@@ -154,14 +176,19 @@ class NodeReader:
                 result.append((key, knode, vnode))
         return result
 
-    def _merge_sources(self, node: Node, path: str) -> list[tuple[str, Node, Node]]:
+    def _merge_sources(self, knode: Node, node: Node, path: str) -> list[tuple[str, Node, Node]]:
         sources = node.value if isinstance(node, SequenceNode) else [node]
         found: list[tuple[str, Node, Node]] = []
         for source in sources:
             if not isinstance(source, MappingNode):
                 self.error(line_of(source), path, "a merge needs a mapping or a list of mappings")
                 continue
-            found.extend(self.entries(source, path))
+            if id(source) in self._expanding:  # `&u {<<: *u}` would expand forever
+                self.error(line_of(knode), path, "merge key refers to its own mapping")
+                continue
+            if id(source) not in self._merged:
+                self._merged[id(source)] = self.entries(source, path)
+            found.extend(self._merged[id(source)])
         return found
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,29 @@ routes: [{name: r, match: {}, stable: a, canary: {upstream: b, weight: 1}}]
 """
     b = parse_config(text, "f.yaml").upstreams["b"]
     assert (b.port, b.timeout) == (9002, 5.0)
+
+
+def test_parse_config_reads_a_merged_anchor_once_however_often_it_is_merged() -> None:
+    # Each level merges the one below nine times: 9**7 expansions if none were shared.
+    levels = ["  l0: &l0 {timeout: 5s}"] + [
+        f"  l{i}: &l{i} {{<<: [{', '.join([f'*l{i - 1}'] * 9)}]}}" for i in range(1, 8)
+    ]
+    text = "x-defaults:\n" + "\n".join(levels) + "\n" + MINIMAL.replace(
+        '{url: "http://127.0.0.1:9001"}', '{<<: *l7, url: "http://127.0.0.1:9001"}')
+    started = time.perf_counter()
+    assert errors_of(text) == [
+        "f.yaml:1: x-defaults: unknown key 'x-defaults' (expected one of: server, admin, "
+        "state, log, notify, upstreams, routes)"
+    ]
+    assert time.perf_counter() - started < 0.5  # about 3 s when each merge is expanded
+
+
+def test_parse_config_reports_a_chain_of_merges_too_deep_to_follow() -> None:
+    chain = ["  m0: &m0 {timeout: 5s}"] + [f"  m{i}: &m{i} {{<<: *m{i - 1}}}"
+                                           for i in range(1, 600)]
+    text = "x-chain:\n" + "\n".join(chain) + "\n" + MINIMAL.replace(
+        '{url: "http://127.0.0.1:9001"}', '{<<: *m599, url: "http://127.0.0.1:9001"}')
+    assert errors_of(text) == ["f.yaml:1: (root): nested too deeply"]
 
 
 def test_parse_config_accepts_state_redis() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from pathlib import Path
@@ -123,6 +124,115 @@ async def test_invalid_config_is_refused_then_valid_again_applies(setup, running
     assert sum(e.kind == "reload_refused" for e in app.runtime.events.recent(50)) == 1
     setup.write(setup.text(weight=100))
     await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100)
+
+
+def _stable_is_a_bad_date(text: str) -> str:
+    return text.replace("stable: v1", "stable: 2024-13-45")
+
+
+def _canary_is_a_bad_int(text: str) -> str:
+    return text.replace("upstream: v2,", "upstream: !!int abc,")
+
+
+def _upstreams_merge_themselves(text: str) -> str:
+    return text.replace("upstreams:", "upstreams: &ups\n  <<: *ups", 1)
+
+
+def _routes_nest_too_deeply(text: str) -> str:
+    return text + "log: " + "[" * 3000 + "\n"
+
+
+async def _refusals(app: App) -> int:
+    return sum(e.kind == "reload_refused" for e in app.runtime.events.recent(50))
+
+
+async def _assert_refused_and_still_serving(app: App, setup: Setup, message: str) -> None:
+    await _wait_for(lambda: any(e.kind == "reload_refused"
+                                for e in app.runtime.events.recent(9)))
+    event = (await _events(app))[0]
+    assert event["kind"] == "reload_refused"
+    assert event["reason"].startswith(f"{setup.path}:") and message in event["reason"]
+    assert "\n" not in event["reason"]
+    assert 'flipback_config_reloads_total{result="refused"} 1.0' in (
+        app.runtime.metrics.render().decode())
+    assert await _get(app) == "v1"  # the old config keeps serving
+    admin = f"http://127.0.0.1:{app.admin_port}/reload"
+    async with aiohttp.ClientSession() as s, s.post(admin) as resp:
+        assert resp.status == 400 and resp.content_type == "application/json"
+        body = await resp.json()
+    assert not body["ok"] and not body["changed"]
+    assert body["errors"][0].startswith(f"{setup.path}:") and message in body["errors"][0]
+    assert await _get(app) == "v1"
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (_stable_is_a_bad_date, "routes[0].stable: cannot read '2024-13-45' as a YAML timestamp"),
+        (_canary_is_a_bad_int, "routes[0].canary.upstream: cannot read 'abc' as a YAML int"),
+        (_upstreams_merge_themselves, "upstreams.<<: merge key refers to its own mapping"),
+        (_routes_nest_too_deeply, "(syntax): nested too deeply"),
+    ],
+)
+async def test_config_the_yaml_reader_chokes_on_is_refused_once(
+    setup, running, caplog, spoil, message
+):
+    setup.write(setup.text(weight=0))
+    app = await running()
+    with caplog.at_level(logging.INFO, logger="proxy.reload"):
+        setup.write(spoil(setup.text(weight=0)))
+        await _wait_for(lambda: any(e.kind == "reload_refused"
+                                    for e in app.runtime.events.recent(9)))
+        await asyncio.sleep(1.5)  # more polls of the same content: no new refusal
+        assert await _refusals(app) == 1
+        await _assert_refused_and_still_serving(app, setup, message)
+    logged = [r for r in caplog.records if r.name == "proxy.reload"]
+    assert [r.levelno for r in logged] == [logging.ERROR] * 2  # the poll, then POST /reload
+    assert "refused" in logged[0].getMessage() and message in logged[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback in the log
+
+
+async def test_parser_failing_unexpectedly_is_a_refusal_not_a_crash(
+    setup, running, caplog, monkeypatch
+):
+    setup.write(setup.text(weight=0))
+    app = await running()
+
+    def broken(text: str, source: str) -> None:
+        raise RuntimeError("parser bug\nsecond line")
+
+    monkeypatch.setattr(reload_module, "parse_config", broken)
+    with caplog.at_level(logging.INFO, logger="proxy.reload"):
+        setup.write(setup.text(weight=100))
+        await _wait_for(lambda: any(e.kind == "reload_refused"
+                                    for e in app.runtime.events.recent(9)))
+        await asyncio.sleep(1.5)
+        assert await _refusals(app) == 1
+        await _assert_refused_and_still_serving(
+            app, setup, "cannot read this config: RuntimeError: parser bug")
+    logged = [r for r in caplog.records if r.name == "proxy.reload"
+              and r.levelno >= logging.INFO]
+    assert [r.levelno for r in logged] == [logging.ERROR] * 2  # the poll, then POST /reload
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback every second
+    assert app.runtime.rollout("chat").effective_weight == 0
+
+
+async def test_snapshot_build_failing_is_a_refusal(setup, running, monkeypatch):
+    setup.write(setup.text(weight=0))
+    app = await running()
+    before = app.runtime.snapshot
+
+    def broken(config, previous):
+        raise RuntimeError("cannot build")
+
+    monkeypatch.setattr(app.runtime, "_build", broken)
+    setup.write(setup.text(weight=100))
+    await _assert_refused_and_still_serving(
+        app, setup, "cannot apply this config: RuntimeError: cannot build")
+    assert app.runtime.snapshot is before
+    monkeypatch.undo()
+    assert (await app.watcher.check(force=True)).ok
+    assert app.runtime.rollout("chat").effective_weight == 100
 
 
 async def test_kubernetes_configmap_symlink_swap(setup, running):
