@@ -321,7 +321,7 @@ class FleetLink:
             fields = fs.state_fields(
                 fp, latch=rollout.latch, manual_weight=rollout.manual_weight,
                 configured_weight=canary.weight if canary else None, step=rollout.step,
-                cepoch=cepoch, sepoch=sepoch)
+                step_weight=rollout.step_weight, cepoch=cepoch, sepoch=sepoch)
             override = rollout.kill_override
             kill = b"" if override is None else fs.kill_field(
                 override, rollout.route.kill_switch.enabled)
@@ -344,7 +344,7 @@ class FleetLink:
                 shared.set_epochs(state.cepoch, state.sepoch)
             rollout_sync.apply_fleet_state(rollout, present=state.present, latch=state.latch,
                                       manual_weight=state.manual_weight, step=state.step,
-                                      kill=state.kill)
+                                      kill=state.kill, step_weight=state.step_weight)
 
     def __repr__(self) -> str:
         return (f"<FleetLink {self.url} {'up' if self.up else 'down'}, "

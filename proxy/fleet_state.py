@@ -70,6 +70,7 @@ class FleetState:
     latch: dict[str, Any] | None = None
     manual_weight: float | None = None
     step: int | None = None
+    step_weight: float | None = None  # the step's weight where it was taken (None: older)
     kill: bool | None = None
     cepoch: str = ""
     sepoch: str = ""
@@ -79,6 +80,23 @@ def kill_field(enabled: bool, configured: bool) -> bytes:
     """The stored kill override and the configured ``kill_switch.enabled`` it was made
     against: ``b"1/0"`` is killed by an operator where the config says not killed."""
     return (b"1/" if enabled else b"0/") + (b"1" if configured else b"0")
+
+
+def step_field(step: int, weight: float | None) -> bytes:
+    """A progressive step and its weight on the replica that took it: ``b"1/60"``. Steps
+    travel with their weight, so a replica whose plan differs (a config change rolling
+    through the fleet) maps the weight onto its own steps, never the bare index."""
+    return f"{step}/{weight:g}".encode() if weight is not None else str(step).encode()
+
+
+def decode_step(raw: bytes) -> tuple[int | None, float | None]:
+    index, _, weight = raw.partition(b"/")
+    if not index.isdigit():
+        return None, None
+    try:
+        return int(index), float(weight) if weight else None
+    except ValueError:
+        return int(index), None
 
 
 def decode_state(flat: dict[bytes, bytes], fingerprint: str,
@@ -102,8 +120,8 @@ def decode_state(flat: dict[bytes, bytes], fingerprint: str,
         if (isinstance(value, list) and len(value) == 2 and value[1] == configured_weight
                 and isinstance(value[0], int | float)):
             state.manual_weight = float(value[0])
-    if (step := got.get(p + "step")) is not None and step.isdigit():
-        state.step = int(step)
+    if (step := got.get(p + "step")) is not None:
+        state.step, state.step_weight = decode_step(step)
     state.cepoch = got.get(p + "cepoch", b"").decode()
     state.sepoch = got.get(p + "sepoch", b"").decode()
     return state
@@ -111,7 +129,8 @@ def decode_state(flat: dict[bytes, bytes], fingerprint: str,
 
 def state_fields(fingerprint: str, *, latch: dict[str, Any] | None,
                  manual_weight: float | None, configured_weight: float | None,
-                 step: int | None, cepoch: str, sepoch: str) -> dict[str, bytes]:
+                 step: int | None, step_weight: float | None, cepoch: str,
+                 sepoch: str) -> dict[str, bytes]:
     """Every rollout field of a route's hash, for seeding Redis from local state (the
     ``kill`` field is seeded apart, only where Redis has none)."""
     p = fp8(fingerprint) + ":"
@@ -122,7 +141,7 @@ def state_fields(fingerprint: str, *, latch: dict[str, Any] | None,
     if manual_weight is not None:
         out[p + "weight"] = orjson.dumps([manual_weight, configured_weight])
     if step is not None:
-        out[p + "step"] = str(step).encode()
+        out[p + "step"] = step_field(step, step_weight)
     return out
 
 
@@ -141,7 +160,9 @@ def op_fields(fingerprint: str, op: str, data: dict[str, Any], *,
     elif op in ("weight", "promote"):
         sets[p + "weight"] = orjson.dumps([data.get("weight"), configured_weight])
     elif op == "step":
-        sets[p + "step"] = str(int(data.get("step", 0))).encode()
+        weight = data.get("weight")
+        sets[p + "step"] = step_field(int(data.get("step", 0)),
+                                      weight if isinstance(weight, int | float) else None)
     elif op == "resume":
         dels += [p + "latch", p + "weight"]
         if data.get("step") is not None:

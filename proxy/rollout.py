@@ -214,6 +214,12 @@ class Rollout:
     def step_since(self) -> float:
         return self._step_since
 
+    @property
+    def step_weight(self) -> float | None:
+        """The weight of the current progressive step (None without a plan)."""
+        prog = self.route.progressive
+        return prog.steps[self.step] if prog is not None and self.step is not None else None
+
     # -- automatic decisions ----------------------------------------------------------
     def _after_canary_end(self, failed: bool, latency: float) -> None:
         """Judge at once when the request could have made the canary worse (a failure,
@@ -306,7 +312,7 @@ class Rollout:
         event = self.emit(kind=kind, actor="auto",
                           reason=f"healthy window: weight {weight:g}%",
                           figures=rollback.figures_of(stats))
-        self._announce("step", {"step": self.step}, event)
+        self._announce("step", {"step": self.step, "weight": weight}, event)
 
     # -- operator actions (admin API) -------------------------------------------------
     def rollback(self, reason: str | None, actor: str = "admin") -> None:

@@ -42,9 +42,12 @@ def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any
             return
         r.manual_weight = float(weight)
     elif op == "step":
-        step = data.get("step")
+        step, weight = data.get("step"), data.get("weight")
         if (r.latch is not None or r.step is None or not isinstance(step, int)
-                or step <= r.step or r.route.progressive is None):
+                or r.route.progressive is None):
+            return
+        step = fleet_step(r, step, weight if isinstance(weight, int | float) else None)
+        if step <= r.step:
             return
         r.go_to_step(step)
     else:
@@ -58,7 +61,7 @@ def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any
 
 def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None,
                       manual_weight: float | None, step: int | None,
-                      kill: bool | None) -> None:
+                      kill: bool | None, step_weight: float | None = None) -> None:
     """Catch up with the state stored in Redis (at start, after a reconnect or a
     reload): it is the fleet's truth, newer than this replica's state file. With
     ``present`` false Redis knows nothing of this rollout and only ``kill`` counts."""
@@ -85,9 +88,11 @@ def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None
             changed = True
             if manual_weight is not None and latch is None:
                 notes.append(("weight", "admin", f"weight {manual_weight:g}% in the fleet"))
-        if step is not None and r.step is not None and step != r.step:
-            r.go_to_step(step)
-            changed = True
+        if step is not None and r.step is not None and r.route.progressive is not None:
+            step = fleet_step(r, step, step_weight)
+            if step != r.step:
+                r.go_to_step(step)
+                changed = True
     if changed:
         r.changed()
     for kind, actor, reason in notes:
@@ -114,6 +119,17 @@ def state_dict(r: Rollout) -> dict[str, Any]:
         "step": r.step,
         "steps": list(prog.steps) if prog is not None and r.step is not None else None,
     }
+
+
+def fleet_step(r: Rollout, step: int, weight: float | None) -> int:
+    """This replica's step for one another replica took: by the step's weight when the
+    fleet says it (plans differ while a config change rolls through the fleet: the bare
+    index of [50, 60, ...] is 100% under [5, 100]), else by its index."""
+    assert r.route.progressive is not None
+    steps = r.route.progressive.steps
+    if weight is None or (0 <= step < len(steps) and steps[step] == weight):
+        return step
+    return max((i for i, w in enumerate(steps) if w <= weight), default=0)
 
 
 def _carried_step(old_steps: Sequence[float], old_step: int, steps: Sequence[float]) -> int:

@@ -43,10 +43,11 @@ def test_fleet_display_url_drops_credentials_and_fills_defaults() -> None:
 def test_fleet_state_round_trip_keeps_rollouts_apart() -> None:
     latch = {"reason": "manual", "detail": "bad", "actor": "admin", "time": 1.0}
     fields = fs.state_fields("v2|http://a", latch=latch, manual_weight=40.0, configured_weight=5.0,
-                             step=2, cepoch="c1", sepoch="s1")
+                             step=2, step_weight=70.0, cepoch="c1", sepoch="s1")
     flat = {k.encode(): v for k, v in fields.items()}
     mine = fs.decode_state(flat, "v2|http://a", 5.0)
     assert (mine.present, mine.latch, mine.manual_weight, mine.step) == (True, latch, 40.0, 2)
+    assert mine.step_weight == 70.0
     assert (mine.cepoch, mine.sepoch) == ("c1", "s1")
     other = fs.decode_state(flat, "v3|http://b", 5.0)  # a new rollout starts clean
     assert (other.present, other.latch, other.manual_weight) == (False, None, None)
@@ -466,6 +467,39 @@ async def test_fleet_a_stored_kill_override_gives_way_to_a_changed_kill_switch_c
     await asyncio.sleep(0.2)  # the catch-up's HGETALL and its apply
     assert b.runtime.rollout("chat").state == "killed"
     assert a.runtime.rollout("chat").state == "canary"  # A's config did not change
+
+
+@needs_redis
+async def test_fleet_a_step_reaches_a_replica_with_another_plan_by_its_weight(
+    redis_server: RedisServer, model: Any, flipback: Any, tmp_path: Path
+) -> None:
+    """While a config change rolls through the fleet, A steps [50, 60, 70, 100] and B has
+    the new plan [5, 100]. A's step to 60% must not put B at its index 1: 100%."""
+    v1, v2 = await model("v1"), await model("v2")
+    old_rollback = "    rollback: {{min_requests: 3, consecutive_failures: 3, verify: null}}"
+    plan = CONFIG.replace(old_rollback, "    rollback: {{min_requests: 1}}\n"
+                          "    progressive: {{steps: {steps}, interval: {interval}}}")
+    a = await flipback(plan, state=tmp_path / "a.json", redis=redis_server.url, v1=v1.url,
+                       v2=v2.url, steps="[50, 60, 70, 100]", interval="300ms")
+    b = await flipback(plan, state=tmp_path / "b.json", redis=redis_server.url, v1=v1.url,
+                       v2=v2.url, steps="[5, 100]", interval="1h")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 8
+    i = 0
+    while a.runtime.rollout("chat").step == 0:
+        assert loop.time() < deadline, "A never stepped"
+        i += 1
+        await _ask(a, f"step{i}")
+        await asyncio.sleep(0.01)
+    assert a.runtime.rollout("chat").weight == 60
+    assert await a.runtime.fleet.flush()
+    await asyncio.sleep(0.1)  # the message reached B
+    assert b.runtime.rollout("chat").weight == 5
+    # A replica of the new plan that starts now catches up from Redis the same way.
+    c = await flipback(plan, state=tmp_path / "c.json", redis=redis_server.url, v1=v1.url,
+                       v2=v2.url, steps="[5, 100]", interval="1h")
+    assert c.runtime.rollout("chat").weight == 5
+    assert b.runtime.rollout("chat").state == "canary"
 
 
 @needs_redis
