@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from proxy import __version__
 from proxy.config import ProxyConfig
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ConfigError, ProxyError, describe
 
 DEFAULT_CONFIG = "config/flipback.yaml"
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
@@ -94,6 +94,9 @@ def _load(path: str) -> ProxyConfig | None:
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return None
+    except Exception as exc:  # noqa: BLE001 - a reader bug: still one line, exit 2
+        print(f"{path}:1: (root): cannot read this config: {describe(exc)}", file=sys.stderr)
         return None
 
 

@@ -46,3 +46,9 @@ class StreamBroken(UpstreamError):
 
 class BodyTooLarge(ProxyError):
     """The client's request body passed ``server.max_body``."""
+
+
+def describe(exc: BaseException) -> str:
+    """An unexpected exception in one line: its type and the first line of its message."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

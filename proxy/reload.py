@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from proxy.config import ProxyConfig
 from proxy.config_parser import parse_config
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, describe
 from proxy.runtime import ReloadResult, Runtime
 
 logger = logging.getLogger(__name__)
@@ -47,13 +47,8 @@ def _read_and_parse(path: str, *known: str) -> tuple[str, ProxyConfig | None, li
         # A parser bug must not become a crash loop: refuse this content like any invalid
         # config (the old one keeps serving) and keep the traceback for debugging.
         logger.debug("parsing %s failed unexpectedly", path, exc_info=True)
-        return digest, None, [f"{path}:1: (root): cannot read this config: {_describe(exc)}"]
+        return digest, None, [f"{path}:1: (root): cannot read this config: {describe(exc)}"]
     return digest, _with_hash(cfg, digest), []
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _with_hash(cfg: ProxyConfig, digest: str) -> ProxyConfig:
@@ -110,7 +105,7 @@ class ConfigWatcher:
                     # an invalid file, once for this content.
                     logger.debug("applying %s failed unexpectedly", self._path, exc_info=True)
                     return self._refuse(digest, [
-                        f"{self._path}:1: (root): cannot apply this config: {_describe(exc)}"
+                        f"{self._path}:1: (root): cannot apply this config: {describe(exc)}"
                     ])
                 # Swapped in already: the new config serves; a later step failed. Note it
                 # once and do not apply the same content again on every tick.
@@ -118,7 +113,7 @@ class ConfigWatcher:
                                  digest[:12])
                 self._refused, self._current = "", digest
                 return ReloadResult(ok=True, changed=True, errors=[],
-                                    reason=f"applied; then failed: {_describe(exc)}")
+                                    reason=f"applied; then failed: {describe(exc)}")
             self._refused = ""
             self._current = digest
             logger.info("config reloaded (%s): %s", digest[:12], result.reason)

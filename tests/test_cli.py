@@ -37,6 +37,20 @@ def test_check_bad_config_exits_2_with_file_line(tmp_path, capsys):
     assert any("routes[0].weigth" in line for line in err)
 
 
+def test_check_a_reader_bug_is_still_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """Whatever goes wrong inside the reader, ``check`` never shows a bare traceback."""
+    import proxy.config_parser
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("reader bug\nsecond line")
+
+    monkeypatch.setattr(proxy.config_parser.NodeReader, "read", broken)
+    assert main(["check", "-c", "config/flipback.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["config/flipback.yaml:1: (root): cannot read this config: "
+                   "RuntimeError: reader bug"]
+
+
 def test_check_missing_file_exits_2(tmp_path, capsys):
     assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
