@@ -338,7 +338,7 @@ class FleetLink:
             canary = rollout.route.canary
             state = fs.decode_state(await self.client.hgetall(fs.route_key(name)), fp,
                                     canary.weight if canary else None,
-                                    rollout.route.kill_switch.enabled)
+                                    kill_configured=rollout.route.kill_switch.enabled)
             shared = self._routes.get(name)
             if state.present and shared is not None and shared.fingerprint == fp:
                 shared.set_epochs(state.cepoch, state.sepoch)

@@ -90,6 +90,7 @@ def step_field(step: int, weight: float | None) -> bytes:
 
 
 def decode_step(raw: bytes) -> tuple[int | None, float | None]:
+    """``step_field`` read back: (index, weight); an older bare index has no weight."""
     index, _, weight = raw.partition(b"/")
     if not index.isdigit():
         return None, None
@@ -100,7 +101,7 @@ def decode_step(raw: bytes) -> tuple[int | None, float | None]:
 
 
 def decode_state(flat: dict[bytes, bytes], fingerprint: str,
-                 configured_weight: float | None, kill_configured: bool = False) -> FleetState:
+                 configured_weight: float | None, *, kill_configured: bool) -> FleetState:
     """The hash (``HGETALL``) as this rollout sees it. A manual weight counts only when it
     was set against the same configured weight, a kill override only when made against
     the same configured kill switch (as with the state file; an older bare ``1`` still
@@ -166,7 +167,7 @@ def op_fields(fingerprint: str, op: str, data: dict[str, Any], *,
     elif op == "resume":
         dels += [p + "latch", p + "weight"]
         if data.get("step") is not None:
-            sets[p + "step"] = str(int(data["step"])).encode()
+            sets[p + "step"] = step_field(int(data["step"]), None)
     # Only the ops that draw epochs write them: any other op from a replica that missed
     # a resume would otherwise put the old epochs (and their pins) back.
     if cepoch:

@@ -61,7 +61,7 @@ def apply_remote(r: Rollout, op: str, data: dict[str, Any], event: dict[str, Any
 
 def apply_fleet_state(r: Rollout, *, present: bool, latch: dict[str, Any] | None,
                       manual_weight: float | None, step: int | None,
-                      kill: bool | None, step_weight: float | None = None) -> None:
+                      kill: bool | None, step_weight: float | None) -> None:
     """Catch up with the state stored in Redis (at start, after a reconnect or a
     reload): it is the fleet's truth, newer than this replica's state file. With
     ``present`` false Redis knows nothing of this rollout and only ``kill`` counts."""
@@ -121,6 +121,12 @@ def state_dict(r: Rollout) -> dict[str, Any]:
     }
 
 
+def _step_at_most(steps: Sequence[float], weight: float) -> int:
+    """The highest step whose weight is not above ``weight`` (the first if none): where a
+    rollout goes on under another plan, so a changed plan never raises the weight."""
+    return max((i for i, w in enumerate(steps) if w <= weight), default=0)
+
+
 def fleet_step(r: Rollout, step: int, weight: float | None) -> int:
     """This replica's step for one another replica took: by the step's weight when the
     fleet says it (plans differ while a config change rolls through the fleet: the bare
@@ -129,17 +135,7 @@ def fleet_step(r: Rollout, step: int, weight: float | None) -> int:
     steps = r.route.progressive.steps
     if weight is None or (0 <= step < len(steps) and steps[step] == weight):
         return step
-    return max((i for i, w in enumerate(steps) if w <= weight), default=0)
-
-
-def _carried_step(old_steps: Sequence[float], old_step: int, steps: Sequence[float]) -> int:
-    """The step of ``steps`` a rollout at ``old_step`` of ``old_steps`` goes on from: the
-    same one under the same plan, else the highest whose weight is not above the old
-    step's (the first if none), so an edited plan never raises the weight unobserved."""
-    if tuple(old_steps) == tuple(steps):
-        return old_step
-    weight = old_steps[old_step]
-    return max((i for i, w in enumerate(steps) if w <= weight), default=0)
+    return _step_at_most(steps, weight)
 
 
 def adopt(r: Rollout, old: Rollout) -> None:
@@ -177,7 +173,7 @@ def adopt(r: Rollout, old: Rollout) -> None:
             if old_steps == steps:
                 r.go_to_step(old.step, since=old.step_since())
             else:  # a new plan: its interval starts now
-                r.go_to_step(_carried_step(old_steps, old.step, steps))
+                r.go_to_step(_step_at_most(steps, old_steps[old.step]))
     r.refresh()
 
 
@@ -210,5 +206,7 @@ def restore(r: Rollout, saved: dict[str, Any]) -> None:
                 logger.warning("route %s: progressive step %d not restored: out of range",
                                r.name, step)
             else:
-                r.go_to_step(_carried_step(old_steps, step, r.route.progressive.steps))
+                steps = r.route.progressive.steps
+                r.go_to_step(step if old_steps == list(steps)
+                             else _step_at_most(steps, old_steps[step]))
     r.refresh()

@@ -45,13 +45,14 @@ def test_fleet_state_round_trip_keeps_rollouts_apart() -> None:
     fields = fs.state_fields("v2|http://a", latch=latch, manual_weight=40.0, configured_weight=5.0,
                              step=2, step_weight=70.0, cepoch="c1", sepoch="s1")
     flat = {k.encode(): v for k, v in fields.items()}
-    mine = fs.decode_state(flat, "v2|http://a", 5.0)
+    mine = fs.decode_state(flat, "v2|http://a", 5.0, kill_configured=False)
     assert (mine.present, mine.latch, mine.manual_weight, mine.step) == (True, latch, 40.0, 2)
     assert mine.step_weight == 70.0
     assert (mine.cepoch, mine.sepoch) == ("c1", "s1")
-    other = fs.decode_state(flat, "v3|http://b", 5.0)  # a new rollout starts clean
+    other = fs.decode_state(flat, "v3|http://b", 5.0, kill_configured=False)  # a new rollout
     assert (other.present, other.latch, other.manual_weight) == (False, None, None)
-    assert fs.decode_state(flat, "v2|http://a", 10.0).manual_weight is None  # new config weight
+    again = fs.decode_state(flat, "v2|http://a", 10.0, kill_configured=False)
+    assert again.manual_weight is None  # set against another configured weight
 
 
 @pytest.mark.parametrize(("stored", "configured", "kill"), [
@@ -65,7 +66,8 @@ def test_fleet_state_round_trip_keeps_rollouts_apart() -> None:
 def test_fleet_kill_override_counts_against_the_config_it_was_made_for(
     stored: bytes, configured: bool, kill: bool | None
 ) -> None:
-    assert fs.decode_state({b"kill": stored}, "v2|http://a", 5.0, configured).kill is kill
+    state = fs.decode_state({b"kill": stored}, "v2|http://a", 5.0, kill_configured=configured)
+    assert state.kill is kill
 
 
 def test_fleet_message_decode_rejects_foreign_payloads() -> None:
@@ -371,7 +373,8 @@ async def test_fleet_an_action_from_a_replica_with_old_epochs_keeps_the_newer_on
     assert (on_a.cepoch, on_a.sepoch) == epochs  # the weight message carried no epochs
     assert await b.runtime.fleet.flush()
     stored = fs.decode_state(await a.runtime.fleet.client.hgetall(fs.route_key("chat")),
-                             a.runtime.rollout("chat").fingerprint(), 30.0)
+                             a.runtime.rollout("chat").fingerprint(), 30.0,
+                             kill_configured=False)
     assert (stored.cepoch, stored.sepoch) == epochs
 
 
@@ -492,9 +495,12 @@ async def test_fleet_a_step_reaches_a_replica_with_another_plan_by_its_weight(
         await _ask(a, f"step{i}")
         await asyncio.sleep(0.01)
     assert a.runtime.rollout("chat").weight == 60
-    assert await a.runtime.fleet.flush()
-    await asyncio.sleep(0.1)  # the message reached B
+    # A later action from A that B visibly applies: B has then handled the step before it.
+    await a.post_admin("/routes/chat/kill", {"enabled": True})
+    await _until(lambda: b.runtime.rollout("chat").kill_override is True, 1.0)
     assert b.runtime.rollout("chat").weight == 5
+    await a.post_admin("/routes/chat/kill", {"enabled": False})
+    await _until(lambda: b.runtime.rollout("chat").kill_override is False, 1.0)
     # A replica of the new plan that starts now catches up from Redis the same way.
     c = await flipback(plan, state=tmp_path / "c.json", redis=redis_server.url, v1=v1.url,
                        v2=v2.url, steps="[5, 100]", interval="1h")
