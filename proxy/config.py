@@ -37,11 +37,22 @@ def _frozen() -> dict[str, bool]:
 
 
 @dataclass(**_frozen())
+class RequestIdConfig:
+    header: str = "x-request-id"  # lower-cased
+    generate: str = "uuid4"  # or "hex32", or "off" (pass the client's, make none)
+
+
+@dataclass(**_frozen())
 class ServerConfig:
     listen: str = "0.0.0.0:8080"
     max_body: Bytes = 10 * MIB
     inspect_body: Bytes = 1 * MIB
     header_timeout: Seconds = 10.0
+    body_timeout: Seconds = 60.0  # longest gap between request body bytes (-> 408)
+    keepalive_timeout: Seconds = 75.0  # an idle client connection is closed after this
+    max_header_bytes: Bytes = 64 * KIB  # request line and headers (-> 431)
+    headers_with_underscores: str = "drop"  # or "allow", "reject" (-> 400)
+    request_id: RequestIdConfig = field(default_factory=RequestIdConfig)
     drain_timeout: Seconds = 30.0
 
 
@@ -178,7 +189,9 @@ class RouteConfig:
     sticky: StickyConfig | None = None
     shadow: ShadowConfig | None = None
     fallback: str | None = None
-    retry_canary_on_stable: bool = True
+    # True, False, or "unsent": only failures where the canary provably never got the
+    # request (connect refused, pool saturated), for endpoints that must not run twice.
+    retry_canary_on_stable: bool | str = True
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
     kill_switch: KillSwitchConfig = field(default_factory=KillSwitchConfig)
     override_header: str | None = None  # lower-cased

@@ -55,6 +55,10 @@ def _server_check(reader: NodeReader, sec: Section) -> None:
         )
 
 
+_REQUEST_ID = section(
+    c.RequestIdConfig,
+    {"header": v.header_name, "generate": scalar(v.id_generator)},
+)
 _HEALTH = section(
     c.HealthConfig,
     {
@@ -158,6 +162,11 @@ class Schema:
                         "max_body": size(minimum=1),
                         "inspect_body": size(),
                         "header_timeout": duration(),
+                        "body_timeout": duration(),
+                        "keepalive_timeout": duration(),
+                        "max_header_bytes": size(minimum=1024),
+                        "headers_with_underscores": choice("allow", "drop", "reject"),
+                        "request_id": _REQUEST_ID,
                         "drain_timeout": duration(positive=False),
                     },
                     check=_server_check,
@@ -238,7 +247,7 @@ class Schema:
                     )
                 ),
                 "fallback": nullable(ref),
-                "retry_canary_on_stable": boolean(),
+                "retry_canary_on_stable": scalar(v.retry_policy),
                 "rollback": _ROLLBACK,
                 "kill_switch": _KILL_SWITCH,
                 "override_header": nullable(v.header_name),

@@ -135,6 +135,22 @@ def parse_status(value: object) -> frozenset[int]:
     return frozenset({value})
 
 
+def retry_policy(value: object) -> bool | str:
+    """``retry_canary_on_stable``: true, false, or ``unsent`` (only what never left)."""
+    if isinstance(value, bool) or value == "unsent":
+        return value
+    raise Invalid(f"expected true, false or 'unsent', got {describe(value)}")
+
+
+def id_generator(value: object) -> str:
+    """``request_id.generate``: uuid4, hex32 or off (YAML reads a bare ``off`` as false)."""
+    if value is False:
+        return "off"
+    if value in ("uuid4", "hex32", "off"):
+        return str(value)
+    raise Invalid(f"must be one of: uuid4, hex32, off; got {describe(value)}")
+
+
 def _header_value(value: object) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         raise Invalid(f"expected a string, got {describe(value)} (quote it: '{describe(value)}')")

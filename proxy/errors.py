@@ -44,8 +44,29 @@ class StreamBroken(UpstreamError):
     """The upstream connection ended or reset before the response was complete."""
 
 
-class BodyTooLarge(ProxyError):
+class ClientRequestError(ProxyError):
+    """The client's request cannot be served as sent: ``status`` is the 4xx answer and
+    ``reason`` the ``flipback_client_rejections_total`` label."""
+
+    def __init__(self, status: int, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class BodyTooLarge(ClientRequestError):
     """The client's request body passed ``server.max_body``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message, reason="body_too_large")
+
+
+class BodyTimeout(ClientRequestError, TimeoutError):
+    """No request body byte for ``server.body_timeout``. A TimeoutError too, so that
+    aiohttp's lingering read after the handler treats it as the timeout it is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(408, message, reason="body_timeout")
 
 
 def describe(exc: BaseException) -> str:

@@ -18,9 +18,17 @@ from aiohttp import HttpVersion, web
 from aiohttp.streams import StreamReader
 
 from proxy import session_pick
+from proxy.client_conn import ClientConnection, Limits
 from proxy.config import ProxyConfig
-from proxy.errors import BodyTooLarge, UpstreamError
-from proxy.headers import downstream_headers, new_request_id, upstream_headers
+from proxy.errors import (
+    BodyTooLarge,
+    ClientRequestError,
+    ConnectFailed,
+    Saturated,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from proxy.headers import RequestHeaders, downstream_headers
 from proxy.killswitch import kill_response
 from proxy.lanes import Lane
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
@@ -28,6 +36,7 @@ from proxy.rollout import Rollout
 from proxy.runtime import Runtime
 from proxy.shadow import ShadowCopy
 from proxy.sticky import session_key
+from proxy.units import format_size
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("proxy.access")
@@ -51,33 +60,58 @@ def origin_form(target: str) -> str:
 
 
 class _Body:
-    """A streamed request body that enforces ``max_body`` while it flows."""
+    """A streamed request body that enforces ``max_body`` while it flows. ``fault`` keeps
+    a failure that is the client's (too large, too slow): the upstream exchange it broke
+    says nothing about the upstream."""
 
-    __slots__ = ("_content", "_limit", "_prefix", "too_large")
+    __slots__ = ("_content", "_limit", "_prefix", "fault")
 
     def __init__(self, content: StreamReader, limit: int, prefix: bytes = b"") -> None:
         self._content = content
         self._limit = limit
         self._prefix = prefix
-        self.too_large = False
+        self.fault: ClientRequestError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = len(self._prefix)
         if self._prefix:
             yield self._prefix
-        async for chunk in self._content.iter_any():
-            seen += len(chunk)
-            if seen > self._limit:
-                self.too_large = True
-                raise BodyTooLarge(f"request body over {self._limit} bytes")
-            yield chunk
+        try:
+            async for chunk in self._content.iter_any():
+                seen += len(chunk)
+                if seen > self._limit:
+                    raise BodyTooLarge(f"request body over {self._limit} bytes")
+                yield chunk
+        except ClientRequestError as exc:
+            self.fault = exc
+            raise
+
+
+def _retry_cause(exc: UpstreamError | None) -> str:
+    """The ``cause`` label of a retry: the error's kind, or ``status`` for an answer."""
+    if exc is None:
+        return "status"
+    if isinstance(exc, Saturated):
+        return "saturated"
+    if isinstance(exc, ConnectFailed):
+        return "connect_error"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    return "reset"
+
+
+def _never_sent(exc: UpstreamError | None) -> bool:
+    """The upstream provably never got the request: it could not be connected to, or the
+    pool refused it before a connection."""
+    return isinstance(exc, ConnectFailed | Saturated)
 
 
 class Proxy:
     """Holds what every request needs, hoisted out of the per-request path."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, limits: Limits | None = None) -> None:
         self.runtime = runtime
+        self.limits = limits if limits is not None else Limits(0, 0, 1 << 62)
         self._loop_time = asyncio.get_running_loop().time
         self.configure(runtime.snapshot.config)
         runtime.on_apply(self.configure)
@@ -87,32 +121,64 @@ class Proxy:
         self.max_body = config.server.max_body
         self.inspect_body = config.server.inspect_body
         self.access_log = config.log.access
+        self.headers = RequestHeaders(config.server)
+        self.id_header = self.headers.id_name
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             return await self._handle(request)
         except (asyncio.CancelledError, ConnectionError):
             raise
+        except ClientRequestError as exc:  # a limit the client ran into, at any step
+            return self.refuse(exc, self.request_id(request))
         except Exception:
             logger.exception("unexpected error on %s %s", request.method, request.raw_path)
-            rid = request.headers.get("x-request-id") or ""
-            return json_error(502, "internal proxy error", rid)
+            rid = self.request_id(request, new=False)
+            return json_error(502, "internal proxy error", rid, self.id_header)
+
+    def request_id(self, request: web.BaseRequest, new: bool = True) -> str:
+        """The client's request id when it is a plain one (printable ASCII, at most 200
+        characters: it goes into logs, events and JSON), else a new one (or none)."""
+        rid = request.headers.get(self.id_header)
+        if rid and len(rid) <= 200 and rid.isascii() and rid.isprintable():
+            return rid
+        return self.headers.new_id() if new else ""
+
+    def refuse(self, exc: ClientRequestError, rid: str) -> web.Response:
+        """A client-side error: the 4xx it names, and the connection closes (what is left
+        of the request on it cannot be trusted to frame the next one)."""
+        self.limits.count(exc.reason)
+        resp = json_error(exc.status, str(exc), rid, self.id_header)
+        resp.force_close()
+        return resp
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         snap = self.runtime.snapshot
         raw_path = request.raw_path
         if raw_path[:1] != "/":
             raw_path = origin_form(raw_path)
+        rid = self.request_id(request)
+        if "#" in raw_path:  # RFC 9112 3.2: no fragment in a request target (as Envoy)
+            raise ClientRequestError(400, "fragment ('#') in the request target",
+                                     reason="bad_target")
+        protocol = request.protocol
+        if isinstance(protocol, ClientConnection) and protocol.head_over:
+            protocol.head_over = False
+            self._check_head(request)
+        content_length = request.content_length
+        if content_length is None and request.body_exists:
+            te = ", ".join(request.headers.getall("transfer-encoding", ()))
+            if te.strip().lower() != "chunked":  # only chunked is decoded: refuse the rest
+                raise ClientRequestError(400, f"unsupported Transfer-Encoding {te!r}",
+                                         reason="bad_transfer_encoding")
         path = raw_path.partition("?")[0]
-        rid = request.headers.get("x-request-id") or new_request_id()
         rollout = snap.table.match(request.method, path, request.headers)
         if rollout is None:
-            return json_error(404, f"no route for {request.method} {path}", rid)
+            return json_error(404, f"no route for {request.method} {path}", rid, self.id_header)
         if rollout.killed:
             return await self._killed(request, rollout, rid)
-        content_length = request.content_length
         if content_length is not None and content_length > self.max_body:
-            return json_error(413, f"request body over {self.max_body} bytes", rid)
+            return json_error(413, f"request body over {self.max_body} bytes", rid, self.id_header)
         if request.body_exists and request.version >= _HTTP11:
             expect = request.headers.get("expect")
             if expect is not None and expect.lower() == "100-continue":
@@ -158,11 +224,11 @@ class Proxy:
         if not replayable and self._next_lane(rollout, lane) is not None:
             self.runtime.metrics.body_not_replayable_total.labels(route=rollout.name).inc()
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        headers = upstream_headers(
+        headers = self.headers.upstream(
             request.raw_headers,
             client_ip=peer[0] if peer else "unknown",
             proto=b"http",
-            request_id=rid.encode(),
+            request_id=rid,
         )
         # The copy is only scheduled here: it runs once the primary below is on its way.
         tap = (shadow.offer(request.method, raw_path, headers, body, request_id=rid,
@@ -187,6 +253,7 @@ class Proxy:
         failure_statuses = rollout.route.rollback.failure_statuses
         method = request.method
         content_length = request.content_length if isinstance(body, _Body) else None
+        retried_from: list[str] | None = None
         while True:
             started = lane.begin()
             t0 = now()
@@ -194,13 +261,16 @@ class Proxy:
                 up = await lane.pool.send(method, target, headers, body,
                                           content_length=content_length)
             except UpstreamError as exc:
+                if isinstance(body, _Body) and body.fault is not None:
+                    lane.cancel(started)  # the client's fault: the upstream is not judged
+                    raise body.fault from None
                 lane.end(started, role=role, outcome=_outcome_of(exc), failed=True, ttfb=None,
                          total=now() - t0)
-                if isinstance(body, _Body) and body.too_large:
-                    return json_error(413, f"request body over {self.max_body} bytes", rid)
-                nxt = self._next_lane(rollout, lane) if replayable else None
+                nxt = self._retry_lane(rollout, lane, exc) if replayable else None
                 if nxt is None:
-                    return json_error(exc.status, f"upstream {lane.upstream}: {exc}", rid)
+                    return json_error(exc.status, f"upstream {lane.upstream}: {exc}", rid,
+                                      self.id_header)
+                retried_from = self._retried(rollout, lane, nxt, exc, retried_from)
                 lane = nxt
                 role = nxt.role
                 continue
@@ -211,11 +281,12 @@ class Proxy:
             status = up.status
             failed = status in failure_statuses
             if replayable and (failed if lane is rollout.canary else status >= 500):
-                nxt = self._next_lane(rollout, lane)
+                nxt = self._retry_lane(rollout, lane, None)
                 if nxt is not None:
                     up.release()
                     lane.end(started, role=role, outcome=outcome_index(status), failed=failed,
                              ttfb=ttfb, total=ttfb)
+                    retried_from = self._retried(rollout, lane, nxt, None, retried_from)
                     lane = nxt
                     role = nxt.role
                     continue
@@ -224,7 +295,10 @@ class Proxy:
         resp = web.StreamResponse(status=status, reason=up.reason,
                                   headers=downstream_headers(up.headers))
         resp.headers["x-flipback-upstream"] = lane.upstream
-        resp.headers["x-request-id"] = rid
+        if retried_from is not None:
+            resp.headers["x-flipback-retried-from"] = ", ".join(retried_from)
+        if rid:
+            resp.headers[self.id_header] = rid
         if up.content_length is not None and status not in _NO_BODY_STATUSES:
             resp.content_length = up.content_length
         if up.body_ready:
@@ -296,12 +370,45 @@ class Proxy:
 
     @staticmethod
     def _next_lane(rollout: Rollout, lane: Lane) -> Lane | None:
-        """Where a request goes when ``lane`` failed before any byte reached the client."""
+        """Where a request could go when ``lane`` failed before any byte reached the
+        client (so whether its body must be kept for a replay)."""
         if lane is rollout.canary:
             return rollout.stable if rollout.route.retry_canary_on_stable else None
         if lane is rollout.stable:
             return rollout.fallback
         return None
+
+    @staticmethod
+    def _retry_lane(rollout: Rollout, lane: Lane, exc: UpstreamError | None) -> Lane | None:
+        """Where a request goes now that ``lane`` failed before any byte reached the
+        client, by ``exc`` (None: a failing status). ``retry_canary_on_stable: unsent``
+        replays only what the canary provably never received."""
+        if lane is rollout.canary:
+            policy = rollout.route.retry_canary_on_stable
+            if policy is True or (policy == "unsent" and _never_sent(exc)):
+                return rollout.stable
+            return None
+        if lane is rollout.stable:
+            return rollout.fallback
+        return None
+
+    def _retried(self, rollout: Rollout, failed: Lane, nxt: Lane, exc: UpstreamError | None,
+                 so_far: list[str] | None) -> list[str]:
+        """Count a replay and remember the upstream it left, for the response header."""
+        self.runtime.metrics.retries_total.labels(
+            route=rollout.name, from_upstream=failed.upstream, to_upstream=nxt.upstream,
+            cause=_retry_cause(exc)).inc()
+        return [failed.upstream] if so_far is None else [*so_far, failed.upstream]
+
+    def _check_head(self, request: web.BaseRequest) -> None:
+        """The exact size of a header block whose read came in over the cap (the read may
+        have held body bytes too): request line plus each ``name: value``."""
+        size = len(request.raw_path) + 16 + sum(len(n) + len(v) + 4
+                                                for n, v in request.raw_headers)
+        limit = self.limits.max_header_bytes
+        if size > limit:
+            raise ClientRequestError(431, f"request headers over {format_size(limit)}",
+                                     reason="header_too_large")
 
     async def _buffer(self, request: web.BaseRequest, length: int | None) -> bytes | _Body:
         """Read the body into memory when it fits ``inspect_body``, so it can be replayed;
@@ -331,7 +438,7 @@ class Proxy:
         if rollout.route.kill_switch.openai_message is not None and request.body_exists:
             got = await self._buffer(request, request.content_length)
             body = got if isinstance(got, bytes) else b""
-        resp = kill_response(rollout.route.kill_switch, body, rid)
+        resp = kill_response(rollout.route.kill_switch, body, rid, self.id_header)
         status = resp.status
         series = self.runtime.metrics.series(rollout.name, "-", "static")
         series.observe(outcome_index(status), None, self._loop_time() - t0)
@@ -360,11 +467,12 @@ def _outcome_of(exc: UpstreamError) -> int:
     return OUTCOME_TIMEOUT if exc.kind == "timeout" else OUTCOME_ERROR
 
 
-def json_error(status: int, message: str, request_id: str) -> web.Response:
+def json_error(status: int, message: str, request_id: str,
+               id_header: str = "x-request-id") -> web.Response:
     """Errors the proxy makes itself (SPEC §4)."""
     return web.Response(
         status=status,
         body=orjson.dumps({"error": message, "request_id": request_id}),
         content_type=_JSON,
-        headers={"x-request-id": request_id},
+        headers={id_header: request_id} if request_id else None,
     )

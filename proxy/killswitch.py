@@ -26,8 +26,11 @@ def _wants_stream(body: bytes) -> tuple[bool, str]:
     return data.get("stream") is True, model if isinstance(model, str) else "flipback"
 
 
-def kill_response(cfg: KillSwitchConfig, request_body: bytes, request_id: str) -> web.Response:
-    headers = {"x-request-id": request_id, "x-flipback-upstream": "kill_switch"}
+def kill_response(cfg: KillSwitchConfig, request_body: bytes, request_id: str,
+                  id_header: str = "x-request-id") -> web.Response:
+    headers = {"x-flipback-upstream": "kill_switch"}
+    if request_id:
+        headers[id_header] = request_id
     message = cfg.openai_message
     if message is None:
         return web.Response(status=cfg.status, body=cfg.body.encode(),

@@ -126,6 +126,8 @@ class Metrics:
         self._route_gauges: Callable[[], Iterable[RouteGauges]] = lambda: ()
         self._upstream_health: Callable[[], Iterable[tuple[str, bool | None]]] = lambda: ()
         self._redis: Callable[[], tuple[bool, dict[str, int]]] | None = None
+        self._connections: Callable[[], int] | None = None
+        self._rejected: Callable[[], dict[str, int]] = dict
         r = self.registry
         self.rollbacks_total = Counter(
             "flipback_rollbacks_total", "Rollbacks by route and reason", ["route", "reason"],
@@ -160,6 +162,13 @@ class Metrics:
             "flipback_override_ignored_total",
             "Override headers naming no upstream of the route (ignored)",
             ["route"],
+            registry=r,
+        )
+        self.retries_total = Counter(
+            "flipback_retries_total",
+            "Requests replayed on another upstream after a failure before any response byte "
+            "(cause: connect_error, saturated, reset, timeout, status)",
+            ["route", "from_upstream", "to_upstream", "cause"],
             registry=r,
         )
         for result in ("ok", "refused"):
@@ -212,6 +221,13 @@ class Metrics:
         """With ``state.redis``: (connected, failures by operation), read at scrape time.
         Without it the ``flipback_redis_*`` extension metrics are absent."""
         self._redis = source
+
+    def set_client_sources(self, connections: Callable[[], int],
+                           rejected: Callable[[], dict[str, int]]) -> None:
+        """The data-plane listener's open connections and refused requests by reason,
+        read at scrape time (the server sets this once)."""
+        self._connections = connections
+        self._rejected = rejected
 
     def set_config(self, sha256: str) -> None:
         self.config_info.clear()
@@ -279,6 +295,19 @@ class _Collector(Collector):
             if ok is not None:
                 healthy.add_metric([name], 1.0 if ok else 0.0)
         yield healthy
+        if m._connections is not None:
+            yield GaugeMetricFamily(
+                "flipback_client_connections", "Open client connections on the data plane",
+                value=float(m._connections()),
+            )
+        rejected = CounterMetricFamily(
+            "flipback_client_rejections",
+            "Client requests or connections refused by a server limit, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m._rejected().items()):
+            rejected.add_metric([reason], count)
+        yield rejected
         if m._redis is not None:
             connected, errors = m._redis()
             yield GaugeMetricFamily(

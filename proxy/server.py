@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from proxy.admin import RELOAD, admin_token, create_admin_app, is_loopback
-from proxy.config import ProxyConfig
+from proxy.client_conn import DataPlaneServer, Limits
+from proxy.config import ProxyConfig, ServerConfig
 from proxy.errors import ProxyError
 from proxy.handler import Proxy
 from proxy.reload import ConfigWatcher
@@ -28,70 +28,6 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _TimedRequestHandler(RequestHandler):
-    """aiohttp's protocol plus a header timer (slowloris guard): from the first byte of a
-    request (or the connection's start) the client has ``header_timeout`` to finish its
-    headers, else the connection is closed. aiohttp itself has no such timer."""
-
-    header_timeout = 10.0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._hdr_timer: asyncio.TimerHandle | None = None
-        self._parsed = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._arm()
-
-    def _arm(self) -> None:
-        if self._hdr_timer is None and self.header_timeout > 0:
-            self._hdr_timer = self._loop.call_later(self.header_timeout, self._expire)
-
-    def _expire(self) -> None:
-        self._hdr_timer = None
-        if self.transport is not None:
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        if self._request_count == self._parsed and self._current_request is None:
-            self._arm()  # first bytes of a new request: the clock starts
-        super().data_received(data)
-        if self._request_count != self._parsed:
-            self._parsed = self._request_count
-            if self._hdr_timer is not None:
-                self._hdr_timer.cancel()
-                self._hdr_timer = None
-
-    def log_exception(self, *args: Any, **kw: Any) -> None:
-        """aiohttp logs a full traceback for every malformed client request; one line is
-        what an operator wants (the client already got its 400)."""
-        exc = kw.get("exc_info")
-        detail = str(exc).splitlines()[0] if isinstance(exc, BaseException) else ""
-        peer = args[1] if len(args) > 1 else "?"
-        logger.info("bad client request from %s: %s", peer, detail.strip())
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._hdr_timer is not None:
-            self._hdr_timer.cancel()
-            self._hdr_timer = None
-        super().connection_lost(exc)
-
-
-class _DataPlaneServer(web.Server):
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._handler_cls: type[_TimedRequestHandler] = type(
-            "RequestHandler", (_TimedRequestHandler,), {"header_timeout": header_timeout})
-
-    def set_header_timeout(self, seconds: float) -> None:
-        self._handler_cls.header_timeout = seconds
-
-    def __call__(self) -> RequestHandler:
-        handler: RequestHandler = self._handler_cls(self, loop=self._loop, **self._kwargs)
-        return handler
-
-
 class App:
     """A running flipback: data plane and admin listener over one ``Runtime``. With
     ``config_path``, the file is watched and hot reloaded (SPEC §7)."""
@@ -103,7 +39,7 @@ class App:
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
         self.admin_port = 0
-        self._server: _DataPlaneServer | None = None
+        self._server: DataPlaneServer | None = None
         self._data_site: web.TCPSite | None = None
 
     async def start(self) -> None:
@@ -117,16 +53,26 @@ class App:
                 "is not set: refusing to expose admin actions without a token"
             )
         await self.runtime.start()
-        proxy = Proxy(self.runtime)
+        limits = Limits(cfg.server.header_timeout, cfg.server.body_timeout,
+                        cfg.server.max_header_bytes)
+        proxy = Proxy(self.runtime, limits)
         self.runtime.on_apply(self._applied)
-        self._server = _DataPlaneServer(
+        self._server = server = DataPlaneServer(
             proxy.handle,
-            header_timeout=cfg.server.header_timeout,
+            limits=limits,
             handler_cancellation=True,
             access_log=None,
             max_field_size=16384,
+            keepalive_timeout=cfg.server.keepalive_timeout,
+            # Request bodies pass byte for byte, Content-Encoding and all: the upstream
+            # decodes them, and max_body counts the bytes on the wire.
+            auto_decompress=False,
         )
-        data_runner = web.ServerRunner(self._server, handle_signals=False)
+        self.runtime.metrics.set_client_sources(lambda: len(server.connections),
+                                                lambda: limits.rejected)
+        # The drain (below) waits and cuts by itself; cleanup after it only closes.
+        data_runner = web.ServerRunner(self._server, handle_signals=False,
+                                       shutdown_timeout=0.5)
         await data_runner.setup()
         admin_app = create_admin_app(self.runtime, token=token, loopback_only=loopback)
         if self.watcher is not None:
@@ -136,7 +82,8 @@ class App:
                 return (await watcher.check(force=True)).as_json()
 
             admin_app[RELOAD] = reload_now
-        admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=1.0)
         await admin_runner.setup()
         self._runners = [data_runner, admin_runner]
         host, port = split_listen(cfg.server.listen)
@@ -157,8 +104,9 @@ class App:
                     admin_host, self.admin_port)
 
     def _applied(self, config: ProxyConfig) -> None:
-        if self._server is not None:
-            self._server.set_header_timeout(config.server.header_timeout)
+        server = self._server
+        if server is not None:
+            _set_limits(server, config.server)
 
     async def reload(self) -> None:
         """SIGHUP: reload the config file now."""
@@ -171,21 +119,35 @@ class App:
         timeout = self.config.server.drain_timeout
         if self._data_site is not None:
             await self._data_site.stop()
-        if self._server is not None:
-            self._server.pre_shutdown()  # close idle keep-alive connections now
+        server = self._server
+        if server is not None:
+            server.pre_shutdown()  # close idle keep-alive connections now
             try:
-                await asyncio.wait_for(self._server.shutdown(timeout), timeout + 1)
+                async with asyncio.timeout(timeout):
+                    await server.shutdown(None)  # each connection: its handler finishes
             except TimeoutError:
-                logger.warning("drain timeout: %d requests cut", len(self._server.connections))
+                logger.warning("drain timeout: %d requests cut", server.cut())
+                await self.aclose(upstream_grace=0.5)  # cut ones free their upstreams
+                return
         await self.aclose()
 
-    async def aclose(self) -> None:
+    async def aclose(self, upstream_grace: float = 5.0) -> None:
+        """Close listeners and connections, then the runtime; upstream exchanges still
+        open (shadow copies) get ``upstream_grace`` seconds."""
         if self.watcher is not None:
             await self.watcher.aclose()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
-        await self.runtime.aclose()
+        await self.runtime.aclose(upstream_grace)
+
+
+def _set_limits(server: DataPlaneServer, cfg: ServerConfig) -> None:
+    limits = server.limits
+    limits.header_timeout = cfg.header_timeout
+    limits.body_timeout = cfg.body_timeout
+    limits.max_header_bytes = cfg.max_header_bytes
+    server.set_keepalive_timeout(cfg.keepalive_timeout)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -71,7 +71,7 @@ RawHeaders = list[tuple[bytes, bytes]]
 def session_bucket(key: str) -> int:
     """The shadow bucket (0..9999) of a session key: stable across processes and
     replicas (blake2b, never ``hash()``), and independent of the canary split."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8,
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8,
                              person=_PERSON).digest()
     return int.from_bytes(digest, "big") % SESSION_BUCKETS
 

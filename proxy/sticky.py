@@ -18,8 +18,11 @@ BUCKETS = 10_000
 
 
 def key_hash(key: str) -> int:
-    """64-bit stable hash of a session key: the pin table's key and the bucket's source."""
-    return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big")
+    """64-bit stable hash of a session key: the pin table's key and the bucket's source.
+    Hashed as the bytes the client sent: aiohttp decodes header values with
+    surrogateescape, so a key that is not UTF-8 round-trips instead of raising."""
+    raw = key.encode("utf-8", "surrogateescape")
+    return int.from_bytes(blake2b(raw, digest_size=8).digest(), "big")
 
 
 def bucket(hashed: int) -> int:

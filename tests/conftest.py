@@ -25,7 +25,8 @@ async def model(aiohttp_server: Any) -> StartModel:
 
     async def start(name: str) -> FakeModel:
         fake = FakeModel(name)
-        fake.server = await aiohttp_server(fake.app())
+        # auto_decompress off: the fake sees a request body exactly as it was sent.
+        fake.server = await aiohttp_server(fake.app(), auto_decompress=False)
         return fake
 
     return start

@@ -127,6 +127,49 @@ async def test_run_serves_and_drains_on_sigterm(model, tmp_path):
             await proc.wait()
 
 
+async def test_drain_timeout_cuts_long_streams_and_exits(model, tmp_path):
+    """drain_timeout is a deadline: 20 s streams are cut at 1 s and the process exits
+    (aiohttp's own shutdown wait used to run after ours and let every stream finish)."""
+    v1 = await model("v1")
+    v1.behaviour = Behaviour(mode="sse", events=40, event_gap=0.5)
+    proc, port, _ = await _spawn(tmp_path, v1.url, "1s")
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def stream() -> tuple[bool, int]:
+                got = 0
+                try:
+                    async with s.get(f"http://127.0.0.1:{port}/sse") as resp:
+                        async for _ in resp.content.iter_any():
+                            got += 1
+                    return True, got
+                except aiohttp.ClientError:
+                    return False, got
+
+            streams = [asyncio.ensure_future(stream()) for _ in range(5)]
+            for _ in range(100):
+                if v1.in_handler == 5:
+                    break
+                await asyncio.sleep(0.02)
+            assert v1.in_handler == 5
+            t0 = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 8) == 0
+            exited = loop.time() - t0
+            results = await asyncio.gather(*streams)
+        assert exited < 4, exited  # 1 s drain, then the cut: not the streams' 20 s
+        assert all(not complete and got > 0 for complete, got in results), results
+        for _ in range(100):  # the cut reached the upstream: its handlers were cancelled
+            if v1.in_handler == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert v1.in_handler == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_status_and_verbs_against_a_running_proxy(model, flipback, capsys):
     v1, v2 = await model("v1"), await model("v2")
     fb = await flipback("""

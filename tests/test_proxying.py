@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import random
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -59,7 +60,8 @@ async def test_proxy_generates_request_id(model, flipback):
     fb = await flipback(PLAIN, v1=v1.url, extra="")
     async with fb.session.get(fb.url + "/x") as resp:
         rid = resp.headers["x-request-id"]
-    assert len(rid) == 16 and v1.seen[-1].headers["X-Request-Id"] == rid
+    assert uuid.UUID(rid).version == 4 and str(uuid.UUID(rid)) == rid
+    assert v1.seen[-1].headers["X-Request-Id"] == rid
 
 
 async def test_proxy_no_route_is_json_404(model, flipback):

@@ -1,0 +1,86 @@
+"""Replays of a failed canary on stable are visible (a response header, a metric with the
+cause) and can be limited to what the canary provably never received."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+from tests.fakes import Behaviour
+
+ROUTE = """
+upstreams:
+  v1: {{url: "{v1}"}}
+  v2: {{url: "{v2}", timeout: 300ms, connect_timeout: 1s}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/"}}
+    stable: v1
+    canary: {{upstream: v2, weight: 100}}
+    retry_canary_on_stable: {policy}
+    rollback: {{enabled: false}}
+"""
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there now
+
+
+async def _retries(fb) -> dict[str, float]:
+    async with fb.session.get(fb.admin + "/metrics") as resp:
+        text = await resp.text()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^flipback_retries_total\{[^}]*cause="(\w+)"[^}]*\} (\S+)$', text, re.M)}
+
+
+async def test_a_replayed_response_names_the_upstream_it_left_and_the_cause(model, flipback):
+    v1, v2 = await model("v1"), await model("v2")
+    v2.behaviour = Behaviour(mode="status", status=503)
+    fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, policy="true")
+    async with fb.session.post(fb.url + "/chat", data=b"{}") as resp:
+        assert resp.status == 200
+        assert resp.headers["x-flipback-upstream"] == "v1"
+        assert resp.headers["x-flipback-retried-from"] == "v2"
+    v2.behaviour = Behaviour(mode="hang")
+    async with fb.session.post(fb.url + "/chat", data=b"{}") as resp:
+        assert resp.status == 200 and resp.headers["x-flipback-retried-from"] == "v2"
+    v2.behaviour = Behaviour()
+    async with fb.session.post(fb.url + "/chat", data=b"{}") as resp:
+        assert resp.headers["x-flipback-upstream"] == "v2"
+        assert "x-flipback-retried-from" not in resp.headers
+    assert await _retries(fb) == {"status": 1.0, "timeout": 1.0}
+    async with fb.session.get(fb.admin + "/metrics") as resp:
+        text = await resp.text()
+    assert ('flipback_retries_total{cause="status",from_upstream="v2",route="chat",'
+            'to_upstream="v1"} 1.0') in text
+
+
+async def test_unsent_replays_only_what_the_canary_never_received(model, flipback):
+    v1, v2 = await model("v1"), await model("v2")
+    fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, policy="unsent")
+    v2.behaviour = Behaviour(mode="hang")  # received, then no answer: not replayed
+    async with fb.session.post(fb.url + "/chat", data=b"{}") as resp:
+        assert resp.status == 504 and resp.headers.get("x-flipback-upstream") is None
+    v2.behaviour = Behaviour(mode="status", status=500)  # received and answered: passed on
+    async with fb.session.post(fb.url + "/chat", data=b"{}") as resp:
+        assert resp.status == 500 and resp.headers["x-flipback-upstream"] == "v2"
+    assert v1.count == 0  # nothing reached stable twice
+
+    down = await flipback(ROUTE, v1=v1.url, v2=_closed_port_url(), policy="unsent")
+    async with down.session.post(down.url + "/chat", data=b"{}") as resp:
+        assert resp.status == 200  # refused at connect: provably never received
+        assert resp.headers["x-flipback-retried-from"] == "v2"
+    assert v1.count == 1
+    assert await _retries(down) == {"connect_error": 1.0}
+
+
+async def test_retry_policy_is_checked(model, flipback):
+    import pytest
+
+    from proxy.errors import ConfigError
+
+    v1, v2 = await model("v1"), await model("v2")
+    with pytest.raises(ConfigError, match="expected true, false or 'unsent'"):
+        await flipback(ROUTE, v1=v1.url, v2=v2.url, policy="sometimes")
