@@ -178,7 +178,7 @@ class Proxy:
         if rollout.killed:
             return await self._killed(request, rollout, rid)
         if content_length is not None and content_length > self.max_body:
-            return json_error(413, f"request body over {self.max_body} bytes", rid, self.id_header)
+            raise BodyTooLarge(f"request body over {self.max_body} bytes")
         if request.body_exists and request.version >= _HTTP11:
             expect = request.headers.get("expect")
             if expect is not None and expect.lower() == "100-continue":
