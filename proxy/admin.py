@@ -7,6 +7,7 @@ import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -14,12 +15,20 @@ from aiohttp import web
 from proxy.rollback import figures_of
 from proxy.rollout import Rollout, RolloutConflict
 from proxy.runtime import Runtime
+from proxy.units import Bytes
 
 RUNTIME = web.AppKey("runtime", Runtime)
 TOKEN = web.AppKey("token", str)  # "" when no token is set
 LOOPBACK_ONLY = web.AppKey("loopback_only", bool)
 ReloadFn = Callable[[], Awaitable[dict[str, Any]]]
 RELOAD: web.AppKey[ReloadFn] = web.AppKey("reload")
+
+# Reads answer under any Host (probes and Prometheus come by pod IP, dashboards by name);
+# every other method is an action and must pass _refusal.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+JSON = "application/json"
+REASON_LIMIT: Bytes = 1024
+TRUNCATED = "…[truncated]"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -39,26 +48,94 @@ def admin_token(token_env: str) -> str:
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+    return web.Response(status=status, body=orjson.dumps(data), content_type=JSON)
 
 
 def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
-@web.middleware
-async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method != "POST":
-        return await handler(request)
+def _bearer_matches(header: str, token: str) -> bool:
+    """Compare as bytes: aiohttp hands over a header that is not UTF-8 with its bytes
+    escaped as surrogates, which ``str.encode()`` refuses (a 500 and a traceback)."""
+    scheme, _, given = header.encode("utf-8", "surrogateescape").strip().partition(b" ")
+    expected = token.encode("utf-8", "surrogateescape")  # os.environ escapes the same way
+    return hmac.compare_digest(given.strip(), expected) and scheme.lower() == b"bearer"
+
+
+def _loopback_authority(authority: str) -> bool:
+    """``host[:port]`` (a Host header, an Origin's netloc) names a loopback address."""
+    try:
+        host = urlsplit("//" + authority).hostname
+    except ValueError:  # "[::1" and the like
+        return False
+    return host is not None and is_loopback(host)
+
+
+def _own_origin(origin: str, port: int | None) -> bool:
+    """``origin`` is this admin's: http, a loopback name, the port the request came in on."""
+    try:
+        parts = urlsplit(origin)
+        return (parts.scheme == "http" and _loopback_authority(parts.netloc)
+                and (parts.port or 80) == port)
+    except ValueError:  # a port out of range
+        return False
+
+
+def _local_port(request: web.Request) -> int | None:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname[1] if isinstance(sockname, tuple) else None
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    """Why an action (any method but a read) is refused, or None.
+
+    A browser can be made to POST here by any page: a form, or ``fetch`` to a name the page
+    rebinds to 127.0.0.1. Without a token, the loopback listener is the only protection,
+    so the Host must be a loopback name (else 421: DNS rebinding) and an Origin, when
+    sent, this admin's own (else 403: a cross-site request). With a token, which no
+    browser attaches by itself, the admin may be reached by any name (a gateway behind a
+    Kubernetes service). Either way the body must be declared JSON (else 415): a form
+    cannot, and ``fetch`` cannot without a CORS preflight, which is never granted.
+    """
     token = request.app[TOKEN]
     if token:
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not any(_bearer_matches(h, token) for h in request.headers.getall("Authorization", ())):
             return _error(401, "unauthorized: a valid 'Authorization: Bearer <token>' is needed")
     elif not request.app[LOOPBACK_ONLY]:
         return _error(401, "unauthorized: no admin token is set and the listener is not loopback")
-    return await handler(request)
+    else:
+        for host in request.headers.getall("Host", ()):
+            if not _loopback_authority(host):
+                return _error(421, f"misdirected: Host {host!r} is not a loopback name; with no "
+                                   "admin token set, actions are taken only at localhost, "
+                                   "127.0.0.0/8 or [::1]")
+        port = _local_port(request)
+        for origin in request.headers.getall("Origin", ()):
+            if not _own_origin(origin, port):
+                return _error(403, f"forbidden: Origin {origin!r} is not this admin's own "
+                                   f"(http://localhost:{port}); cross-site actions are refused")
+    if request.content_type.lower() != JSON:
+        return _error(415, f"admin actions need 'Content-Type: {JSON}', even with no body")
+    return None
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method in READ_METHODS:
+        return await handler(request)
+    refusal = _refusal(request)
+    return refusal if refusal is not None else await handler(request)
+
+
+def cap_reason(reason: str) -> tuple[str, bool]:
+    """``reason`` cut to REASON_LIMIT bytes of UTF-8 on a character boundary, marked, and
+    whether it was cut: it is kept in the latch, the state file, events, webhooks and logs."""
+    raw = reason.encode()
+    if len(raw) <= REASON_LIMIT:
+        return reason, False
+    keep = raw[: REASON_LIMIT - len(TRUNCATED.encode())]
+    return keep.decode("utf-8", "ignore") + TRUNCATED, True
 
 
 def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
@@ -161,23 +238,32 @@ async def events(request: web.Request) -> web.Response:
     return _json({"events": [e.as_json() for e in runtime.events.recent(limit, route)]})
 
 
-def _action(apply: Callable[[Rollout, dict[str, Any]], None]) -> Handler:
+Action = Callable[[Rollout, dict[str, Any]], dict[str, Any] | None]
+
+
+def _action(apply: Action) -> Handler:
+    """A POST on one route: ``apply`` it, answer the new ROUTE (plus what ``apply`` adds)."""
+
     async def handler(request: web.Request) -> web.StreamResponse:
         try:
             rollout = _rollout(request)
-            apply(rollout, await _body(request))
+            extra = apply(rollout, await _body(request))
         except (RolloutConflict, _BadRequest) as exc:
             return _error(exc.status, str(exc))
-        return _json(route_view(rollout, request.app[RUNTIME]))
+        return _json(route_view(rollout, request.app[RUNTIME]) | (extra or {}))
 
     return handler
 
 
-def _do_rollback(rollout: Rollout, data: dict[str, Any]) -> None:
+def _do_rollback(rollout: Rollout, data: dict[str, Any]) -> dict[str, Any]:
     reason = data.get("reason")
     if reason is not None and not isinstance(reason, str):
         raise RolloutConflict("reason must be a string", status=400)
+    truncated = False
+    if reason is not None:
+        reason, truncated = cap_reason(reason)
     rollout.rollback(reason)
+    return {"reason_truncated": truncated}
 
 
 def _do_weight(rollout: Rollout, data: dict[str, Any]) -> None:
@@ -202,7 +288,7 @@ async def reload(request: web.Request) -> web.Response:
 
 
 def create_admin_app(runtime: Runtime, *, token: str, loopback_only: bool) -> web.Application:
-    app = web.Application(middlewares=[_auth])
+    app = web.Application(middlewares=[_guard])
     app[RUNTIME] = runtime
     app[TOKEN] = token
     app[LOOPBACK_ONLY] = loopback_only

@@ -167,6 +167,8 @@ class AdminClient:
             timeout = aiohttp.ClientTimeout(total=self._timeout, connect=self._timeout / 2)
             self._session = aiohttp.ClientSession(timeout=timeout)
         headers = {"Accept": "application/json"}
+        if method != "GET" and body is None:
+            body = {}  # the admin takes actions only with a JSON body (its CSRF guard)
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         unreachable = f"cannot reach flipback admin at {self.base_url}"
@@ -372,12 +374,15 @@ async def run_verb(base_url: str, token: str | None, verb: str, route: str,
     try:
         async with AdminClient(base_url, token) as client:
             result = await call(client)
+            truncated = result.get("reason_truncated") is True
             if "state" not in result:  # tolerate an admin that answers {"ok": true}
                 result = await client.route(route)
     except AdminError as exc:
         print(f"flipback {verb}: {exc}", file=sys.stderr)
         return exc.exit_code
     print(describe(result), file=out)
+    if truncated:
+        print(f"flipback {verb}: the reason was too long and was cut to 1 KiB", file=sys.stderr)
     return 0
 
 

@@ -88,7 +88,7 @@ async def test_manual_rollback_lands_on_next_request(model, flipback):
     # Weight changes are refused while latched; resume brings back the configured weight.
     status, body = await fb.post_admin("/routes/chat/weight", {"weight": 10})
     assert status == 409 and "resume" in body["error"]
-    status, body = await fb.post_admin("/routes/chat/resume")
+    status, body = await fb.post_admin("/routes/chat/resume", {})
     assert status == 200 and body["state"] == "promoted"
     assert await _upstream_of(fb) == "v2"
     async with fb.session.get(fb.admin + "/metrics") as resp:
@@ -103,15 +103,16 @@ async def test_weight_and_promote(model, flipback):
     assert await _upstream_of(fb) == "v2"
     status, body = await fb.post_admin("/routes/chat/weight", {"weight": 0})
     assert await _upstream_of(fb) == "v1"
-    status, body = await fb.post_admin("/routes/chat/promote")
+    status, body = await fb.post_admin("/routes/chat/promote", {})
     assert status == 200 and body["state"] == "promoted"
     assert await _upstream_of(fb) == "v2"
     for bad in ({"weight": 101}, {"weight": "x"}, {}, {"weight": -1}):
         status, body = await fb.post_admin("/routes/chat/weight", bad)
         assert status == 400 and body["error"]
-    async with fb.session.post(fb.admin + "/routes/chat/weight", data=b"{nope") as resp:
+    async with fb.session.post(fb.admin + "/routes/chat/weight", data=b"{nope",
+                               headers={"Content-Type": "application/json"}) as resp:
         assert resp.status == 400 and "JSON" in (await resp.json())["error"]
-    status, _ = await fb.post_admin("/routes/ghost/promote")
+    status, _ = await fb.post_admin("/routes/ghost/promote", {})
     assert status == 404
 
 
@@ -160,12 +161,12 @@ async def test_token_required_when_set(model, flipback, monkeypatch):
     v1, v2 = await model("v1"), await model("v2")
     text = 'admin: {{listen: "127.0.0.1:0", token_env: FB_TEST_TOKEN}}\n' + ROUTE
     fb = await flipback(text, v1=v1.url, v2=v2.url, weight=0, extra="")
-    status, body = await fb.post_admin("/routes/chat/promote")
+    status, body = await fb.post_admin("/routes/chat/promote", {})
     assert status == 401
-    status, _ = await fb.post_admin("/routes/chat/promote",
+    status, _ = await fb.post_admin("/routes/chat/promote", {},
                                     headers={"Authorization": "Bearer wrong"})
     assert status == 401
-    status, body = await fb.post_admin("/routes/chat/promote",
+    status, body = await fb.post_admin("/routes/chat/promote", {},
                                        headers={"Authorization": "Bearer s3cret"})
     assert status == 200 and body["state"] == "promoted"
     # Reads stay open (probes and dashboards do not carry the token).
