@@ -29,15 +29,21 @@ _OPENS = (
 _CLOSES = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
 
 
+# No config nests anywhere near this deep; PyYAML composes recursively and takes seconds
+# to fail on some thousands of levels, so deeper input is refused before composing.
+MAX_DEPTH = 64
+
+
 def parse_config(text: str, source: str) -> c.ProxyConfig:
     """The config in ``text``; raises ``ConfigError`` listing every problem found."""
     try:
+        deep = _too_deep(text)
+        if deep is not None:
+            raise ConfigError([f"{source}:{deep}: (syntax): nested too deeply"])
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except RecursionError:
-        # PyYAML composes recursively: some 500 nested (even unclosed) brackets exhaust
-        # the stack. No config nests anywhere near that deep.
-        line = _deepest_line(text)
-        raise ConfigError([f"{source}:{line}: (syntax): nested too deeply"]) from None
+        # Unreachable below MAX_DEPTH, kept as the last guard of the recursive composer.
+        raise ConfigError([f"{source}:1: (syntax): nested too deeply"]) from None
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
         problem = exc.problem or "invalid YAML"
@@ -59,21 +65,22 @@ def parse_config(text: str, source: str) -> c.ProxyConfig:
     return replace(cfg, source=source)
 
 
-def _deepest_line(text: str) -> int:
-    """The line where the lists and mappings nest deepest; the scanner is not recursive."""
-    depth = deepest = 0
-    line = 1
+def _too_deep(text: str) -> int | None:
+    """The line where lists and mappings first nest past ``MAX_DEPTH``, else None. The
+    scanner is not recursive, and stops there: deep input costs little more than
+    shallow."""
+    depth = 0
     try:
         for token in yaml.scan(text, Loader=yaml.SafeLoader):
             if isinstance(token, _OPENS):
                 depth += 1
-                if depth > deepest:
-                    deepest, line = depth, token.start_mark.line + 1
+                if depth > MAX_DEPTH:
+                    return int(token.start_mark.line) + 1
             elif isinstance(token, _CLOSES):
                 depth -= 1
     except yaml.YAMLError:
-        pass  # the deepest point so far is the answer
-    return line
+        return None  # compose reports the syntax error with its line
+    return None
 
 
 def load_config(path: str) -> c.ProxyConfig:

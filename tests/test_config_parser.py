@@ -381,3 +381,17 @@ def test_redis_urls_the_client_reads_are_accepted(url: str) -> None:
 def test_redis_urls_the_client_would_refuse_at_start_are_refused(url: str, why: str) -> None:
     with pytest.raises(Invalid, match=why):
         parse_redis_url(url)
+
+
+def test_deep_nesting_is_refused_where_it_passes_the_limit_before_composing():
+    """PyYAML composes recursively (thousands of levels took ~2.6 s to fail, a reload
+    test timed out on a slow machine): the scan stops at the first level past the limit,
+    so the error names that line, not the deepest one."""
+    from proxy.config_parser import MAX_DEPTH
+
+    text = "upstreams:\n  a: {url: 'http://127.0.0.1:1'}\nlog:\n" + "  [\n" * 3000
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "deep.yaml")
+    line = int(info.value.errors[0].split(":")[1])  # line 4 holds the first "["
+    assert info.value.errors[0].endswith("(syntax): nested too deeply")
+    assert line < 4 + MAX_DEPTH, line
