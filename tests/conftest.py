@@ -72,6 +72,8 @@ class Running:
 
     async def post_admin(self, path: str, body: Any = None,
                          headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """POST ``body`` (``{}`` when None: the admin takes actions only as JSON)."""
+        body = {} if body is None else body
         async with self.session.post(self.admin + path, json=body, headers=headers) as resp:
             return resp.status, await resp.json()
 

@@ -158,7 +158,7 @@ async def _assert_refused_and_still_serving(app: App, setup: Setup, message: str
         app.runtime.metrics.render().decode())
     assert await _get(app) == "v1"  # the old config keeps serving
     admin = f"http://127.0.0.1:{app.admin_port}/reload"
-    async with aiohttp.ClientSession() as s, s.post(admin) as resp:
+    async with aiohttp.ClientSession() as s, s.post(admin, json={}) as resp:
         assert resp.status == 400 and resp.content_type == "application/json"
         body = await resp.json()
     assert not body["ok"] and not body["changed"]
@@ -259,12 +259,12 @@ async def test_post_reload_and_its_errors(setup, running):
     admin = f"http://127.0.0.1:{app.admin_port}/reload"
     async with aiohttp.ClientSession() as s:
         setup.write(setup.text(weight=100))
-        async with s.post(admin) as resp:
+        async with s.post(admin, json={}) as resp:
             body = await resp.json()
             assert resp.status == 200 and body["ok"] and body["changed"]
         assert app.runtime.rollout("chat").effective_weight == 100
         setup.write("routes: [")
-        async with s.post(admin) as resp:
+        async with s.post(admin, json={}) as resp:
             body = await resp.json()
             assert resp.status == 400 and not body["ok"]
             assert body["errors"][0].startswith(f"{setup.path}:")

@@ -56,7 +56,8 @@ class Proxy:
 
     async def reload(self, app: App, extra: str) -> None:
         self.write(extra)
-        async with self.session.post(f"http://127.0.0.1:{app.admin_port}/reload") as resp:
+        async with self.session.post(f"http://127.0.0.1:{app.admin_port}/reload",
+                                     json={}) as resp:
             body = await resp.json()
             assert resp.status == 200 and body["ok"], body
 
