@@ -8,7 +8,9 @@ applied them; each replica applies what it receives to its ``Rollout`` without
 re-publishing. On connect and on every reconnect the link catches up: Redis's stored
 state wins, except that a rollout Redis knows nothing of (a fresh or restarted Redis) is
 seeded from this replica's own state, and actions taken while Redis was away are sent
-first.
+first. Redis emptied while connected (FLUSHALL, eviction) is noticed at the next ping
+and caught up the same way. Every replica that sees Redis come back empty writes
+back the sticky pins it holds, in the background (``SharedPins.write_back``).
 
 Redis being slow, down or restarted never fails or delays a request by more than the
 pin lookup timeout (50 ms, and only for a session this replica has not cached): the link
@@ -133,6 +135,7 @@ class FleetLink:
                 else:
                     shared.cepoch, shared.sepoch = prev.cepoch, prev.sepoch
                     shared.set_epochs(prev.cepoch, prev.sepoch)
+                    shared.seed = prev.seed
             routes[name] = shared
             rollout.announce = self.announce
             rollout.shared = shared if rollout.pins is not None else None
@@ -169,6 +172,9 @@ class FleetLink:
 
     def queue_pin(self, key: str, write: PinWrite) -> None:
         self._writer.queue_pin(key, write)
+
+    async def write_pins(self, batch: list[tuple[str, PinWrite]]) -> None:
+        await self._writer.write_pins(batch)
 
     def announce(self, rollout: Rollout, op: str, data: dict[str, Any],
                  event: Event | None) -> None:
@@ -235,8 +241,9 @@ class FleetLink:
                     pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                     await pubsub.subscribe(fs.CHANNEL)
                     self._resync.clear()
-                    await self._sync()
+                    lost = await self._sync()
                 self._set_up()
+                self._write_back(lost)
                 self._started.set()
                 delay = BACKOFF_MIN
                 await self._listen(pubsub)
@@ -272,7 +279,7 @@ class FleetLink:
             if self._resync.is_set():
                 self._resync.clear()
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    await self._sync()
+                    self._write_back(await self._sync())
             message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                timeout=LISTEN_TICK)
             if message is not None and message.get("type") == "message":
@@ -281,11 +288,27 @@ class FleetLink:
             if now >= next_ping:
                 next_ping = now + PING_EVERY
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    await self.client.ping()
+                    await self._ping()
                 for name, shared in self._routes.items():
                     if now - quarter.setdefault(name, now) >= shared.quarter_ttl:
                         quarter[name] = now
                         shared.rotate()
+
+    async def _ping(self) -> None:
+        """The ping reads each rollout's marker and seed token too: a hash gone with the
+        connection up (FLUSHALL, eviction), or seeded again by a replica that noticed
+        first, is Redis come back empty: catch up, and so write the pins back."""
+        routes = list(self._routes.values())
+        if not routes:
+            await self.client.ping()
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for shared in routes:
+                pipe.hmget(fs.route_key(shared.route), *fs.marker_fields(shared.fingerprint))
+            found = await pipe.execute()
+        for shared, (marker, seed) in zip(routes, found, strict=True):
+            if marker is None or (seed or b"").decode() != shared.seed:
+                self._resync.set()
 
     def _receive(self, raw: bytes) -> None:
         message = fs.Message.decode(raw)
@@ -308,9 +331,13 @@ class FleetLink:
             logger.exception("cannot apply %s on %s from %s", message.op, message.route,
                              message.origin)
 
-    async def _sync(self) -> None:
+    async def _sync(self) -> list[SharedPins]:
         """Catch up: seed rollouts Redis does not know, send actions taken while away,
-        then take Redis's stored state as the truth."""
+        then take Redis's stored state as the truth. Returns the routes whose pins Redis
+        lost and this replica holds: the ones it seeded, and the ones whose seed token
+        changed since it last looked (another replica seeded them first); one whose
+        write-back was cut short stays due. A rolled back route's pins are left out:
+        they matter again only after a resume, which drops them."""
         rollouts = dict(self._rollouts())
         seeded: set[tuple[str, str]] = set()
         for name, rollout in rollouts.items():
@@ -321,15 +348,19 @@ class FleetLink:
             fields = fs.state_fields(
                 fp, latch=rollout.latch, manual_weight=rollout.manual_weight,
                 configured_weight=canary.weight if canary else None, step=rollout.step,
-                step_weight=rollout.step_weight, cepoch=cepoch, sepoch=sepoch)
+                step_weight=rollout.step_weight, cepoch=cepoch, sepoch=sepoch,
+                seed=fs.new_epoch())
             override = rollout.kill_override
             kill = b"" if override is None else fs.kill_field(
                 override, rollout.route.kill_switch.enabled)
-            args: list[Any] = [f"{fs.fp8(fp)}:fp", kill]
+            args: list[Any] = [fs.marker_fields(fp)[0], kill]
             for key, value in fields.items():
                 args += [key, value]
             if await self._seed(keys=[fs.route_key(name)], args=args):
                 seeded.add((name, fp))
+                if shared is not None and shared.fingerprint == fp:
+                    shared.seed = fields[fs.marker_fields(fp)[1]].decode()
+                    shared.refill_due = True
         await self._writer.replay(seeded)
         for name, rollout in rollouts.items():
             fp = rollout.fingerprint()
@@ -342,9 +373,22 @@ class FleetLink:
             shared = self._routes.get(name)
             if state.present and shared is not None and shared.fingerprint == fp:
                 shared.set_epochs(state.cepoch, state.sepoch)
+                if shared.seed not in (None, state.seed):
+                    shared.refill_due = True
+                shared.seed = state.seed
             rollout_sync.apply_fleet_state(rollout, present=state.present, latch=state.latch,
                                       manual_weight=state.manual_weight, step=state.step,
                                       kill=state.kill, step_weight=state.step_weight)
+        due = [s for s in self._routes.values() if s.refill_due]
+        for shared in due:
+            owner = rollouts.get(shared.route)
+            if not shared.pins or owner is None or owner.latch is not None:
+                shared.refill_due = False
+        return [s for s in due if s.refill_due]
+
+    def _write_back(self, lost: list[SharedPins]) -> None:
+        for shared in lost:
+            self._tasks.spawn(shared.write_back(), name=f"fleet-write-back-{shared.route}")
 
     def __repr__(self) -> str:
         return (f"<FleetLink {self.url} {'up' if self.up else 'down'}, "

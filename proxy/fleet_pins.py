@@ -5,20 +5,26 @@ a new pin is written in the background, and a pin in use is rewritten (value and
 at most once per ``ttl/4``, so Redis keeps it for ``ttl`` to ``1.25 x ttl`` after its last
 use on any replica and gets it back by itself after an outage. Within the same epochs
 the first pin written wins (``fleet_writer``): a replica that assigned the session
-otherwise adopts it.
+otherwise adopts it. When Redis comes back without them (restarted without persistence,
+flushed), every replica that held pins writes them back (``write_back``), before their
+next use would: meanwhile a replica that has not cached a conversation would assign it
+again by the current weight, and its pin, written first, would move it everywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from proxy import fleet_state
-from proxy.fleet_writer import PinWrite
+from proxy.fleet_writer import PIN_BATCH, PinWrite
 from proxy.pins import STABLE, PinTable
 
 if TYPE_CHECKING:
     from proxy.fleet import FleetLink
+
+logger = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 0.05  # seconds; past this the session is assigned by its bucket
 
@@ -27,7 +33,8 @@ class SharedPins:
     """One route's pin epochs and, for a sticky route, the Redis side of its pins."""
 
     __slots__ = ("route", "fingerprint", "pins", "cepoch", "sepoch", "_link", "_prefix",
-                 "_px", "_fresh", "_max", "_stable", "_canary")
+                 "_px", "_fresh", "_max", "_stable", "_canary", "seed", "refill_due",
+                 "_refills")
 
     def __init__(self, link: FleetLink, *, route: str, fingerprint: str,
                  pins: PinTable | None, ttl: float, max_sessions: int) -> None:
@@ -43,6 +50,9 @@ class SharedPins:
         self.sepoch = ""
         self._stable = b"s"
         self._canary = b"c"
+        self.seed: str | None = None  # the hash's seed token last seen (None: not yet)
+        self.refill_due = False  # Redis lost the pins and they are not all written back
+        self._refills = 0  # write-backs started: a newer one stops an older one
 
     @property
     def available(self) -> bool:
@@ -99,8 +109,53 @@ class SharedPins:
             self._write(hashed, canary)
 
     def _write(self, hashed: int, canary: bool) -> None:
+        self._link.queue_pin(*self._pin(hashed, canary, self._px))
+
+    def _pin(self, hashed: int, canary: bool, px: int) -> tuple[str, PinWrite]:
         ours, rival = (self._canary, self._stable) if canary else (self._stable, self._canary)
-        self._link.queue_pin(self._key(hashed), PinWrite(ours, rival, self._px, self, hashed))
+        return self._key(hashed), PinWrite(ours, rival, px, self, hashed)
+
+    async def write_back(self) -> None:
+        """Redis lost this route's pins: write the ones this replica holds, in the
+        background. Bounded by the table (``max_sessions``), newest generation first,
+        ``PIN_BATCH`` per pipelined round trip with a yield between, so a million pins
+        neither stall the loop nor crowd out pin lookups. Each keeps what is left of its
+        local life (at most the usual ``1.25 x ttl``); a pin another replica wrote first
+        stays and is followed, as for a new pin; a canary pin from before a rollback reads
+        as absent and is not written. Stops when the link goes down, the epochs change
+        or a newer write-back starts (``refill_due`` stays set: the next catch-up goes
+        again); a Redis failure takes the link down. Logs how many pins it wrote."""
+        try:
+            written = await self._write_back()
+        except Exception as exc:  # noqa: BLE001 - still due: the reconnect goes again
+            self._link.failed("pin_write", exc)
+            return
+        logger.info("redis came back empty: wrote back %d pins for route %s%s", written,
+                    self.route, " (cut short)" if self.refill_due else "")
+
+    async def _write_back(self) -> int:
+        pins = self.pins
+        if pins is None:
+            return 0
+        self._refills += 1
+        mine, epochs, written = self._refills, (self.cepoch, self.sepoch), 0
+        for left, hashes in pins.snapshot():
+            px = min(self._px, int(left * 1000))
+            if px < 1:
+                continue
+            for start in range(0, len(hashes), PIN_BATCH):
+                if (not self._link.up or self._refills != mine
+                        or (self.cepoch, self.sepoch) != epochs):
+                    return written
+                batch = [self._pin(hashed, code != STABLE, px)
+                         for hashed in hashes[start:start + PIN_BATCH]
+                         if (code := pins.peek(hashed)) is not None]
+                if batch:
+                    await self._link.write_pins(batch)
+                    written += len(batch)
+                await asyncio.sleep(0)
+        self.refill_due = False
+        return written
 
     def adopt(self, hashed: int, raw: bytes) -> None:
         """Another replica pinned this session first, in these epochs: follow its pin

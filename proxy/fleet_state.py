@@ -5,7 +5,10 @@ One hash per route, ``flipback:route:NAME``. The route-level kill switch is the 
 ``kill``; everything that belongs to one rollout is prefixed with a short hash of the
 rollout's fingerprint (``FP8:latch``, ``FP8:weight``, ``FP8:step``, ``FP8:cepoch``,
 ``FP8:sepoch``, and the marker ``FP8:fp``), so a new rollout starts from a clean slate
-while replicas still on the old config keep theirs.
+while replicas still on the old config keep theirs. ``FP8:seed`` is a random token drawn
+by the replica that seeded the hash: one that changed since a replica last read it says
+Redis lost its data meanwhile (restarted without persistence, flushed), so the replica
+writes its pins back.
 
 Pins are plain strings, ``flipback:pin:NAME:FP8:HASH`` -> ``s<sepoch>`` or ``c<cepoch>``.
 The epochs are random tokens: a rollback draws a new canary epoch (every canary pin in
@@ -41,6 +44,12 @@ def pin_prefix(route: str, fingerprint: str) -> str:
     return f"{PREFIX}pin:{route}:{fp8(fingerprint)}:"
 
 
+def marker_fields(fingerprint: str) -> tuple[str, str]:
+    """The hash fields that say Redis knows this rollout, and who seeded it last."""
+    p = fp8(fingerprint)
+    return f"{p}:fp", f"{p}:seed"
+
+
 def new_epoch() -> str:
     return secrets.token_hex(4)
 
@@ -74,6 +83,7 @@ class FleetState:
     kill: bool | None = None
     cepoch: str = ""
     sepoch: str = ""
+    seed: str = ""  # the seeding replica's token ("" from a version that wrote none)
 
 
 def kill_field(enabled: bool, configured: bool) -> bytes:
@@ -125,18 +135,19 @@ def decode_state(flat: dict[bytes, bytes], fingerprint: str,
         state.step, state.step_weight = decode_step(step)
     state.cepoch = got.get(p + "cepoch", b"").decode()
     state.sepoch = got.get(p + "sepoch", b"").decode()
+    state.seed = got.get(p + "seed", b"").decode()
     return state
 
 
 def state_fields(fingerprint: str, *, latch: dict[str, Any] | None,
                  manual_weight: float | None, configured_weight: float | None,
                  step: int | None, step_weight: float | None, cepoch: str,
-                 sepoch: str) -> dict[str, bytes]:
+                 sepoch: str, seed: str) -> dict[str, bytes]:
     """Every rollout field of a route's hash, for seeding Redis from local state (the
     ``kill`` field is seeded apart, only where Redis has none)."""
     p = fp8(fingerprint) + ":"
     out = {p + "fp": fingerprint.encode(), p + "cepoch": cepoch.encode(),
-           p + "sepoch": sepoch.encode()}
+           p + "sepoch": sepoch.encode(), p + "seed": seed.encode()}
     if latch is not None:
         out[p + "latch"] = orjson.dumps(latch)
     if manual_weight is not None:

@@ -140,24 +140,26 @@ class FleetWriter:
                         break
                     continue
                 n = min(PIN_BATCH, len(self.pins))
-                batch = [self.pins.popitem() for _ in range(n)]
                 try:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for key, w in batch:  # queued in the pipeline (no I/O)
-                            await self._set_pin(keys=[key], args=[w.value, w.rival, w.px],
-                                                client=pipe)
-                        async with asyncio.timeout(WRITE_TIMEOUT):  # loads the script if need be
-                            found = await pipe.execute()
+                    await self.write_pins([self.pins.popitem() for _ in range(n)])
                 except Exception as exc:  # noqa: BLE001 - pins come back with their next use
                     self._failed("pin_write", exc)
-                    continue
-                for (_, w), raw in zip(batch, found, strict=True):
-                    if raw is not None and raw != w.value:
-                        w.owner.adopt(w.hashed, raw)
             if not self._is_up():
                 self.pins.clear()
             if not self.outbox and not self.pins or not self._is_up():
                 self._idle.set()
+
+    async def write_pins(self, batch: list[tuple[str, PinWrite]]) -> None:
+        """One pipelined round trip of ``SET_PIN``s; where another replica's pin was
+        there first, its owner follows it. Raises on failure."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, w in batch:  # queued in the pipeline (no I/O)
+                await self._set_pin(keys=[key], args=[w.value, w.rival, w.px], client=pipe)
+            async with asyncio.timeout(WRITE_TIMEOUT):  # loads the script if need be
+                found = await pipe.execute()
+        for (_, w), raw in zip(batch, found, strict=True):
+            if raw is not None and raw != w.value:
+                w.owner.adopt(w.hashed, raw)
 
     async def _send_next(self) -> bool:
         async with self._lock:

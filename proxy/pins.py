@@ -65,6 +65,26 @@ class PinTable:
             return None  # pinned to a canary that has since been rolled back or replaced
         return value
 
+    def peek(self, hashed: int) -> int | None:
+        """As ``get``, without counting as a use (no move to the newest generation)."""
+        for g in self._gens:
+            value = g.get(hashed)
+            if value is not None:
+                return value if value == STABLE or value == self._canary else None
+        return None
+
+    def snapshot(self) -> list[tuple[float, list[int]]]:
+        """The pinned hashes, newest generation first, each with the seconds the table
+        keeps that generation from now: what the fleet writes back to a Redis that lost
+        its pins. Copies of the keys only (C speed); values are read with ``peek`` when
+        written, so a pin dropped or rolled back meanwhile is not."""
+        now = self._clock()
+        if now >= self._rotate_at:
+            self._rotate(now)
+        period, last = self._ttl / 2, GENERATIONS - 1
+        return [(self._rotate_at - now + (last - i) * period, list(g))
+                for i, g in enumerate(self._gens)]
+
     def put(self, hashed: int, value: int) -> None:
         newest = self._gens[0]
         if hashed not in newest and len(self) >= self._max:

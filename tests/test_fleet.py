@@ -43,12 +43,13 @@ def test_fleet_display_url_drops_credentials_and_fills_defaults() -> None:
 def test_fleet_state_round_trip_keeps_rollouts_apart() -> None:
     latch = {"reason": "manual", "detail": "bad", "actor": "admin", "time": 1.0}
     fields = fs.state_fields("v2|http://a", latch=latch, manual_weight=40.0, configured_weight=5.0,
-                             step=2, step_weight=70.0, cepoch="c1", sepoch="s1")
+                             step=2, step_weight=70.0, cepoch="c1", sepoch="s1",
+                             seed="t1")
     flat = {k.encode(): v for k, v in fields.items()}
     mine = fs.decode_state(flat, "v2|http://a", 5.0, kill_configured=False)
     assert (mine.present, mine.latch, mine.manual_weight, mine.step) == (True, latch, 40.0, 2)
     assert mine.step_weight == 70.0
-    assert (mine.cepoch, mine.sepoch) == ("c1", "s1")
+    assert (mine.cepoch, mine.sepoch, mine.seed) == ("c1", "s1", "t1")
     other = fs.decode_state(flat, "v3|http://b", 5.0, kill_configured=False)  # a new rollout
     assert (other.present, other.latch, other.manual_weight) == (False, None, None)
     again = fs.decode_state(flat, "v2|http://a", 10.0, kill_configured=False)
