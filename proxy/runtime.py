@@ -309,6 +309,16 @@ class Runtime:
             yield name, self.health.healthy(name) if self.health.is_probed(name) else None
 
 
+# Events an operator should look at; the rest (admin actions, steps, health back) are
+# routine and log at INFO.
+_WARN_KINDS = frozenset({"rollback", "verify_failed", "reload_refused", "kill",
+                         "canary_unhealthy"})
+# A reason comes from a client of the admin API: control characters are escaped so that
+# it cannot forge log lines.
+_ESCAPE = {i: f"\\x{i:02x}" for i in range(32)} | {10: "\\n", 13: "\\r", 9: "\\t", 127: "\\x7f"}
+
+
 def _log_event(event: Any) -> None:
-    logger.warning("event %s route=%s actor=%s: %s", event.kind, event.route, event.actor,
-                   event.reason)
+    level = logging.WARNING if event.kind in _WARN_KINDS else logging.INFO
+    logger.log(level, "event %s route=%s actor=%s: %s", event.kind, event.route, event.actor,
+               str(event.reason).translate(_ESCAPE))
