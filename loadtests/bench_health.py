@@ -1,6 +1,6 @@
 """What an active health probe costs flipback: CPU per probe against a fast upstream.
 
-Runs ``upstream_fast`` in a child process and calls the real probe (``proxy.health``) N
+Runs ``upstream_fast`` in a child process and calls the real probe (``proxy.upstream.health``) N
 times back to back on uvloop, measuring this process's CPU time. A probe every 5 s per
 upstream (the default interval) then costs (CPU per probe / 5 s) of one core.
 
@@ -19,9 +19,9 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.procs import ChildGroup, free_port, wait_port  # noqa: E402
-from proxy.config import HealthConfig, UpstreamConfig  # noqa: E402
-from proxy.health import _Probe  # noqa: E402
-from proxy.upstream import UpstreamPool  # noqa: E402
+from proxy.config.model import HealthConfig, UpstreamConfig  # noqa: E402
+from proxy.upstream.health import _Probe  # noqa: E402
+from proxy.upstream.pool import UpstreamPool  # noqa: E402
 
 
 async def measure(port: int, n: int) -> tuple[float, float]:

@@ -24,8 +24,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.config import UpstreamConfig  # noqa: E402
-from proxy.upstream import UpstreamPool  # noqa: E402
+from proxy.config.model import UpstreamConfig  # noqa: E402
+from proxy.upstream.pool import UpstreamPool  # noqa: E402
 
 Fetch = Callable[[], Awaitable[int]]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import NOTIFY_KINDS
+from proxy.config.model import NOTIFY_KINDS
 
 EVENT_KINDS = frozenset(NOTIFY_KINDS)  # every event kind can be chosen for notify
 ACTORS = frozenset({"auto", "admin", "config"})

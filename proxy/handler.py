@@ -19,7 +19,7 @@ from aiohttp.streams import StreamReader
 
 from proxy import session_pick
 from proxy.client_conn import ClientConnection, Limits
-from proxy.config import ProxyConfig
+from proxy.config.model import ProxyConfig
 from proxy.errors import (
     BodyTooLarge,
     ClientRequestError,
@@ -34,7 +34,7 @@ from proxy.lanes import Lane
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
 from proxy.rollout import Rollout
 from proxy.runtime import Runtime
-from proxy.shadow import ShadowCopy
+from proxy.shadow.mirror import ShadowCopy
 from proxy.sticky import session_key
 from proxy.units import format_size
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from proxy.config import ServerConfig
+from proxy.config.model import ServerConfig
 from proxy.errors import ClientRequestError
 
 RawHeaders = list[tuple[bytes, bytes]]

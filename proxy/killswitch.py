@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.config import KillSwitchConfig
+from proxy.config.model import KillSwitchConfig
 
 
 def _wants_stream(body: bytes) -> tuple[bool, str]:

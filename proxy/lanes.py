@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from proxy.metrics import InFlight, Metrics, Series
-from proxy.upstream import UpstreamPool
+from proxy.upstream.pool import UpstreamPool
 from proxy.windows import SlidingWindow
 
 

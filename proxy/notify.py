@@ -24,9 +24,10 @@ import aiohttp
 import orjson
 
 from proxy import __version__
-from proxy.config import NotifyConfig
+from proxy.config.model import NotifyConfig
 from proxy.events import Event
 from proxy.metrics import Metrics
+from proxy.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Notifier:
         self._backoff = tuple(backoff)
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=queue_size)
         self._session: aiohttp.ClientSession | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._worker = TaskSet("notify", limit=1)
         self._closed = False
 
     @property
@@ -122,29 +123,25 @@ class Notifier:
 
     def start(self) -> None:
         """Open the session and start the worker; needs a running loop. Idempotent."""
-        if self._worker is not None or self._closed:
+        if len(self._worker) or self._closed:
             return
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=2),
             headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
             auto_decompress=False,
         )
-        loop = asyncio.get_running_loop()
-        self._worker = loop.create_task(self._run(), name="notify")
+        self._worker.spawn(self._run(), name="notify")
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """Stop accepting, deliver what can be within ``timeout``, then cancel the rest
         (counted ``dropped``) and close the session."""
         self._closed = True
-        worker, self._worker = self._worker, None
         try:
-            if worker is not None:
+            if len(self._worker):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._queue.join(), timeout)
         finally:  # also when aclose itself is cancelled: no worker may outlive the session
-            if worker is not None:
-                worker.cancel()
-                await asyncio.wait([worker])
+            await self._worker.cancel()
             left = self._queue.qsize()
             while not self._queue.empty():
                 self._queue.get_nowait()

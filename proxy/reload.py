@@ -14,10 +14,11 @@ import hashlib
 import logging
 from dataclasses import replace
 
-from proxy.config import ProxyConfig
-from proxy.config_parser import parse_config
+from proxy.config.model import ProxyConfig
+from proxy.config.parser import parse_config
 from proxy.errors import ConfigError, describe
 from proxy.runtime import ReloadResult, Runtime
+from proxy.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +66,13 @@ class ConfigWatcher:
         self._current = runtime.snapshot.config.sha256
         self._refused = ""  # hash of the last refused content: refuse it once, not every tick
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskSet("config-watch", limit=1)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._poll(), name="config-watch")
+        self._tasks.spawn(self._poll(), name="config-watch")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._tasks.cancel()
 
     async def _poll(self) -> None:
         while True:

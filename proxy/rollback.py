@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from proxy.config import RollbackConfig
+from proxy.config.model import RollbackConfig
 from proxy.units import format_duration
 from proxy.windows import WindowStats
 

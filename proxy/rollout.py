@@ -18,14 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy import rollback
-from proxy.config import RouteConfig
+from proxy.config.model import RouteConfig
 from proxy.events import Event, EventLog
 from proxy.lanes import Lane
 from proxy.metrics import Metrics
 from proxy.pins import PinTable
 from proxy.session_pick import SharedPins
-from proxy.shadow import ShadowMirror
-from proxy.upstream import UpstreamPool
+from proxy.shadow.mirror import ShadowMirror
+from proxy.upstream.pool import UpstreamPool
 from proxy.windows import SlidingWindow, WindowStats
 
 Clock = Callable[[], float]

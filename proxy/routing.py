@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
 
-from proxy.config import MatchConfig
+from proxy.config.model import MatchConfig
 
 T = TypeVar("T")
 

@@ -8,7 +8,6 @@ objects that a new snapshot carries over by name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -16,17 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy import rollout_sync
-from proxy.config import NotifyConfig, ProxyConfig
+from proxy.config.model import NotifyConfig, ProxyConfig
 from proxy.events import Event, EventLog
-from proxy.fleet import FleetLink
-from proxy.health import HealthChecker
+from proxy.fleet.link import FleetLink
 from proxy.metrics import Metrics, RouteGauges
 from proxy.notify import Notifier
 from proxy.rollout import Rollout
 from proxy.routing import RouteTable
 from proxy.statefile import StateWriter, load_state, route_state
 from proxy.tasks import TaskSet
-from proxy.upstream import UpstreamPool
+from proxy.upstream.health import HealthChecker
+from proxy.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,8 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.draining = False
         self._writer = StateWriter(config.state.file, self.state_dict)
-        self._ticker: asyncio.Task[None] | None = None
+        self._started = False
+        self._ticks = TaskSet("rollout-tick", limit=1)
         self._background = TaskSet("runtime")
         self._on_apply: list[Callable[[ProxyConfig], None]] = []
         self.health = HealthChecker(self._health_changed)
@@ -227,7 +227,7 @@ class Runtime:
             self.notifier.reconfigure(cfg)
         else:
             self.notifier = Notifier(cfg, self.metrics, secrets=self._secrets)
-            if self._ticker is not None:  # already started
+            if self._started:
                 self.notifier.start()
 
     def _notify(self, event: Event) -> None:
@@ -265,7 +265,8 @@ class Runtime:
         if self.notifier is not None:
             self.notifier.start()
         self.health.start()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="rollout-tick")
+        self._ticks.spawn(self._tick(), name="rollout-tick")
+        self._started = True
 
     async def _tick(self) -> None:
         while True:
@@ -277,10 +278,7 @@ class Runtime:
                     logger.exception("rollout tick failed for %s", rollout.name)
 
     async def aclose(self, timeout: float = 5.0) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        await self._ticks.cancel()
         if self.fleet is not None:
             await self.fleet.aclose()
         await self.health.aclose()

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.admin import RELOAD, admin_token, create_admin_app, is_loopback
 from proxy.client_conn import DataPlaneServer, Limits
-from proxy.config import ProxyConfig, ServerConfig
+from proxy.config.model import ProxyConfig, ServerConfig
 from proxy.errors import ProxyError
 from proxy.handler import Proxy
 from proxy.reload import ConfigWatcher

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from proxy.tasks import TaskSet
+
 logger = logging.getLogger(__name__)
 
 
@@ -101,11 +103,12 @@ class StateWriter:
         self._dirty = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskSet("state-writer", limit=1)
+        self._started = False
 
     def start(self) -> None:
-        if self._path:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="state-writer")
+        if self._path and not self._started:
+            self._started = self._tasks.spawn(self._run(), name="state-writer")
 
     def schedule(self) -> None:
         if self._path:
@@ -127,12 +130,10 @@ class StateWriter:
 
     async def flush(self) -> None:
         """Wait until everything scheduled so far is on disk."""
-        if self._task is not None:
+        if self._started:
             await self._idle.wait()
 
     async def aclose(self) -> None:
-        if self._task is not None:
+        if self._started:
             await asyncio.wait_for(self.flush(), timeout=5.0)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._tasks.cancel()

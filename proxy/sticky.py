@@ -12,17 +12,19 @@ from hashlib import blake2b
 
 import orjson
 
-from proxy.config import StickyConfig
+from proxy.config.model import StickyConfig
 
 BUCKETS = 10_000
 
 
-def key_hash(key: str) -> int:
-    """64-bit stable hash of a session key: the pin table's key and the bucket's source.
-    Hashed as the bytes the client sent: aiohttp decodes header values with
-    surrogateescape, so a key that is not UTF-8 round-trips instead of raising."""
+def key_hash(key: str, person: bytes = b"") -> int:
+    """64-bit stable hash of a session key, the one session hash of flipback: the pin
+    table's key and the canary bucket's source, and (with the shadow's own ``person``
+    salt) the shadow's session sample, independent of the canary split. Hashed as the
+    bytes the client sent: aiohttp decodes header values with surrogateescape, so a key
+    that is not UTF-8 round-trips instead of raising."""
     raw = key.encode("utf-8", "surrogateescape")
-    return int.from_bytes(blake2b(raw, digest_size=8).digest(), "big")
+    return int.from_bytes(blake2b(raw, digest_size=8, person=person).digest(), "big")
 
 
 def bucket(hashed: int) -> int:

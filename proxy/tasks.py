@@ -50,5 +50,14 @@ class TaskSet:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 
+    async def cancel(self) -> None:
+        """Cancel every running task now and wait until each has finished: how a component
+        stops its own loop (a probe, a watcher, a worker) in its ``aclose``."""
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
     def __repr__(self) -> str:
         return f"<TaskSet {self._name}: {len(self._tasks)} running>"

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import ProxyConfig
-from proxy.config_parser import parse_config
+from proxy.config.model import ProxyConfig
+from proxy.config.parser import parse_config
 from proxy.server import App
 from tests.fakes import FakeModel
 

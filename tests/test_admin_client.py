@@ -14,15 +14,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.admin_client import (
-    AdminClient,
-    AdminError,
-    compute_rates,
-    describe,
-    render_status,
-    run_verb,
-    status,
-)
+from proxy.cli.admin_client import AdminClient, AdminError
+from proxy.cli.commands import describe, run_verb, status
+from proxy.cli.status_table import compute_rates, render_status
 
 NOW = datetime.datetime(2025, 6, 1, 12, 0, 0, tzinfo=datetime.UTC)
 

@@ -219,7 +219,7 @@ async def test_rollback_reason_up_to_1_kib_is_kept_whole(model, flipback):
 @pytest.mark.parametrize("token", [None, "s3cret"])
 async def test_cli_verbs_pass_the_guard(model, flipback, monkeypatch, capsys, token):
     """``flipback rollback|promote|weight|resume|kill`` send JSON, by any loopback name."""
-    from proxy.admin_client import run_verb
+    from proxy.cli.commands import run_verb
 
     admin = ""
     if token:

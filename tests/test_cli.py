@@ -39,12 +39,12 @@ def test_check_bad_config_exits_2_with_file_line(tmp_path, capsys):
 
 def test_check_a_reader_bug_is_still_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     """Whatever goes wrong inside the reader, ``check`` never shows a bare traceback."""
-    import proxy.config_parser
+    import proxy.config.parser
 
     def broken(*args: Any) -> Any:
         raise RuntimeError("reader bug\nsecond line")
 
-    monkeypatch.setattr(proxy.config_parser.NodeReader, "read", broken)
+    monkeypatch.setattr(proxy.config.parser.NodeReader, "read", broken)
     assert main(["check", "-c", "config/flipback.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["config/flipback.yaml:1: (root): cannot read this config: "
@@ -182,18 +182,18 @@ routes:
     stable: v1
     canary: {{upstream: v2, weight: 10}}
 """, v1=v1.url, v2=v2.url)
-    from proxy import admin_client
+    from proxy.cli import commands
 
-    assert await admin_client.status(fb.admin, None, watch=False) == 0
+    assert await commands.status(fb.admin, None, watch=False) == 0
     out = capsys.readouterr().out
     assert "chat" in out and "canary" in out and "v2" in out
-    assert await admin_client.run_verb(fb.admin, None, "rollback", "chat", "bad") == 0
+    assert await commands.run_verb(fb.admin, None, "rollback", "chat", "bad") == 0
     assert "rolled_back" in capsys.readouterr().out
     assert fb.runtime.rollout("chat").state == "rolled_back"
-    assert await admin_client.run_verb(fb.admin, None, "resume", "chat") == 0
-    assert await admin_client.run_verb(fb.admin, None, "weight", "chat", 40.0) == 0
+    assert await commands.run_verb(fb.admin, None, "resume", "chat") == 0
+    assert await commands.run_verb(fb.admin, None, "weight", "chat", 40.0) == 0
     assert fb.runtime.rollout("chat").effective_weight == 40
-    assert await admin_client.run_verb(fb.admin, None, "promote", "ghost") == 2
+    assert await commands.run_verb(fb.admin, None, "promote", "ghost") == 2
 
 
 async def test_second_signal_exits_at_once(model, tmp_path):

@@ -203,7 +203,7 @@ async def test_a_sticky_key_that_is_not_utf8_is_hashed_as_bytes(model, flipback,
 async def test_keepalive_and_limits_follow_a_reload(model, flipback, tmp_path):
     """A reload reaches the limits of open connections (they share one Limits)."""
     fb, _ = await _start(model, flipback, server=", max_header_bytes: 8KiB")
-    from proxy.config_parser import parse_config
+    from proxy.config.parser import parse_config
 
     path = tmp_path / "flipback.yaml"
     text = path.read_text().replace("max_header_bytes: 8KiB", "max_header_bytes: 2KiB")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import (
+from proxy.config.model import (
     CanaryConfig,
     CompareConfig,
     HealthConfig,
@@ -19,10 +19,10 @@ from proxy.config import (
     ShadowConfig,
     StickyConfig,
 )
-from proxy.config_parser import load_config, parse_config, summarize
-from proxy.config_values import parse_redis_url
+from proxy.config.parser import load_config, parse_config, summarize
+from proxy.config.values import parse_redis_url
+from proxy.config.yamlnodes import Invalid
 from proxy.errors import ConfigError
-from proxy.yamlnodes import Invalid
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "configs" / "bad"
@@ -387,7 +387,7 @@ def test_deep_nesting_is_refused_where_it_passes_the_limit_before_composing():
     """PyYAML composes recursively (thousands of levels took ~2.6 s to fail, a reload
     test timed out on a slow machine): the scan stops at the first level past the limit,
     so the error names that line, not the deepest one."""
-    from proxy.config_parser import MAX_DEPTH
+    from proxy.config.parser import MAX_DEPTH
 
     text = "upstreams:\n  a: {url: 'http://127.0.0.1:1'}\nlog:\n" + "  [\n" * 3000
     with pytest.raises(ConfigError) as info:

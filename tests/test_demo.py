@@ -14,11 +14,11 @@ import threading
 import aiohttp
 import pytest
 
-from proxy import demo
-from proxy.demo_models import Sample, ToyModel
-from proxy.demo_probes import Notification, ShadowFigures, WebhookReceiver, parse_metrics
-from proxy.demo_report import ActRecord, Report, render_summary
-from proxy.demo_view import Entry, Scene, render_frame
+from proxy.demo import main as demo
+from proxy.demo.models import Sample, ToyModel
+from proxy.demo.probes import Notification, ShadowFigures, WebhookReceiver, parse_metrics
+from proxy.demo.report import ActRecord, Report, render_summary
+from proxy.demo.view import Entry, Scene, render_frame
 
 SCALE = "0.3"
 FLIP_LIMIT = 1.5  # seconds from fault onset; the goal is 1 s, the demo usually takes 0.2-0.5

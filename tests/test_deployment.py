@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from proxy.admin import is_loopback
-from proxy.config import ProxyConfig
-from proxy.config_parser import load_config, parse_config
+from proxy.config.model import ProxyConfig
+from proxy.config.parser import load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.server import split_listen
 

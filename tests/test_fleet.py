@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from proxy import fleet_state as fs
 from proxy.errors import ProxyError
-from proxy.fleet import SLOW_LOOKUPS_DOWN
+from proxy.fleet import state as fs
+from proxy.fleet.link import SLOW_LOOKUPS_DOWN
 from proxy.server import App
 from proxy.sticky import bucket, key_hash
 from tests.conftest import Running, make_config

@@ -120,7 +120,7 @@ async def test_fleet_pins_written_back_after_redis_lost_its_data_keep_sessions_p
     # Pinned on v2 at 50%, on v1 by the bucket at 10%: these move if their pins are lost.
     at_risk = [k for k in SESSIONS if before[k] == "v2" and bucket(key_hash(k)) >= 1000]
     assert len(at_risk) >= 80
-    caplog.set_level(logging.INFO, logger="proxy.fleet_pins")
+    caplog.set_level(logging.INFO, logger="proxy.fleet.pins")
     await _lose_data(redis_server, loss)
     took = await _wait_pins(a, len(SESSIONS))
     print(f"{loss}: A and C wrote their {len(SESSIONS)} pins back {took * 1000:.0f} ms later")
@@ -170,7 +170,7 @@ async def test_fleet_pins_of_a_rolled_back_route_are_not_written_back(
     await _ask_all(a, SESSIONS[:50])
     await a.post_admin("/routes/chat/rollback", {"reason": "bad"})
     assert await a.runtime.fleet.flush()
-    caplog.set_level(logging.INFO, logger="proxy.fleet_pins")
+    caplog.set_level(logging.INFO, logger="proxy.fleet.pins")
     await _lose_data(redis_server, "restart")
     await _until(lambda: a.runtime.fleet.up, 4.0)
     await asyncio.sleep(0.1)  # room for a wrong write-back to land

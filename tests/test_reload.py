@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy import reload as reload_module
-from proxy.config_parser import load_config
+from proxy.config.parser import load_config
 from proxy.server import App, serve
 from tests.fakes import Behaviour
 

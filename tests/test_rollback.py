@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from proxy.config import RollbackConfig
+from proxy.config.model import RollbackConfig
 from proxy.rollback import Trip, TripReason, evaluate, figures_of
 from proxy.windows import SlidingWindow, WindowStats
 

@@ -14,11 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.config import CompareConfig, ShadowConfig, UpstreamConfig
-from proxy.diffrecord import DiffRecord
+from proxy.config.model import CompareConfig, ShadowConfig, UpstreamConfig
 from proxy.metrics import Metrics
-from proxy.shadow import SESSION_BUCKETS, ShadowCopy, ShadowMirror, _Side, session_bucket
-from proxy.shadow_compare import (
+from proxy.shadow.compare import (
     MISSING,
     PathDiff,
     compare,
@@ -29,8 +27,10 @@ from proxy.shadow_compare import (
     same,
     sse_data,
 )
+from proxy.shadow.mirror import SESSION_BUCKETS, ShadowCopy, ShadowMirror, _Side, session_bucket
+from proxy.shadow.record import DiffRecord
 from proxy.sticky import bucket, key_hash
-from proxy.upstream import UpstreamPool
+from proxy.upstream.pool import UpstreamPool
 
 
 def make_mirror(sample: float, by: str = "request", seed: int = 7,
@@ -74,7 +74,7 @@ def test_session_bucket_pins_exact_values() -> None:
 
 
 def test_session_bucket_is_the_same_in_another_process() -> None:
-    code = "from proxy.shadow import session_bucket; print(session_bucket('alice'))"
+    code = "from proxy.shadow.mirror import session_bucket; print(session_bucket('alice'))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=env).stdout

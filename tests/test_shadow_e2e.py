@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from proxy.server import App
-from proxy.shadow import session_bucket
+from proxy.shadow.mirror import session_bucket
 from tests.conftest import make_config
 from tests.fakes import Behaviour
 
@@ -516,7 +516,7 @@ async def test_mirrored_requests_leave_no_cyclic_garbage(model, flipback, tmp_pa
 
 
 async def test_reload_keeps_an_unchanged_mirror_and_closes_a_replaced_one(model, tmp_path):
-    from proxy.config_parser import load_config
+    from proxy.config.parser import load_config
     from proxy.server import App
 
     v1, v3, v4 = await model("v1"), await model("v3"), await model("v4")

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from proxy.config import StickyConfig
+from proxy.config.model import StickyConfig
 from proxy.pins import STABLE, PinTable
+from proxy.shadow.mirror import session_bucket
 from proxy.sticky import bucket, cookie_value, json_field, key_hash, session_key
 
 
@@ -24,6 +25,22 @@ def test_bucket_is_stable_across_processes():
     # (a per-process hash such as hash() would change them on each run).
     assert [bucket(key_hash(k)) for k in ("a", "session-1", "user-42")] == [3343, 6604, 598]
     assert all(0 <= bucket(key_hash(str(i))) < 10_000 for i in range(1000))
+
+
+# Computed before the shadow's session hash and the sticky one became one function: pins
+# in Redis are keyed by the plain hash and shadow sampling uses the salted one, so neither
+# may move. The last key is not UTF-8 (a header value decoded with surrogateescape).
+KEYS = ("alice", "conv-42", "", "café", "bad-\udcff-utf8")
+PLAIN = [5614559425216174729, 1633613593354902596, 16476032584258269876,
+         6302685136992524259, 17202095354496917761]
+SHADOW = [10959316569188868020, 7886161830994948640, 3927758285614687883,
+          6730851289548989167, 9226429041117849728]
+
+
+def test_key_hash_pins_exact_values_plain_and_with_the_shadow_person():
+    assert [key_hash(k) for k in KEYS] == PLAIN
+    assert [key_hash(k, b"flipback-shadow") for k in KEYS] == SHADOW
+    assert [session_bucket(k) for k in KEYS] == [h % 10_000 for h in SHADOW]
 
 
 def test_session_key_order_header_cookie_json():

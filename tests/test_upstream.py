@@ -17,11 +17,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy import upstream as upstream_mod
-from proxy.config import UpstreamConfig
+from proxy.config.model import UpstreamConfig
 from proxy.errors import ConnectFailed, Saturated, StreamBroken, UpstreamTimeout
-from proxy.upstream import UpstreamPool, UpstreamResponse
-from proxy.upstream_conn import HIGH_WATER
+from proxy.upstream import pool as upstream_mod
+from proxy.upstream.conn import HIGH_WATER
+from proxy.upstream.pool import UpstreamPool, UpstreamResponse
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

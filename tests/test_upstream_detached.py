@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from proxy.errors import ConnectFailed, StreamBroken, UpstreamError, UpstreamTimeout
-from proxy.upstream import UpstreamPool
-from proxy.upstream_conn import Connection
+from proxy.upstream.conn import Connection
+from proxy.upstream.pool import UpstreamPool
 from tests.test_upstream import (
     OK,
     answer_once,

@@ -1,5 +1,5 @@
 """What ``flipback demo`` shows while it runs: the live frame (TTY) and plain progress
-lines (pipes, logs, tests). The closing summary is ``demo_report``'s.
+lines (pipes, logs, tests). The closing summary is ``report``'s.
 
 Times are event-loop seconds (``loop.time()``); ``Scene.t0`` turns them into "seconds since
 the demo started" for display."""
@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.admin_client import Key, render_status
-from proxy.demo_models import Sample, ToyModel
-from proxy.demo_probes import ShadowFigures
-from proxy.demo_report import ActRecord
+from proxy.cli.admin_client import Key
+from proxy.cli.status_table import render_status
+from proxy.demo.models import Sample, ToyModel
+from proxy.demo.probes import ShadowFigures
+from proxy.demo.report import ActRecord
 from proxy.units import Seconds
 
 BUCKET: Seconds = 0.5  # one sparkline column...

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy import __version__
-from proxy.config import ProxyConfig
+from proxy.config.model import ProxyConfig
 from proxy.errors import ConfigError, ProxyError, describe
 
 DEFAULT_CONFIG = "config/flipback.yaml"
@@ -87,7 +87,7 @@ def _setup_logging() -> None:
 
 def _load(path: str) -> ProxyConfig | None:
     """The config, or None after printing every error as FILE:LINE: path: message."""
-    from proxy.config_parser import load_config
+    from proxy.config.parser import load_config
 
     try:
         return load_config(path)
@@ -101,7 +101,7 @@ def _load(path: str) -> ProxyConfig | None:
 
 
 def cmd_check(path: str) -> int:
-    from proxy.config_parser import summarize
+    from proxy.config.parser import summarize
 
     cfg = _load(path)
     if cfg is None:
@@ -138,15 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args.config)
         if args.command == "demo":
-            from proxy.demo import run_demo
+            from proxy.demo.main import run_demo
 
             return run_demo(["--duration-scale", str(args.duration_scale)]
                             + (["--no-live"] if args.no_live else []))
-        from proxy import admin_client
+        from proxy.cli import commands
 
         url = _admin_url(args.admin)
         if args.command == "status":
-            return asyncio.run(admin_client.status(url, token, watch=args.watch))
+            return asyncio.run(commands.status(url, token, watch=args.watch))
         arg: str | float | bool | None = None
         if args.command == "rollback":
             arg = args.reason
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             arg = args.pct
         elif args.command == "kill":
             arg = args.state == "on"
-        return asyncio.run(admin_client.run_verb(url, token, args.command, args.route, arg))
+        return asyncio.run(commands.run_verb(url, token, args.command, args.route, arg))
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:

@@ -3,7 +3,7 @@
 PyYAML's constructed objects forget where they came from, so a config error could not
 say ``FILE:LINE``. This walks the node graph from ``yaml.compose`` instead, records
 every problem rather than stopping at the first, and leaves the schema to
-``config_parser``: a schema is a table of converters (``Conv``) per mapping.
+``config.parser``: a schema is a table of converters (``Conv``) per mapping.
 """
 
 from __future__ import annotations

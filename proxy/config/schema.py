@@ -1,6 +1,6 @@
 """The config schema of SPEC §3 as converter tables, one per section.
 
-``config_parser`` runs it over the composed YAML; each table maps a YAML key to the
+``config.parser`` runs it over the composed YAML; each table maps a YAML key to the
 converter that checks and converts its node (``yamlnodes``), so the key list, the
 checks and the defaults (from ``config``'s dataclasses) sit side by side. Rules that
 span keys (references to upstreams, roles that must differ) are in ``Schema``.
@@ -12,10 +12,9 @@ from typing import Any
 
 from yaml.nodes import Node
 
-from proxy import config as c
-from proxy import config_values as v
-from proxy.units import format_size
-from proxy.yamlnodes import (
+from proxy.config import model as c
+from proxy.config import values as v
+from proxy.config.yamlnodes import (
     Conv,
     Invalid,
     NodeReader,
@@ -39,6 +38,7 @@ from proxy.yamlnodes import (
     string,
     text,
 )
+from proxy.units import format_size
 
 
 def _server_check(reader: NodeReader, sec: Section) -> None:

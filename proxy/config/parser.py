@@ -2,7 +2,7 @@
 
 ``flipback check`` and hot reload both go through ``parse_config``: a config is either
 whole and valid or refused with all its errors at once, so a user fixes a file in one
-round. The tables are in ``config_schema``; walking, lines and errors in ``yamlnodes``.
+round. The tables are in ``config.schema``; walking, lines and errors in ``yamlnodes``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy import config as c
-from proxy.config_schema import Schema
+from proxy.config import model as c
+from proxy.config.schema import Schema
+from proxy.config.yamlnodes import NodeReader
 from proxy.errors import ConfigError
-from proxy.fleet_state import display_url
+from proxy.fleet.state import display_url
 from proxy.units import format_duration
-from proxy.yamlnodes import NodeReader
 
 _OPENS = (
     yaml.FlowSequenceStartToken,

@@ -10,13 +10,13 @@ row to turn unhealthy and ``healthy_after`` good ones to turn healthy again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
-from proxy.config import HealthConfig
+from proxy.config.model import HealthConfig
 from proxy.errors import UpstreamError
-from proxy.upstream import UpstreamPool
+from proxy.tasks import TaskSet
+from proxy.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +37,14 @@ class _Probe:
         self._good = 0
         self._bad = 0
         self._on_change = on_change
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskSet(f"health-{name}", limit=1)
         self.probes = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(),
-                                                            name=f"health-{self.name}")
+        self._tasks.spawn(self._run(), name=f"health-{self.name}")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._tasks.cancel()
 
     async def _run(self) -> None:
         while True:

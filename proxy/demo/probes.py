@@ -16,8 +16,8 @@ import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin_client import AdminClient, AdminError, Key, request_counts_in
-from proxy.demo_models import LocalServer
+from proxy.cli.admin_client import AdminClient, AdminError, Key, request_counts_in
+from proxy.demo.models import LocalServer
 from proxy.units import Seconds
 
 HOOK_PATH = "/hooks/flipback"

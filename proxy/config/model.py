@@ -1,7 +1,7 @@
 """The config schema (SPEC §3) as frozen dataclasses.
 
 Field names are the YAML keys, so an error's ``path.to.field`` is the field path, and
-defaults here are the documented defaults. ``config_parser`` turns YAML into these;
+defaults here are the documented defaults. ``config.parser`` turns YAML into these;
 nothing else constructs them from user input.
 """
 

@@ -30,12 +30,12 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy import fleet_state as fs
 from proxy import rollout_sync
 from proxy.errors import ProxyError
 from proxy.events import Event
-from proxy.fleet_pins import SharedPins
-from proxy.fleet_writer import WRITE_TIMEOUT, Action, FleetWriter, PinWrite
+from proxy.fleet import state as fs
+from proxy.fleet.pins import SharedPins
+from proxy.fleet.writer import WRITE_TIMEOUT, Action, FleetWriter, PinWrite
 from proxy.rollout import Rollout
 from proxy.tasks import TaskSet
 

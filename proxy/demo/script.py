@@ -1,5 +1,5 @@
-"""The script of ``flipback demo``: start the cast, play the two acts while ``demo_watch``
-follows flipback (admin API, metrics, webhook) and ``demo_screen`` keeps the view current,
+"""The script of ``flipback demo``: start the cast, play the two acts while ``watch``
+follows flipback (admin API, metrics, webhook) and ``screen`` keeps the view current,
 and measure everything into a ``Report``."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import TextIO
 
 import orjson
 
-from proxy.admin_client import TOKEN_ENV, AdminClient, AdminError
-from proxy.config_parser import parse_config
-from proxy.demo_models import SLOW_DELAY, LoadGen, Mode, ToyModel
-from proxy.demo_probes import DiffSample, WebhookReceiver, read_diffs
-from proxy.demo_report import ActRecord, Report, render_summary
-from proxy.demo_screen import Screen, quiet_proxy_logs
-from proxy.demo_view import Entry, Scene
-from proxy.demo_watch import Watcher
+from proxy.cli.admin_client import TOKEN_ENV, AdminClient, AdminError
+from proxy.config.parser import parse_config
+from proxy.demo.models import SLOW_DELAY, LoadGen, Mode, ToyModel
+from proxy.demo.probes import DiffSample, WebhookReceiver, read_diffs
+from proxy.demo.report import ActRecord, Report, render_summary
+from proxy.demo.screen import Screen, quiet_proxy_logs
+from proxy.demo.view import Entry, Scene
+from proxy.demo.watch import Watcher
 from proxy.server import App
 from proxy.tasks import TaskSet
 from proxy.units import Seconds
@@ -81,7 +81,7 @@ class _Interrupted(Exception):
 
 class Demo:
     """The script, the watchers (admin API, metrics, webhook) and the view, over the cast
-    of ``demo_models``."""
+    of ``models``."""
 
     def __init__(self, options: DemoOptions, out: TextIO) -> None:
         self.scale = options.scale

@@ -10,8 +10,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-from proxy.admin_client import CLEAR, CLEAR_BELOW, CLEAR_EOL, HOME
-from proxy.demo_view import Entry, Scene, plain_entry, render_frame, status_line
+from proxy.cli.status_table import CLEAR, CLEAR_BELOW, CLEAR_EOL, HOME
+from proxy.demo.view import Entry, Scene, plain_entry, render_frame, status_line
 from proxy.units import Seconds
 
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"

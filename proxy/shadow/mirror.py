@@ -13,22 +13,20 @@ needs the body; its own ``timeout`` bounds the whole exchange.
 With ``compare``, the handler reports the primary's status, time to headers and (only
 when JSON paths are compared or bodies recorded) a capped copy of its body to the
 ``ShadowCopy`` that ``offer`` returned; whichever side finishes last triggers the
-comparison (``shadow_compare``), the metrics and, on a mismatch, a line in the record.
+comparison (``shadow.compare``), the metrics and, on a mismatch, a line in the record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
 from collections.abc import AsyncIterable
 from typing import Any, NamedTuple
 
-from proxy.config import CompareConfig, ShadowConfig
-from proxy.diffrecord import DiffRecord
+from proxy.config.model import CompareConfig, ShadowConfig
 from proxy.errors import StreamBroken, UpstreamError
 from proxy.events import rfc3339_now
 from proxy.metrics import (
@@ -39,10 +37,12 @@ from proxy.metrics import (
     Metrics,
     outcome_index,
 )
-from proxy.shadow_compare import Verdict, compare
+from proxy.shadow.compare import Verdict, compare
+from proxy.shadow.record import DiffRecord
+from proxy.sticky import key_hash
 from proxy.tasks import TaskSet
-from proxy.upstream import UpstreamPool
-from proxy.upstream_conn import Connection
+from proxy.upstream.conn import Connection
+from proxy.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,8 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 def session_bucket(key: str) -> int:
     """The shadow bucket (0..9999) of a session key: stable across processes and
-    replicas (blake2b, never ``hash()``), and independent of the canary split."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8,
-                             person=_PERSON).digest()
-    return int.from_bytes(digest, "big") % SESSION_BUCKETS
+    replicas (``sticky.key_hash``), and salted so it is independent of the canary split."""
+    return key_hash(key, _PERSON) % SESSION_BUCKETS
 
 
 class _Side(NamedTuple):
@@ -121,7 +119,7 @@ class _Capped:
 
 
 class ShadowCopy:
-    """One mirrored request: the copy's exchange (a ``proxy.upstream.Sink``: the pool
+    """One mirrored request: the copy's exchange (a ``proxy.upstream.pool.Sink``: the pool
     calls ``head``, ``body`` and ``done`` or ``failed``) and, with ``compare``, the pair
     that is judged once both sides are done.
 

@@ -1,6 +1,6 @@
 """One upstream HTTP/1.1 connection: an asyncio Protocol whose bytes go straight to llhttp.
 
-``proxy.upstream.UpstreamPool`` owns the connections and the timeouts before the response
+``proxy.upstream.pool.UpstreamPool`` owns the connections and the timeouts before the response
 headers; this module owns the bytes on one socket: the request body pump, response parsing,
 body buffering with backpressure, and the body idle timeout. Every socket or parser
 failure becomes a ``proxy.errors`` exception here, once.
@@ -154,6 +154,10 @@ class Connection(asyncio.Protocol):
 
     def start_body(self, body: AsyncIterable[bytes], content_length: int | None) -> None:
         """Stream ``body`` in a task, so an early response (413) is seen while it flows."""
+        # Not a TaskSet task: the pump is part of one exchange, not background work. This
+        # connection holds it, release() checks it, _cleanup() cancels it, and _write_body
+        # handles its own errors; a TaskSet would add a set entry and a done callback per
+        # streamed request on the hot path and could not cancel this one task.
         self._pump = self._loop.create_task(self._write_body(body, content_length))
 
     def release(self) -> None:

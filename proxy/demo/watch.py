@@ -11,11 +11,12 @@ import time
 from collections import deque
 from typing import Any
 
-from proxy.admin_client import AdminClient, AdminError, Key, compute_rates
-from proxy.demo_probes import EventKey, Notification, event_key, read_metrics, wall_time
-from proxy.demo_report import VERDICTS
-from proxy.demo_screen import Screen
-from proxy.demo_view import Entry, Scene
+from proxy.cli.admin_client import AdminClient, AdminError, Key
+from proxy.cli.status_table import compute_rates
+from proxy.demo.probes import EventKey, Notification, event_key, read_metrics, wall_time
+from proxy.demo.report import VERDICTS
+from proxy.demo.screen import Screen
+from proxy.demo.view import Entry, Scene
 from proxy.units import Seconds
 
 

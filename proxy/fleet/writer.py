@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from proxy import fleet_state as fs
+from proxy.fleet import state as fs
 
 WRITE_TIMEOUT = 1.0  # seconds for one action or one batch of pins
 PIN_BATCH = 500

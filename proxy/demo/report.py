@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxy.demo_models import Sample
-from proxy.demo_probes import DiffSample, EventKey, Notification, ShadowFigures
+from proxy.demo.models import Sample
+from proxy.demo.probes import DiffSample, EventKey, Notification, ShadowFigures
 from proxy.units import Seconds
 
 VERDICTS = ("verified", "verify_failed")

@@ -4,7 +4,7 @@ round trip. A session this replica has not seen is looked up once, with a tight 
 a new pin is written in the background, and a pin in use is rewritten (value and expiry)
 at most once per ``ttl/4``, so Redis keeps it for ``ttl`` to ``1.25 x ttl`` after its last
 use on any replica and gets it back by itself after an outage. Within the same epochs
-the first pin written wins (``fleet_writer``): a replica that assigned the session
+the first pin written wins (``writer``): a replica that assigned the session
 otherwise adopts it. When Redis comes back without them (restarted without persistence,
 flushed), every replica that held pins writes them back (``write_back``), before their
 next use would: meanwhile a replica that has not cached a conversation would assign it
@@ -17,12 +17,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from proxy import fleet_state
-from proxy.fleet_writer import PIN_BATCH, PinWrite
+from proxy.fleet import state as fleet_state
+from proxy.fleet.writer import PIN_BATCH, PinWrite
 from proxy.pins import STABLE, PinTable
 
 if TYPE_CHECKING:
-    from proxy.fleet import FleetLink
+    from proxy.fleet.link import FleetLink
 
 logger = logging.getLogger(__name__)
 

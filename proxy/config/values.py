@@ -1,6 +1,6 @@
 """Checks for the config's own value formats: addresses, URLs, names, headers, statuses.
 
-Apart from ``config_schema`` so the schema tables stay readable; each ``parse_*``
+Apart from ``config.schema`` so the schema tables stay readable; each ``parse_*``
 takes a plain YAML value and returns the value or raises ``Invalid`` with a message
 that reads well after ``path.to.field:``. The ``Conv``s walk nodes for list items.
 """
@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 from yaml.nodes import Node
 
-from proxy.config import NOTIFY_KINDS
-from proxy.yamlnodes import (
+from proxy.config.model import NOTIFY_KINDS
+from proxy.config.yamlnodes import (
     Conv,
     Invalid,
     NodeReader,

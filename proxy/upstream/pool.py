@@ -14,9 +14,10 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterable
 
-from proxy.config import UpstreamConfig
+from proxy.config.model import UpstreamConfig
 from proxy.errors import ConnectFailed, Saturated, StreamBroken, UpstreamError, UpstreamTimeout
-from proxy.upstream_conn import Connection, Sink, StaleConnection
+from proxy.tasks import TaskSet
+from proxy.upstream.conn import Connection, Sink, StaleConnection
 
 __all__ = ["Sink", "UpstreamPool", "UpstreamResponse"]
 
@@ -125,7 +126,9 @@ class UpstreamPool:
         self._ticker: asyncio.TimerHandle | None = None
         self._closing = False
         self._drained: asyncio.Future[None] | None = None
-        self._detaching: set[asyncio.Task[None]] = set()  # detached requests awaiting a conn
+        # Detached requests waiting for a connection. Only the path without an idle
+        # connection spawns one (a connect or a wait for a slot costs far more).
+        self._detaching = TaskSet(f"upstream-{self.name}-detached")
 
     @property
     def in_flight(self) -> int:
@@ -227,9 +230,7 @@ class UpstreamPool:
 
     def _spawn_detached(self, loop: asyncio.AbstractEventLoop, head: bytes, is_head: bool,
                         sink: Sink, *, fresh: bool) -> None:
-        task = loop.create_task(self._detached_via_wait(loop, head, is_head, sink, fresh))
-        self._detaching.add(task)
-        task.add_done_callback(self._detaching.discard)
+        self._detaching.spawn(self._detached_via_wait(loop, head, is_head, sink, fresh))
 
     async def _detached_via_wait(self, loop: asyncio.AbstractEventLoop, head: bytes,
                                  is_head: bool, sink: Sink, fresh: bool) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import orjson
 
-from proxy.config import CompareConfig
+from proxy.config.model import CompareConfig
 
 
 class _Missing:

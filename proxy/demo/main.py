@@ -12,10 +12,10 @@ calls ``resume`` (the operator verb). Act 2: the canary turns slow (2 s to the f
 against ``max_p99`` 300 ms) and must be flipped back and verified again. A summary measures
 both flips, both verifications, the notifications and the shadow's agreement.
 
-Modules: this one is the command; ``demo_script`` plays the acts, ``demo_watch`` follows
-flipback, ``demo_models`` holds the toy model servers and the load generator,
-``demo_probes`` the webhook receiver and the metrics reader, ``demo_view`` and
-``demo_screen`` the live view, ``demo_report`` the measurements and the summary.
+Modules: this one is the command; ``script`` plays the acts, ``watch`` follows flipback,
+``models`` holds the toy model servers and the load generator, ``probes`` the webhook
+receiver and the metrics reader, ``view`` and ``screen`` the live view, ``report`` the
+measurements and the summary.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import TextIO
 
 import uvloop
 
-from proxy.demo_report import Report
-from proxy.demo_script import Demo, DemoOptions
+from proxy.demo.report import Report
+from proxy.demo.script import Demo, DemoOptions
 from proxy.errors import ProxyError
 
 

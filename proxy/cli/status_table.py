@@ -1,0 +1,150 @@
+"""The ``flipback status`` table and its watch view: pure rendering of what the admin
+API answered, one row per route and upstream.
+
+Per upstream req/s comes from two successive scrapes of the monotonic counter
+``flipback_requests_total`` (``GET /metrics``), not from ROUTE's ``requests``: that is a
+sliding-window count, which stays flat under steady load, so its difference is not a rate.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from proxy.cli.admin_client import Key
+from proxy.units import Seconds
+
+HEADERS = ["ROUTE", "STATE", "WEIGHT", "UPSTREAM", "ROLE", "HEALTHY", "REQ/S", "ERR%", "P50ms",
+           "P99ms", "INFL"]
+RIGHT_ALIGNED = frozenset(range(6, 11))
+SHRINKABLE = (0, 3)  # route and upstream names give way first on a narrow terminal
+MIN_NAME = 5
+ROLE_ORDER = {"stable": 0, "canary": 1, "fallback": 2, "shadow": 3}
+STATE_COLORS = dict(rolled_back="31", killed="31", waiting="33", canary="32", promoted="32")
+HEALTHY: dict[object, str] = {True: "yes", False: "no"}
+CLEAR, HOME, CLEAR_EOL, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
+
+
+def compute_rates(before: Mapping[Key, float], after: Mapping[Key, float],
+                  elapsed: Seconds) -> dict[Key, float]:
+    """req/s per key between two counter snapshots. A key new in ``after`` counts from 0
+    (flipback exports no zero series); one that went down (restart) is left out."""
+    return {k: (v - before.get(k, 0.0)) / elapsed for k, v in after.items()
+            if elapsed > 0 and v >= before.get(k, 0.0)}
+
+
+def render_status(routes: Sequence[Mapping[str, Any]], rates: Mapping[Key, float] | None = None,
+                  width: int = 100, *, color: bool = False,
+                  now: datetime.datetime | None = None) -> str:
+    """The ``flipback status`` table: one row per route and upstream, then the route's last
+    event. ``rates`` maps (route, upstream) to req/s (None, on the first frame: "-"; a
+    missing key: 0). Error % is failures / requests of the current window."""
+    if not routes:
+        return "no routes\n"
+    now = now or datetime.datetime.now(datetime.UTC)
+    blocks: list[tuple[list[list[str]], str]] = []
+    for route in routes:
+        name = str(route.get("name", "?"))
+        head = [name, str(route.get("state", "?")), weight_text(route)]
+        upstreams: Mapping[str, Mapping[str, Any]] = route.get("upstreams") or {}
+        rows: list[list[str]] = []
+        for up_name, up in sorted(upstreams.items(), key=_role_order):
+            rate = None if rates is None else rates.get((name, up_name), 0.0)
+            rows.append([*head, up_name, str(up.get("role", "-")),
+                         HEALTHY.get(up.get("healthy"), "-"), _number(rate), _error_pct(up),
+                         _number(up.get("p50_ms")), _number(up.get("p99_ms")),
+                         str(up.get("in_flight", "-"))])
+            head = ["", "", ""]
+        if not rows:
+            rows.append([*head, *["-"] * 8])
+        blocks.append((rows, "  last: " + _event(route.get("last_event"), now)))
+    widths = [max(len(h), *(len(row[i]) for rows, _ in blocks for row in rows))
+              for i, h in enumerate(HEADERS)]
+    # Too wide: single-space columns first, then shorten the longest of the name columns.
+    sep = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
+    excess = sum(widths) + sep * (len(widths) - 1) - width
+    while excess > 0 and max(widths[i] for i in SHRINKABLE) > MIN_NAME:
+        widths[max(SHRINKABLE, key=lambda i: widths[i])] -= 1
+        excess -= 1
+    lines = [_row(HEADERS, widths, width, sep, color=False)]
+    for rows, event in blocks:
+        lines += [_row(row, widths, width, sep, color) for row in rows]
+        lines.append(_clip(event, width))
+    return "\n".join(lines) + "\n"
+
+
+def _row(cells: list[str], widths: list[int], width: int, sep: int, color: bool) -> str:
+    parts = [_clip(c, w).rjust(w) if i in RIGHT_ALIGNED else _clip(c, w).ljust(w)
+             for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+    line = (" " * sep).join(parts).rstrip()[:width]
+    code = STATE_COLORS.get(cells[1]) if color else None
+    start = widths[0] + sep
+    end = start + len(cells[1])
+    if code and len(line) >= end:  # colour after fitting, so escapes never count as columns
+        line = f"{line[:start]}\x1b[{code}m{line[start:end]}\x1b[0m{line[end:]}"
+    return line
+
+
+def _role_order(item: tuple[str, Mapping[str, Any]]) -> tuple[int, str]:
+    return ROLE_ORDER.get(str(item[1].get("role")), len(ROLE_ORDER)), item[0]
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _pct(value: Any) -> str:
+    return f"{round(float(value), 2):g}%"
+
+
+def weight_text(route: Mapping[str, Any]) -> str:
+    effective, configured = route.get("effective_weight"), route.get("configured_weight")
+    if effective is None:
+        return "-"
+    if configured is None or configured == effective:
+        return _pct(effective)
+    return f"{_pct(effective)} (cfg {_pct(configured)})"
+
+
+def _number(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def _error_pct(up: Mapping[str, Any]) -> str:
+    requests, failures = up.get("requests"), up.get("failures")
+    if isinstance(requests, int | float) and isinstance(failures, int | float) and requests > 0:
+        return f"{100 * failures / requests:.1f}"
+    return "-"
+
+
+def _event(event: Any, now: datetime.datetime) -> str:
+    if not isinstance(event, Mapping):
+        return "no events"
+    text = f"{event.get('kind', '?')} by {event.get('actor', '?')}, {_age(event.get('time'), now)}"
+    return text + (f": {event['reason']}" if event.get("reason") else "")
+
+
+def _age(stamp: Any, now: datetime.datetime) -> str:
+    try:
+        when = datetime.datetime.fromisoformat(str(stamp))
+        secs = max(int((now - when).total_seconds()), 0)
+    except (ValueError, TypeError):  # unparsable, or naive vs aware
+        return f"at {stamp}"
+    hours, minutes, seconds = secs // 3600, secs % 3600 // 60, secs % 60
+    if hours:
+        return f"{hours}h{minutes:02d}m ago"
+    return f"{minutes}m{seconds:02d}s ago" if minutes else f"{seconds}s ago"
+
+
+def watch_frame(table: str, base_url: str, clock: str, *, first: bool, tty: bool) -> str:
+    """One ``flipback status --watch`` frame: a title line over ``table``. On a TTY it is
+    drawn in place (home, rewrite each line, clear what the last frame left); otherwise
+    frames after the first are separated by a blank line."""
+    text = f"flipback status  {base_url}  {clock}\n\n{table}"
+    if not tty:
+        return text if first else "\n" + text
+    lines = "".join(line + CLEAR_EOL + "\n" for line in text.splitlines())
+    return (CLEAR if first else "") + HOME + lines + CLEAR_BELOW
