@@ -1,0 +1,92 @@
+"""flipback in front of MLflow's scoring server (``mlflow models serve`` of a
+scikit-learn model trained at test time): JSON byte for byte, /ping probes, a killed
+canary, shadow compare on ``predictions``, keep-alive, a gzip body, 10 MiB bodies.
+MLflow's server does not stream, so there is no SSE check here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.interop import common
+from tests.interop.common import MIB, Case, Req
+from tests.interop.servers import MLFLOW, mlflow_models, mlflow_server, start_all
+
+pytestmark = pytest.mark.skipif(MLFLOW.missing() is not None, reason=str(MLFLOW.missing()))
+
+
+def big(size: int) -> Req:
+    """{"inputs": [[5.0, 0.0], [-5.0, 0.0], ...]} filled to ``size`` bytes (whitespace
+    pads the last few)."""
+    row_a, row_b = b"[5.0, 0.0]", b"[-5.0, 0.0]"
+    n = (size - 16) // (len(row_a) + len(row_b) + 4) * 2
+    rows = b", ".join(row_a if i % 2 == 0 else row_b for i in range(n))
+    body = b'{"inputs": [' + rows + b"]}"
+    return Req("/invocations", body + b" " * (size - len(body)))
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
+    work = tmp_path_factory.mktemp("mlflow")
+    # stable answers 1 above x0 > 0, the canary above x0 > 1: they differ at x0 = 0.5
+    stable_model, canary_model = mlflow_models(work, [0.0, 1.0])
+    servers = [mlflow_server(stable_model, work), mlflow_server(canary_model, work),
+               mlflow_server(stable_model, work)]
+    start_all(servers)
+    try:
+        yield Case(
+            stable=servers[0], canary=servers[1], spare=servers[2],
+            json_req=Req.json("/invocations", {"inputs": [[5.0, 0.0], [0.5, 0.0],
+                                                          [-5.0, 0.0]]}),
+            sse_req=None,
+            shadow_agree=Req.json("/invocations", {"inputs": [[5.0, 0.0], [-5.0, 0.0]]}),
+            shadow_differ=Req.json("/invocations",
+                                   {"dataframe_split": {"data": [[0.5, 0.0], [-5.0, 0.0]]}}),
+            json_paths=["predictions.0", "predictions.-1"],
+            big_req=big,
+            ready_path=MLFLOW.ready_path)
+    finally:
+        for server in servers:
+            server.kill()
+
+
+async def test_json_byte_for_byte(flipback, tap, case: Case) -> None:
+    answer = await common.json_byte_for_byte(flipback, tap, case)
+    assert json.loads(answer.body) == {"predictions": [1, 1, 0]}
+
+
+async def test_health_probes_on_ping(flipback, case: Case) -> None:
+    await common.health_on_readiness_path(flipback, case)
+
+
+async def test_canary_killed_mid_run_flips_with_no_client_errors(flipback, case: Case) -> None:
+    figures = await common.canary_killed_mid_run(flipback, case, case.json_req)
+    assert figures["route"]["last_event"]["kind"] == "rollback"
+
+
+async def test_shadow_compare_on_predictions(flipback, case: Case, tmp_path: Path) -> None:
+    records = await common.shadow_compare(flipback, case, tmp_path)
+    for rec in records:
+        assert rec["paths"] == [{"path": "predictions.0", "primary": 1, "shadow": 0}]
+
+
+async def test_keepalive_reuse(flipback, tap, case: Case) -> None:
+    await common.keepalive_reuse(flipback, tap, case)
+
+
+async def test_gzip_request_body_passes_as_sent(flipback, tap, case: Case) -> None:
+    """MLflow's server does not decode Content-Encoding: gzip: it answers 400 (its own
+    JSON error about the bytes it could not read), the same through flipback as direct."""
+    through, direct = await common.gzip_body(flipback, tap, case)
+    assert through.status == 400
+    assert json.loads(through.body)["error_code"] == "BAD_REQUEST"
+    assert through.body == direct.body
+
+
+async def test_large_bodies(flipback, tap, case: Case) -> None:
+    answer = await common.large_bodies(flipback, tap, case, 10 * MIB)
+    predictions = json.loads(answer.body)["predictions"]
+    assert len(predictions) > 400_000 and predictions[:4] == [1, 0, 1, 0]
