@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.windows import SlidingWindow  # noqa: E402
+from proxy.rollout.windows import SlidingWindow  # noqa: E402
 
 LATENCIES = (0.012, 0.05, 0.2, 0.35, 1.7, 0.09, 0.004, 0.6)
 

@@ -113,8 +113,8 @@ end
 PINTABLE_PROBE = """\
 import gc, sys, time
 import orjson
-from proxy.pins import STABLE, PinTable
-from proxy.sticky import BUCKETS, bucket, key_hash
+from proxy.rollout.pins import STABLE, PinTable
+from proxy.rollout.sticky import BUCKETS, bucket, key_hash
 
 def rss() -> int:
     with open("/proc/self/status") as f:

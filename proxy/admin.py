@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from proxy.rollback import figures_of
-from proxy.rollout import Rollout, RolloutConflict
+from proxy.rollout.machine import Rollout, RolloutConflict
+from proxy.rollout.rules import figures_of
 from proxy.runtime import Runtime
 from proxy.units import Bytes
 
@@ -163,7 +163,7 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
         "upstreams": upstreams,
         "sticky_sessions": rollout.sticky_sessions,
         "last_event": last.as_json() if last is not None else None,
-        "latch": rollout.latch,
+        "latch": rollout.latch.as_dict() if rollout.latch is not None else None,
     }
 
 

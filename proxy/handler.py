@@ -17,7 +17,6 @@ import orjson
 from aiohttp import HttpVersion, web
 from aiohttp.streams import StreamReader
 
-from proxy import session_pick
 from proxy.client_conn import ClientConnection, Limits
 from proxy.config.model import ProxyConfig
 from proxy.errors import (
@@ -30,12 +29,13 @@ from proxy.errors import (
 )
 from proxy.headers import RequestHeaders, downstream_headers
 from proxy.killswitch import kill_response
-from proxy.lanes import Lane
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
-from proxy.rollout import Rollout
+from proxy.rollout import pick
+from proxy.rollout.lanes import Lane
+from proxy.rollout.machine import Rollout
+from proxy.rollout.sticky import session_key
 from proxy.runtime import Runtime
 from proxy.shadow.mirror import ShadowCopy
-from proxy.sticky import session_key
 from proxy.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -196,12 +196,10 @@ class Proxy:
         if sticky is not None and (rollout.pins is not None
                                    or (shadow is not None and shadow.by_session)):
             key = session_key(sticky, request.headers, body if isinstance(body, bytes) else None)
-        choice = self._choose(request, rollout, key)
-        if isinstance(choice, int):  # a session not cached here, pins shared in Redis
-            lane = await session_pick.pick_shared(rollout, choice)
-            role = lane.role
-        else:
-            lane, role = choice
+        choice = pick.choose(rollout, request.headers, key)
+        if not isinstance(choice, tuple):  # a session not cached here, pins shared in Redis
+            choice = await choice
+        lane, role = choice
         if shadow is not None and not shadow.should_mirror(key):
             shadow = None
         replayable = True
@@ -342,31 +340,6 @@ class Proxy:
         if self.access_log:
             self._log(request, rollout.name, lane.upstream, role, status, total, rid)
         return resp
-
-    def _choose(self, request: web.BaseRequest, rollout: Rollout,
-                key: str | None) -> tuple[Lane, str] | int:
-        """Override header, then sticky session, then the weighted split; the lane and
-        the role its request is counted under. With pins in Redis, a session this replica
-        has not cached comes back as its hash, for ``session_pick.pick_shared`` to await."""
-        route = rollout.route
-        if route.override_header is not None:
-            named = request.headers.get(route.override_header)
-            if named:
-                lane = rollout.lanes.get(named)
-                if lane is not None:
-                    return lane, "override"
-                self.runtime.metrics.override_ignored_total.labels(route=rollout.name).inc()
-        if key is not None and rollout.pins is not None:
-            if rollout.shared is None:
-                lane = session_pick.pick_for(rollout, key)
-            else:
-                found = session_pick.pick_cached(rollout, key)
-                if isinstance(found, int):
-                    return found
-                lane = found
-            return lane, lane.role
-        lane = rollout.pick()
-        return lane, lane.role
 
     @staticmethod
     def _next_lane(rollout: Rollout, lane: Lane) -> Lane | None:

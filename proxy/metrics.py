@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.rollback import TripReason
+from proxy.rollout.rules import TripReason
 
 OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
 OUTCOME_ERROR = 4

@@ -14,14 +14,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from proxy import rollout_sync
-from proxy.config.model import NotifyConfig, ProxyConfig
+from proxy.config.model import NotifyConfig, ProxyConfig, RouteConfig
 from proxy.events import Event, EventLog
 from proxy.fleet.link import FleetLink
 from proxy.metrics import Metrics, RouteGauges
 from proxy.notify import Notifier
-from proxy.rollout import Rollout
+from proxy.rollout.machine import Rollout
 from proxy.routing import RouteTable
+from proxy.shadow.mirror import ShadowMirror
 from proxy.statefile import StateWriter, load_state, route_state
 from proxy.tasks import TaskSet
 from proxy.upstream.health import HealthChecker
@@ -118,19 +118,35 @@ class Runtime:
             pools[name] = old if old is not None and old.cfg == cfg else UpstreamPool(cfg)
         rollouts: dict[str, Rollout] = {}
         for route in config.routes:
+            old_rollout = previous.rollouts.get(route.name) if previous is not None else None
             rollout = Rollout(
                 route=route,
                 pools=pools,
                 events=self.events,
                 metrics=self.metrics,
                 on_change=self._writer.schedule,
+                shadow=self._mirror(route, pools, old_rollout),
             )
-            if previous is not None and route.name in previous.rollouts:
-                rollout_sync.adopt(rollout, previous.rollouts[route.name])
+            if old_rollout is not None:
+                rollout.adopt(old_rollout)
             rollouts[route.name] = rollout
         table = RouteTable([(r.match, rollouts[r.name]) for r in config.routes])
         self.metrics.declare_routes(rollouts)
         return Snapshot(config=config, table=table, rollouts=rollouts, pools=pools)
+
+    def _mirror(self, route: RouteConfig, pools: dict[str, UpstreamPool],
+                old: Rollout | None) -> ShadowMirror | None:
+        """The route's shadow mirror: the old one while its config and pool are the same
+        (its copies in flight and its diff record carry on), else a new one."""
+        cfg = route.shadow
+        if cfg is None:
+            return None
+        pool = pools[cfg.upstream]
+        if (old is not None and old.shadow is not None and old.route.shadow == cfg
+                and old.shadow.pool is pool):
+            mirror: ShadowMirror = old.shadow
+            return mirror
+        return ShadowMirror(route=route.name, cfg=cfg, pool=pool, metrics=self.metrics)
 
     def apply(self, config: ProxyConfig) -> ReloadResult:
         """Swap in a validated config between requests (SPEC §7). Requests already under
@@ -204,15 +220,15 @@ class Runtime:
             if not isinstance(state, dict):
                 logger.warning("state file: route %s: ignoring its state, not an object", name)
                 continue
-            rollout_sync.restore(rollout, route_state(name, state))
+            rollout.restore(route_state(name, state))
             if rollout.latch is not None:
                 logger.warning("route %s restored rolled_back: %s", name,
-                               rollout.latch.get("detail"))
+                               rollout.latch.detail)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "routes": {name: rollout_sync.state_dict(r)
+            "routes": {name: r.persisted()
                        for name, r in self.snapshot.rollouts.items()},
         }
 

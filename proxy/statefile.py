@@ -49,7 +49,7 @@ def _is_latch(value: Any) -> bool:
             and isinstance(value.get("verify", ""), str))
 
 
-# What ``rollout_sync.state_dict`` writes for a route; any field may also be null.
+# What ``rollout.carry.persisted`` writes for a route; any field may also be null.
 _FIELDS: dict[str, Callable[[Any], bool]] = {
     "fingerprint": lambda v: isinstance(v, str),
     "latch": _is_latch,

@@ -18,8 +18,8 @@ import pytest
 from proxy.errors import ProxyError
 from proxy.fleet import state as fs
 from proxy.fleet.link import SLOW_LOOKUPS_DOWN
+from proxy.rollout.sticky import bucket, key_hash
 from proxy.server import App
-from proxy.sticky import bucket, key_hash
 from tests.conftest import Running, make_config
 from tests.fakes import Behaviour
 from tests.test_notify import receiver
@@ -303,7 +303,7 @@ async def test_fleet_automatic_trip_reaches_the_other_replica(fleet: Any) -> Non
     assert a.runtime.rollout("chat").state == "rolled_back"
     await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
     latch = b.runtime.rollout("chat").latch
-    assert latch["actor"] == "auto" and latch["reason"] == "consecutive_failures"
+    assert latch.actor == "auto" and latch.reason == "consecutive_failures"
     assert v2.count == 3  # the trip's three; B never sent the bad canary a request
 
 
@@ -334,7 +334,7 @@ async def test_fleet_replica_started_later_picks_up_the_latch(fleet: Any) -> Non
     assert await a.runtime.fleet.flush()
     c = await replica("c")  # a fresh state file: only Redis knows
     assert c.runtime.rollout("chat").state == "rolled_back"
-    assert c.runtime.rollout("chat").latch["detail"] == "while C was away"
+    assert c.runtime.rollout("chat").latch.detail == "while C was away"
 
 
 @needs_redis

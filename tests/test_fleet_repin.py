@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from proxy.pins import STABLE, PinTable
-from proxy.sticky import bucket, key_hash
+from proxy.rollout.pins import STABLE, PinTable
+from proxy.rollout.sticky import bucket, key_hash
 from tests.conftest import Running
 from tests.test_fleet import RedisServer, _ask, _until, needs_redis, redis_server
 

@@ -106,7 +106,7 @@ async def test_verify_confirms_a_healthy_stable(model, flipback):
         await _ask(fb)
     for _ in range(20):
         await _ask(fb)
-    await _wait(lambda: "verify" in (rollout.latch or {}), 2)
+    await _wait(lambda: rollout.latch is not None and rollout.latch.verify is not None, 2)
     event = (await fb.get_json("/events"))["events"][0]
     assert event["kind"] == "verified" and event["actor"] == "auto"
     assert event["figures"]["stable"]["requests"] > 0
@@ -125,7 +125,7 @@ async def test_verify_fails_when_stable_is_bad_too(model, flipback):
         await _ask(fb)
     fb.v1.behaviour = Behaviour(delay=0.6)  # stable slow: p99 over max_p99 (500 ms)
     await asyncio.gather(*(_ask(fb) for _ in range(8)))
-    await _wait(lambda: "verify" in (rollout.latch or {}), 3)
+    await _wait(lambda: rollout.latch is not None and rollout.latch.verify is not None, 3)
     event = (await fb.get_json("/events"))["events"][0]
     assert event["kind"] == "verify_failed"
     assert "look elsewhere" in event["reason"]

@@ -18,11 +18,15 @@ PURE = (
     "proxy.config.values",
     "proxy.config.schema",
     "proxy.config.parser",
-    "proxy.windows",
-    "proxy.rollback",
-    "proxy.sticky",
-    "proxy.pins",
-    "proxy.session_pick",
+    "proxy.rollout.windows",
+    "proxy.rollout.rules",
+    "proxy.rollout.sticky",
+    "proxy.rollout.pins",
+    "proxy.rollout.pick",
+    "proxy.rollout.state",
+    "proxy.rollout.carry",
+    "proxy.rollout.lanes",
+    "proxy.rollout.machine",
     "proxy.routing",
     "proxy.headers",
     "proxy.events",
@@ -32,7 +36,9 @@ PURE = (
 )
 # The serving side; the config and the decision cores must never reach up to it.
 SERVING = ("proxy.server", "proxy.handler", "proxy.runtime")
-CORES = (*sorted((PROXY / "config").glob("*.py")), PROXY / "windows.py", PROXY / "rollback.py")
+CORES = (*sorted((PROXY / "config").glob("*.py")), PROXY / "rollout" / "windows.py",
+         PROXY / "rollout" / "rules.py", PROXY / "rollout" / "state.py",
+         PROXY / "rollout" / "carry.py")
 
 
 def test_layering_pure_modules_import_neither_asyncio_nor_aiohttp() -> None:

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from proxy.config.model import RollbackConfig
-from proxy.rollback import Trip, TripReason, evaluate, figures_of
-from proxy.windows import SlidingWindow, WindowStats
+from proxy.rollout.rules import Trip, TripReason, evaluate, figures_of
+from proxy.rollout.windows import SlidingWindow, WindowStats
 
 POLICY = RollbackConfig()  # 10s, min 20, 5%, 500ms, ratio off, 5 in a row, compare on
 

@@ -16,6 +16,7 @@ import pytest
 
 from proxy.config.model import CompareConfig, ShadowConfig, UpstreamConfig
 from proxy.metrics import Metrics
+from proxy.rollout.sticky import bucket, key_hash
 from proxy.shadow.compare import (
     MISSING,
     PathDiff,
@@ -29,7 +30,6 @@ from proxy.shadow.compare import (
 )
 from proxy.shadow.mirror import SESSION_BUCKETS, ShadowCopy, ShadowMirror, _Side, session_bucket
 from proxy.shadow.record import DiffRecord
-from proxy.sticky import bucket, key_hash
 from proxy.upstream.pool import UpstreamPool
 
 

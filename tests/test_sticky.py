@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from proxy.config.model import StickyConfig
-from proxy.pins import STABLE, PinTable
+from proxy.rollout.pins import STABLE, PinTable
+from proxy.rollout.sticky import bucket, cookie_value, json_field, key_hash, session_key
 from proxy.shadow.mirror import session_bucket
-from proxy.sticky import bucket, cookie_value, json_field, key_hash, session_key
 
 
 class FakeClock:

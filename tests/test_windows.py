@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.windows import BOUNDS, SlidingWindow
+from proxy.rollout.windows import BOUNDS, SlidingWindow
 
 T0 = 1000.0  # not 0, so slot indexes are large like a real monotonic clock's
 

@@ -30,13 +30,12 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy import rollout_sync
 from proxy.errors import ProxyError
 from proxy.events import Event
 from proxy.fleet import state as fs
 from proxy.fleet.pins import SharedPins
 from proxy.fleet.writer import WRITE_TIMEOUT, Action, FleetWriter, PinWrite
-from proxy.rollout import Rollout
+from proxy.rollout.machine import Rollout
 from proxy.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
@@ -137,8 +136,7 @@ class FleetLink:
                     shared.set_epochs(prev.cepoch, prev.sepoch)
                     shared.seed = prev.seed
             routes[name] = shared
-            rollout.announce = self.announce
-            rollout.shared = shared if rollout.pins is not None else None
+            rollout.link_fleet(self.announce, shared)
         self._routes = routes
 
     def resync(self) -> None:
@@ -325,8 +323,7 @@ class FleetLink:
         if message.origin == self.replica:
             return
         try:
-            rollout_sync.apply_remote(rollout, message.op, message.data, message.event,
-                                   message.origin)
+            rollout.apply_remote(message.op, message.data, message.event, message.origin)
         except Exception:  # one odd message must not stop the listener
             logger.exception("cannot apply %s on %s from %s", message.op, message.route,
                              message.origin)
@@ -346,7 +343,8 @@ class FleetLink:
             cepoch, sepoch = (shared.cepoch, shared.sepoch) if shared else ("", "")
             canary = rollout.route.canary
             fields = fs.state_fields(
-                fp, latch=rollout.latch, manual_weight=rollout.manual_weight,
+                fp, latch=rollout.latch.as_dict() if rollout.latch else None,
+                manual_weight=rollout.manual_weight,
                 configured_weight=canary.weight if canary else None, step=rollout.step,
                 step_weight=rollout.step_weight, cepoch=cepoch, sepoch=sepoch,
                 seed=fs.new_epoch())
@@ -376,9 +374,9 @@ class FleetLink:
                 if shared.seed not in (None, state.seed):
                     shared.refill_due = True
                 shared.seed = state.seed
-            rollout_sync.apply_fleet_state(rollout, present=state.present, latch=state.latch,
-                                      manual_weight=state.manual_weight, step=state.step,
-                                      kill=state.kill, step_weight=state.step_weight)
+            rollout.catch_up(present=state.present, latch=state.latch,
+                             manual_weight=state.manual_weight, step=state.step,
+                             kill=state.kill, step_weight=state.step_weight)
         due = [s for s in self._routes.values() if s.refill_due]
         for shared in due:
             owner = rollouts.get(shared.route)

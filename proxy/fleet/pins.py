@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from proxy.fleet import state as fleet_state
 from proxy.fleet.writer import PIN_BATCH, PinWrite
-from proxy.pins import STABLE, PinTable
+from proxy.rollout.pins import STABLE, PinTable
 
 if TYPE_CHECKING:
     from proxy.fleet.link import FleetLink

@@ -37,9 +37,9 @@ from proxy.metrics import (
     Metrics,
     outcome_index,
 )
+from proxy.rollout.sticky import key_hash
 from proxy.shadow.compare import Verdict, compare
 from proxy.shadow.record import DiffRecord
-from proxy.sticky import key_hash
 from proxy.tasks import TaskSet
 from proxy.upstream.conn import Connection
 from proxy.upstream.pool import UpstreamPool

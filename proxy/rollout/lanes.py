@@ -2,22 +2,41 @@
 
 A ``Lane`` is what the request path holds between picking an upstream and recording the
 outcome: ``begin`` before the send, ``end`` (or ``cancel``) after, with no lookups between.
+It knows its upstream only through the ``Pool`` protocol.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
+from typing import TYPE_CHECKING, Protocol
 
+from proxy.config.model import UpstreamConfig
 from proxy.metrics import InFlight, Metrics, Series
-from proxy.upstream.pool import UpstreamPool
-from proxy.windows import SlidingWindow
+from proxy.rollout.windows import SlidingWindow
+
+if TYPE_CHECKING:
+    from proxy.upstream.pool import UpstreamResponse
+
+# Called with (failed, latency) as each request on a watched lane ends.
+Judge = Callable[[bool, float], None]
+
+
+class Pool(Protocol):
+    """What a lane needs of an upstream's connection pool (``proxy.upstream.pool``)."""
+
+    @property
+    def cfg(self) -> UpstreamConfig: ...
+
+    async def send(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                   body: bytes | AsyncIterable[bytes] | None, *,
+                   content_length: int | None = None) -> UpstreamResponse: ...
 
 
 class Lane:
     """One upstream as seen from one route: what a request to it must touch on the way."""
 
-    __slots__ = ("upstream", "role", "pool", "window", "in_flight", "_series", "_metrics",
-                 "_route", "_after_end", "_use_ttfb")
+    __slots__ = ("upstream", "role", "pool", "window", "in_flight", "judge", "_series",
+                 "_metrics", "_route", "_use_ttfb")
 
     def __init__(
         self,
@@ -25,8 +44,8 @@ class Lane:
         route: str,
         upstream: str,
         role: str,
-        pool: UpstreamPool,
-        window: SlidingWindow | None,
+        pool: Pool,
+        window: SlidingWindow,
         metrics: Metrics,
         use_ttfb: bool,
     ) -> None:
@@ -38,9 +57,12 @@ class Lane:
         self._metrics = metrics
         self._route = route
         self._series: dict[str, Series] = {role: metrics.series(route, upstream, role)}
-        # Set on a watched canary: called with (failed, latency) as each request ends.
-        self._after_end: Callable[[bool, float], None] | None = None
+        self.judge: Judge | None = None  # set by the owning rollout through ``watch``
         self._use_ttfb = use_ttfb
+
+    def watch(self, judge: Judge | None) -> None:
+        """Have ``judge`` called as each request ends (None: nobody judges this lane)."""
+        self.judge = judge
 
     def series(self, role: str) -> Series:
         found = self._series.get(role)
@@ -51,9 +73,7 @@ class Lane:
     def begin(self) -> float:
         """A request to this upstream starts; returns the token to pass to ``end``."""
         self.in_flight.value += 1
-        if self.window is not None:
-            return self.window.begin()
-        return 0.0
+        return self.window.begin()
 
     def end(
         self,
@@ -68,15 +88,12 @@ class Lane:
         """The request ended (or failed): metrics, window, then the trip check."""
         self.in_flight.value -= 1
         self.series(role).observe(outcome, ttfb, total)
-        window = self.window
-        if window is not None:
-            latency = ttfb if (self._use_ttfb and ttfb is not None) else total
-            window.end(started, latency, failed)
-            if self._after_end is not None:
-                self._after_end(failed, latency)
+        latency = ttfb if (self._use_ttfb and ttfb is not None) else total
+        self.window.end(started, latency, failed)
+        if self.judge is not None:
+            self.judge(failed, latency)
 
     def cancel(self, started: float) -> None:
         """The client went away: the request ends without judging the upstream."""
         self.in_flight.value -= 1
-        if self.window is not None:
-            self.window.forget(started)
+        self.window.forget(started)

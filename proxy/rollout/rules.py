@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from proxy.config.model import RollbackConfig
+from proxy.rollout.windows import WindowStats
 from proxy.units import format_duration
-from proxy.windows import WindowStats
 
 
 class TripReason(StrEnum):

@@ -1,24 +1,28 @@
-"""Which side a sticky session goes to (SPEC §5): its pin, else its bucket.
+"""Which upstream takes a request (SPEC §5), in one place: the override header, else the
+session's pin (local, or shared through Redis), else its bucket, else the weighted split.
 
-Free functions over a ``Rollout``: the local pin table alone (``pick_for``), or with pins
-shared through Redis (``pick_cached`` for the local part, ``pick_shared`` for the one
-round trip a session this replica has not seen costs).
+``choose`` answers at once for nearly every request; only a session this replica has not
+seen, with pins shared in Redis, needs a round trip: then it returns the coroutine that
+makes it, for the caller to await.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
-from proxy.pins import STABLE
-from proxy.sticky import BUCKETS, bucket, key_hash
+from proxy.rollout.pins import STABLE
+from proxy.rollout.sticky import BUCKETS, bucket, key_hash
 
 if TYPE_CHECKING:
-    from proxy.lanes import Lane
-    from proxy.rollout import Rollout
+    from proxy.rollout.lanes import Lane
+    from proxy.rollout.machine import Rollout
+
+Choice = tuple["Lane", str]  # the lane, and the role its request is counted under
 
 
 class SharedPins(Protocol):
-    """Pins kept fleet-wide (``state.redis``; implemented in ``fleet_pins``)."""
+    """Pins kept fleet-wide (``state.redis``; implemented in ``proxy.fleet.pins``)."""
 
     @property
     def available(self) -> bool: ...
@@ -30,7 +34,36 @@ class SharedPins(Protocol):
     def touch(self, hashed: int, canary: bool) -> None: ...
 
 
-def pick_for(r: Rollout, key: str) -> Lane:
+def choose(r: Rollout, headers: Mapping[str, str],
+           key: str | None) -> Choice | Coroutine[Any, Any, Choice]:
+    """The lane for a request to route ``r`` whose session key is ``key``."""
+    route = r.route
+    if route.override_header is not None:
+        named = headers.get(route.override_header)
+        if named:
+            lane = r.lanes.get(named)
+            if lane is not None:
+                return lane, "override"
+            r.override_ignored()
+    if key is not None and r.pins is not None:
+        if r.shared is None:
+            lane = sticky(r, key)
+        else:
+            found = sticky_cached(r, key)
+            if isinstance(found, int):
+                return _shared(r, found)
+            lane = found
+        return lane, lane.role
+    lane = r.pick()
+    return lane, lane.role
+
+
+async def _shared(r: Rollout, hashed: int) -> Choice:
+    lane = await sticky_shared(r, hashed)
+    return lane, lane.role
+
+
+def sticky(r: Rollout, key: str) -> Lane:
     """Sticky pick: a pinned session stays on its side; a new one is assigned by its
     hash bucket (canary iff bucket < weight x 100), the same on every replica."""
     pins = r.pins
@@ -45,10 +78,10 @@ def pick_for(r: Rollout, key: str) -> Lane:
     return assign(r, hashed)
 
 
-def pick_cached(r: Rollout, key: str) -> Lane | int:
+def sticky_cached(r: Rollout, key: str) -> Lane | int:
     """Sticky pick with fleet-wide pins, local part: the lane when this replica has the
     session cached (or Redis is down: then the bucket decides, as on every replica);
-    otherwise the session's hash, for ``pick_shared``."""
+    otherwise the session's hash, for ``sticky_shared``."""
     pins, shared = r.pins, r.shared
     assert pins is not None and shared is not None
     hashed = key_hash(key)
@@ -63,7 +96,7 @@ def pick_cached(r: Rollout, key: str) -> Lane | int:
     return hashed
 
 
-async def pick_shared(r: Rollout, hashed: int) -> Lane:
+async def sticky_shared(r: Rollout, hashed: int) -> Lane:
     """Sticky pick for a session this replica has not cached: its pin in Redis (made
     by any replica), else the bucket rule; Redis failing or slow means the bucket."""
     pins, shared = r.pins, r.shared
@@ -78,6 +111,7 @@ async def pick_shared(r: Rollout, hashed: int) -> Lane:
 
 
 def assign(r: Rollout, hashed: int) -> Lane:
+    """A new session: by its bucket, pinned here (and in Redis when shared)."""
     assert r.pins is not None
     canary = bool(r.canary_share) and bucket(hashed) < r.canary_share * BUCKETS
     r.pins.put(hashed, r.pins.canary_code if canary else STABLE)
