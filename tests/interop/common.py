@@ -317,6 +317,21 @@ async def keepalive_reuse(flipback: StartFlipback, tap: Callable[..., Any], case
     return t
 
 
+async def server_closed_idle_connection(flipback: StartFlipback, tap: Callable[..., Any],
+                                        case: Case, idle: float = 5.5) -> None:
+    """uvicorn (under MLflow, MLServer and llama-cpp-python alike) closes a keep-alive
+    connection idle for 5 s, far sooner than flipback's pool would: the next request,
+    with a body too big to replay, must go on a new connection, not the closed one."""
+    t = await tap(case.stable.port)
+    fb = await flipback(plain_route(t.url))
+    assert (await send(fb.session, fb.url, case.json_req)).status == 200
+    await asyncio.sleep(idle)
+    big = case.big_req(2 * MIB)  # over inspect_body (1 MiB): streamed, never replayed
+    answer = await send(fb.session, fb.url, big)
+    assert answer.status == 200, answer.body[:300]
+    assert t.connections == 2
+
+
 async def gzip_body(flipback: StartFlipback, tap: Callable[..., Any],
                     case: Case) -> tuple[Answer, Answer]:
     """A ``Content-Encoding: gzip`` request body reaches the server compressed and

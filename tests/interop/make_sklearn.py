@@ -5,7 +5,8 @@ Run with the model server's own interpreter (its venv has scikit-learn and the s
 ``python make_sklearn.py mlserver --name NAME OUT_DIR=T ...`` (a joblib file plus
 ``model-settings.json`` for ``mlserver_sklearn``). Each model answers 1 when the first
 feature is above its threshold T: two thresholds make two versions that agree on some
-inputs and differ on others. It imports nothing from flipback.
+inputs and differ on others. For mlflow, ``OUT_DIR=crash`` saves instead a pyfunc model
+whose predict always raises (a broken canary). It imports nothing from flipback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def save_mlflow(model: LogisticRegression, out: Path) -> None:
                               signature=infer_signature(sample, model.predict(sample)))
 
 
+def save_mlflow_crash(out: Path) -> None:
+    import mlflow.pyfunc
+
+    class Crash(mlflow.pyfunc.PythonModel):  # pickled by value: this module is __main__
+        def predict(self, context, model_input, params=None):
+            raise RuntimeError("this model version is broken")
+
+    mlflow.pyfunc.save_model(str(out), python_model=Crash())
+
+
 def save_mlserver(model: LogisticRegression, out: Path, name: str) -> None:
     import joblib
 
@@ -52,6 +63,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     for spec in args.outs:
         out, _, threshold = spec.rpartition("=")
+        if args.kind == "mlflow" and threshold == "crash":
+            save_mlflow_crash(Path(out))
+            continue
         trained = train(float(threshold))
         if args.kind == "mlflow":
             save_mlflow(trained, Path(out))

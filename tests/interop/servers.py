@@ -163,8 +163,9 @@ def start_all(servers: list[ServerProcess], timeout: float = 120.0) -> None:
 # -- the three servers ----------------------------------------------------------------
 
 
-def mlflow_models(workdir: Path, thresholds: list[float]) -> list[Path]:
-    """Train and save one MLflow sklearn model per threshold (one python start)."""
+def mlflow_models(workdir: Path, thresholds: list[float | str]) -> list[Path]:
+    """Train and save one MLflow sklearn model per threshold (one python start); the
+    threshold "crash" makes a model whose predict raises (MLflow answers it with 400)."""
     outs = [workdir / f"mlflow-model-{i}" for i in range(len(thresholds))]
     run_helper(MLFLOW, HERE / "make_sklearn.py", "mlflow",
                *[f"{out}={t}" for out, t in zip(outs, thresholds, strict=True)], cwd=workdir)

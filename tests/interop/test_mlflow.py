@@ -8,12 +8,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.interop import common
-from tests.interop.common import MIB, Case, Req
-from tests.interop.servers import MLFLOW, mlflow_models, mlflow_server, start_all
+from tests.interop.common import MIB, Case, Req, send, upstreams
+from tests.interop.servers import (
+    MLFLOW,
+    ServerProcess,
+    mlflow_models,
+    mlflow_server,
+    start_all,
+)
 
 pytestmark = pytest.mark.skipif(MLFLOW.missing() is not None, reason=str(MLFLOW.missing()))
 
@@ -29,28 +36,34 @@ def big(size: int) -> Req:
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    """stable, canary, spare (a copy of stable), crash: started at once, killed at the end.
+    stable answers 1 for x0 > 0, the canary for x0 > 1 (they differ at x0 = 0.5); crash
+    raises in predict."""
     work = tmp_path_factory.mktemp("mlflow")
-    # stable answers 1 above x0 > 0, the canary above x0 > 1: they differ at x0 = 0.5
-    stable_model, canary_model = mlflow_models(work, [0.0, 1.0])
-    servers = [mlflow_server(stable_model, work), mlflow_server(canary_model, work),
-               mlflow_server(stable_model, work)]
-    start_all(servers)
+    stable_model, canary_model, crash_model = mlflow_models(work, [0.0, 1.0, "crash"])
+    started = [mlflow_server(model, work)
+               for model in (stable_model, canary_model, stable_model, crash_model)]
+    start_all(started)
     try:
-        yield Case(
-            stable=servers[0], canary=servers[1], spare=servers[2],
-            json_req=Req.json("/invocations", {"inputs": [[5.0, 0.0], [0.5, 0.0],
-                                                          [-5.0, 0.0]]}),
-            sse_req=None,
-            shadow_agree=Req.json("/invocations", {"inputs": [[5.0, 0.0], [-5.0, 0.0]]}),
-            shadow_differ=Req.json("/invocations",
-                                   {"dataframe_split": {"data": [[0.5, 0.0], [-5.0, 0.0]]}}),
-            json_paths=["predictions.0", "predictions.-1"],
-            big_req=big,
-            ready_path=MLFLOW.ready_path)
+        yield started
     finally:
-        for server in servers:
+        for server in started:
             server.kill()
+
+
+@pytest.fixture(scope="module")
+def case(servers: list[ServerProcess]) -> Case:
+    return Case(
+        stable=servers[0], canary=servers[1], spare=servers[2],
+        json_req=Req.json("/invocations", {"inputs": [[5.0, 0.0], [0.5, 0.0], [-5.0, 0.0]]}),
+        sse_req=None,
+        shadow_agree=Req.json("/invocations", {"inputs": [[5.0, 0.0], [-5.0, 0.0]]}),
+        shadow_differ=Req.json("/invocations",
+                               {"dataframe_split": {"data": [[0.5, 0.0], [-5.0, 0.0]]}}),
+        json_paths=["predictions.0", "predictions.-1"],
+        big_req=big,
+        ready_path=MLFLOW.ready_path)
 
 
 async def test_json_byte_for_byte(flipback, tap, case: Case) -> None:
@@ -90,3 +103,31 @@ async def test_large_bodies(flipback, tap, case: Case) -> None:
     answer = await common.large_bodies(flipback, tap, case, 10 * MIB)
     predictions = json.loads(answer.body)["predictions"]
     assert len(predictions) > 400_000 and predictions[:4] == [1, 0, 1, 0]
+
+
+async def test_crashing_canary_answers_400_and_needs_4xx_counted(flipback, servers,
+                                                                 case: Case) -> None:
+    """MLflow answers a model that raises with 400 BAD_REQUEST (and its stack trace). With
+    the default failure_statuses [5xx] those 400s reach the clients and the canary is
+    never judged; with [5xx, 4xx] each is retried on stable and the canary flips."""
+    crash = servers[3]
+    route: dict[str, Any] = {"name": "r", "match": {"path_prefix": "/"}, "stable": "stable",
+                             "canary": {"upstream": "canary", "weight": 50},
+                             "rollback": {"min_requests": 5}}
+    cfg = {"upstreams": upstreams(stable=case.stable.url, canary=crash.url),
+           "routes": [route]}
+    fb = await flipback(cfg)
+    answers = [await send(fb.session, fb.url, case.json_req) for _ in range(30)]
+    on_canary = [a for a in answers if a.header("x-flipback-upstream") == "canary"]
+    assert on_canary and {a.status for a in on_canary} == {400}
+    assert json.loads(on_canary[0].body)["error_code"] == "BAD_REQUEST"
+    assert (await fb.route())["state"] == "canary"
+
+    route["rollback"] = {"min_requests": 5, "failure_statuses": ["5xx", "4xx"]}
+    fb = await flipback(cfg)
+    answers = [await send(fb.session, fb.url, case.json_req) for _ in range(30)]
+    assert {a.status for a in answers} == {200}
+    assert {a.header("x-flipback-upstream") for a in answers} == {"stable"}
+    assert any(a.header("x-flipback-retried-from") == "canary" for a in answers)
+    state = await fb.route()
+    assert state["state"] == "rolled_back", state

@@ -103,6 +103,10 @@ async def test_keepalive_reuse(flipback, tap, case: Case) -> None:
     await common.keepalive_reuse(flipback, tap, case)
 
 
+async def test_connection_closed_idle_by_the_server(flipback, tap, case: Case) -> None:
+    await common.server_closed_idle_connection(flipback, tap, case)
+
+
 async def test_gzip_request_body_is_decoded_by_mlserver(flipback, tap, case: Case) -> None:
     through, direct = await common.gzip_body(flipback, tap, case)
     assert through.status == 200
