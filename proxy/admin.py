@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +11,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from proxy.config.preflight import is_loopback
 from proxy.rollout.machine import Rollout, RolloutConflict
 from proxy.rollout.rules import figures_of
 from proxy.runtime import Runtime
@@ -31,16 +31,6 @@ REASON_LIMIT: Bytes = 1024
 TRUNCATED = "…[truncated]"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def is_loopback(listen_host: str) -> bool:
-    host = listen_host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def admin_token(token_env: str) -> str:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from proxy.admin import RELOAD, admin_token, create_admin_app, is_loopback
+from proxy.admin import RELOAD, admin_token, create_admin_app
 from proxy.client_conn import DataPlaneServer, Limits
 from proxy.config.model import ProxyConfig, ServerConfig
+from proxy.config.preflight import admin_exposed, is_loopback, split_listen
 from proxy.errors import ProxyError
 from proxy.handler import Proxy
 from proxy.reload import ConfigWatcher
@@ -21,11 +23,6 @@ from proxy.runtime import Runtime
 from proxy.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class App:
@@ -47,11 +44,9 @@ class App:
         token = admin_token(cfg.admin.token_env)
         admin_host, admin_port = split_listen(cfg.admin.listen)
         loopback = is_loopback(admin_host)
-        if not token and not loopback:
-            raise ProxyError(
-                f"admin.listen {cfg.admin.listen} is not loopback and ${cfg.admin.token_env} "
-                "is not set: refusing to expose admin actions without a token"
-            )
+        refused = admin_exposed(cfg, os.environ)
+        if refused is not None:
+            raise ProxyError(f"admin.listen {refused}")
         await self.runtime.start()
         limits = Limits(cfg.server.header_timeout, cfg.server.body_timeout,
                         cfg.server.max_header_bytes)

@@ -37,6 +37,23 @@ def test_check_bad_config_exits_2_with_file_line(tmp_path, capsys):
     assert any("routes[0].weigth" in line for line in err)
 
 
+def test_check_refuses_what_run_would_refuse_and_names_the_env(tmp_path, capsys,
+                                                               monkeypatch):
+    """A config that checks must start: a non-loopback admin listener needs its token
+    (the shipped Kubernetes config passed check, then run exited 1)."""
+    cfg = tmp_path / "exposed.yaml"
+    cfg.write_text("server: {listen: '0.0.0.0:8080'}\nadmin:\n  token_env: FB_TOKEN\n"
+                   "  listen: '0.0.0.0:9901'\nupstreams:\n  a: {url: 'http://127.0.0.1:1'}\n"
+                   "routes:\n  - {name: r, match: {path_prefix: /}, stable: a}\n")
+    monkeypatch.delenv("FB_TOKEN", raising=False)
+    assert main(["check", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{cfg}:4: admin.listen: ")
+    assert "$FB_TOKEN is not set" in err[0]
+    monkeypatch.setenv("FB_TOKEN", "s3cret")
+    assert main(["check", "-c", str(cfg)]) == 0
+
+
 def test_check_a_reader_bug_is_still_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     """Whatever goes wrong inside the reader, ``check`` never shows a bare traceback."""
     import proxy.config.parser

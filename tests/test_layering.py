@@ -18,6 +18,7 @@ PURE = (
     "proxy.config.values",
     "proxy.config.schema",
     "proxy.config.parser",
+    "proxy.config.preflight",
     "proxy.rollout.windows",
     "proxy.rollout.rules",
     "proxy.rollout.sticky",

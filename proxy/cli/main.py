@@ -102,9 +102,16 @@ def _load(path: str) -> ProxyConfig | None:
 
 def cmd_check(path: str) -> int:
     from proxy.config.parser import summarize
+    from proxy.config.preflight import run_refusals
 
     cfg = _load(path)
     if cfg is None:
+        return EXIT_BAD_INPUT
+    with open(path, encoding="utf-8", errors="replace") as f:
+        refusals = run_refusals(cfg, f.read(), os.environ)
+    for line in refusals:  # valid, but `run` would refuse it here
+        print(line, file=sys.stderr)
+    if refusals:
         return EXIT_BAD_INPUT
     print(summarize(cfg))
     return EXIT_OK
