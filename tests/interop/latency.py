@@ -141,7 +141,9 @@ async def interleaved(n: int, warmup: int, direct: Callable[[], Awaitable[float]
         else:
             p.append(await proxied())
             d.append(await direct())
-    out = {"direct": summary(d), "flipback": summary(p)}
+    out: dict[str, Any] = {"direct": summary(d), "flipback": summary(p),
+                           "raw_ms": {"direct": [round(v * 1000, 3) for v in d],
+                                      "flipback": [round(v * 1000, 3) for v in p]}}
     out["added_p50_ms"] = out["flipback"]["p50_ms"] - out["direct"]["p50_ms"]
     out["added_p99_ms"] = out["flipback"]["p99_ms"] - out["direct"]["p99_ms"]
     return out
@@ -217,7 +219,9 @@ def main() -> int:
             continue
         t0 = time.monotonic()
         results[name] = run_one(name, args.requests, args.streams)
-        print(f"{name}: measured in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        results[name]["loadavg_1m_after"] = os.getloadavg()[0]
+        print(f"{name}: measured in {time.monotonic() - t0:.0f} s, load average "
+              f"{os.getloadavg()[0]:.2f} after", file=sys.stderr)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = srv.REPO / "loadtests" / "out" / f"interop-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
