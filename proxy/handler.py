@@ -293,6 +293,8 @@ class Proxy:
         resp = web.StreamResponse(status=status, reason=up.reason,
                                   headers=downstream_headers(up.headers))
         resp.headers["x-flipback-upstream"] = lane.upstream
+        if lane.version is not None:
+            resp.headers["x-flipback-version"] = lane.version
         if retried_from is not None:
             resp.headers["x-flipback-retried-from"] = ", ".join(retried_from)
         if rid:
@@ -413,7 +415,7 @@ class Proxy:
             body = got if isinstance(got, bytes) else b""
         resp = kill_response(rollout.route.kill_switch, body, rid, self.id_header)
         status = resp.status
-        series = self.runtime.metrics.series(rollout.name, "-", "static")
+        series = self.runtime.metrics.series(rollout.name, "kill_switch", "static")
         series.observe(outcome_index(status), None, self._loop_time() - t0)
         return resp
 

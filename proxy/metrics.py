@@ -125,6 +125,8 @@ class Metrics:
         self._shadow: dict[str, ShadowStats] = {}
         self._route_gauges: Callable[[], Iterable[RouteGauges]] = lambda: ()
         self._upstream_health: Callable[[], Iterable[tuple[str, bool | None]]] = lambda: ()
+        # (name, version, max_connections) of each configured upstream
+        self._upstreams: Callable[[], Iterable[tuple[str, str | None, int]]] = lambda: ()
         self._redis: Callable[[], tuple[bool, dict[str, int]]] | None = None
         self._connections: Callable[[], int] | None = None
         self._rejected: Callable[[], dict[str, int]] = dict
@@ -212,10 +214,12 @@ class Metrics:
         self,
         routes: Callable[[], Iterable[RouteGauges]],
         upstream_health: Callable[[], Iterable[tuple[str, bool | None]]],
+        upstreams: Callable[[], Iterable[tuple[str, str | None, int]]] = lambda: (),
     ) -> None:
         """Where scrape-time gauges come from (the runtime sets this once)."""
         self._route_gauges = routes
         self._upstream_health = upstream_health
+        self._upstreams = upstreams
 
     def set_redis_source(self, source: Callable[[], tuple[bool, dict[str, int]]]) -> None:
         """With ``state.redis``: (connected, failures by operation), read at scrape time.
@@ -295,6 +299,19 @@ class _Collector(Collector):
             if ok is not None:
                 healthy.add_metric([name], 1.0 if ok else 0.0)
         yield healthy
+        info = GaugeMetricFamily(
+            "flipback_upstream_info", "1 per upstream, with the model version it serves",
+            labels=["upstream", "version"],
+        )
+        limit = GaugeMetricFamily(
+            "flipback_upstream_max_connections", "Configured max_connections per upstream",
+            labels=["upstream"],
+        )
+        for name, version, max_connections in m._upstreams():
+            info.add_metric([name, version or ""], 1.0)
+            limit.add_metric([name], float(max_connections))
+        yield info
+        yield limit
         if m._connections is not None:
             yield GaugeMetricFamily(
                 "flipback_client_connections", "Open client connections on the data plane",

@@ -94,7 +94,7 @@ class Runtime:
         self.snapshot = self._build(config, previous=None)
         self._follow_health(self.snapshot)
         self.metrics.set_config(config.sha256)
-        self.metrics.set_sources(self._route_gauges, self._upstream_health)
+        self.metrics.set_sources(self._route_gauges, self._upstream_health, self._upstream_info)
         self._restore(load_state(config.state.file))
         # Fleet state (state.redis): Redis's state, once reached, wins over the file's.
         self.fleet: FleetLink | None = None
@@ -317,6 +317,10 @@ class Runtime:
         for r in self.snapshot.rollouts.values():
             yield RouteGauges(route=r.name, state=r.state, canary_weight=r.effective_weight,
                               sticky_sessions=r.sticky_sessions)
+
+    def _upstream_info(self) -> Iterator[tuple[str, str | None, int]]:
+        for name, cfg in self.snapshot.config.upstreams.items():
+            yield name, cfg.version, cfg.max_connections
 
     def _upstream_health(self) -> Iterator[tuple[str, bool | None]]:
         for name in self.snapshot.pools:

@@ -345,3 +345,50 @@ def test_the_bucket_rule_is_the_documented_one():
         key = f"k{i}"
         lane = pick.sticky(m.r, key)
         assert (lane is m.r.canary) == (bucket(key_hash(key)) < 20 * BUCKETS // 100)
+
+
+# -- what events say ----------------------------------------------------------------------
+def test_a_flip_says_what_stable_must_now_carry_and_events_name_versions():
+    pools = {n: FakePool(replace(p.cfg, version=f"model-{n}")) for n, p in POOLS.items()}
+    events = EventLog()
+    r = Rollout(route=route(), pools=pools, events=events, metrics=Metrics(),
+                on_change=lambda: None, clock=Clock(), rng=random.Random(1))
+    r.rollback("bad answers")
+    event = events.recent(1)[0]
+    assert event.reason == "bad answers"  # the operator's words, as typed
+    assert event.figures["load"] == {"upstream": "v1", "before_pct": 80.0, "now_pct": 100.0}
+    assert event.figures["versions"] == {"stable": "model-v1", "canary": "model-v2"}
+    r.resume()
+    for _ in range(20):
+        started = r.canary.begin()
+        r.canary.end(started, role="canary", outcome=4, failed=True, ttfb=0.01, total=0.01)
+    assert events.recent(1)[0].reason.endswith("; v1 now takes all traffic (it took 80%)")
+
+
+def test_a_plan_that_cannot_collect_evidence_says_so_once():
+    cfg = route(progressive=ProgressiveConfig(steps=(1, 50, 100), interval=60))
+    m = machine(cfg)
+    m.send("v2", 3)
+    m.clock.advance(61)
+    m.r.tick()
+    assert m.kinds() == []  # one interval late: not yet worth a word
+    m.clock.advance(60)
+    m.send("v2", 3)
+    m.r.tick()
+    m.r.tick()
+    assert m.kinds() == ["step_stalled"] and m.r.stalled_at == 0
+    assert "needed" in m.events.recent(1)[0].reason
+    m.send("v2", 10)
+    m.r.tick()
+    assert m.kinds() == ["step_stalled", "step"] and m.r.stalled_at is None
+
+
+def test_a_canary_ready_at_start_is_not_said_to_be_back():
+    m = machine()
+    m.r.apply_health(lambda name: None, lambda name: True, quiet=True)  # not judged yet
+    assert m.r.state == "waiting"
+    m.r.apply_health(lambda name: True, lambda name: True)
+    assert m.events.recent(1)[0].reason == "canary v2 is ready (health probes pass): weight 20%"
+    m.r.apply_health(lambda name: name != "v2", lambda name: True)
+    m.r.apply_health(lambda name: True, lambda name: True)
+    assert m.events.recent(1)[0].reason.endswith("weight 20% again")

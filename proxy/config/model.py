@@ -28,6 +28,7 @@ NOTIFY_KINDS = (
     "canary_healthy",
     "verified",
     "verify_failed",
+    "step_stalled",
 )
 DEFAULT_NOTIFY_KINDS = ("rollback", "promote", "verify_failed", "kill", "reload_refused")
 
@@ -100,6 +101,9 @@ class UpstreamConfig:
     max_pending: int = 1024
     headers: tuple[tuple[str, str], ...] = ()
     health: HealthConfig = field(default_factory=HealthConfig)
+    # The model version it serves (a registry version, an LLM model id): returned as
+    # x-flipback-version, exported in flipback_upstream_info, shown in events and status.
+    version: str | None = None
     # Derived from ``url`` by the parser: where to connect and what Host to send.
     scheme: str = "http"
     host: str = "127.0.0.1"

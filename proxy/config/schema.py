@@ -341,6 +341,7 @@ def _upstream_of(name: str) -> Conv:
                 "max_pending": integer(0),
                 "headers": v.header_map(lower=False),
                 "health": _HEALTH,
+                "version": nullable(scalar(v.version_label)),
             },
             required=("url",),
         )

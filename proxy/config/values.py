@@ -135,6 +135,17 @@ def parse_status(value: object) -> frozenset[int]:
     return frozenset({value})
 
 
+def version_label(value: object) -> str:
+    """An upstream's model version: a short printable string (it goes into a response
+    header and a metric label). Numbers are taken as written (``version: 3``)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise Invalid(f"expected a version string, got {describe(value)}")
+    text = str(value)
+    if not text or len(text) > 128 or not text.isprintable() or not text.isascii():
+        raise Invalid(f"expected 1-128 printable ASCII characters, got {describe(value)}")
+    return text
+
+
 def retry_policy(value: object) -> bool | str:
     """``retry_canary_on_stable``: true, false, or ``unsent`` (only what never left)."""
     if isinstance(value, bool) or value == "unsent":

@@ -35,8 +35,8 @@ class Pool(Protocol):
 class Lane:
     """One upstream as seen from one route: what a request to it must touch on the way."""
 
-    __slots__ = ("upstream", "role", "pool", "window", "in_flight", "judge", "_series",
-                 "_metrics", "_route", "_use_ttfb")
+    __slots__ = ("upstream", "role", "pool", "window", "in_flight", "judge", "version",
+                 "_series", "_metrics", "_route", "_use_ttfb")
 
     def __init__(
         self,
@@ -58,6 +58,7 @@ class Lane:
         self._route = route
         self._series: dict[str, Series] = {role: metrics.series(route, upstream, role)}
         self.judge: Judge | None = None  # set by the owning rollout through ``watch``
+        self.version = pool.cfg.version  # the model version the upstream serves, if said
         self._use_ttfb = use_ttfb
 
     def watch(self, judge: Judge | None) -> None:

@@ -93,6 +93,9 @@ class Rollout:
         if self.canary is not None and policy.enabled:
             self.canary.watch(self._after_canary_end)
         self.lanes = {ln.upstream: ln for ln in (self.stable, self.canary, self.fallback) if ln}
+        # The model versions behind the roles, for every event of this route (if said).
+        self._versions = {ln.role: ln.version for ln in self.lanes.values()
+                          if ln.version is not None}
         self._fp = (f"{route.canary.upstream}|{pools[route.canary.upstream].cfg.url}"
                     if route.canary is not None else "")
         self._s = carry.initial(route, clock())
@@ -111,6 +114,9 @@ class Rollout:
         # probes unhealthy hands its share to the fallback.
         self.canary_ready = True
         self.stable_down = False
+        self._said_unready = False  # a canary_unhealthy event went out (so: "again")
+        # The progressive step the plan is stuck on for want of evidence (reported once).
+        self.stalled_at: int | None = None
         # Written only by ``_refresh``; read on the request path (``pick``, the sticky
         # pick): the lane that takes what the canary does not (stable, or its fallback
         # while stable is down), and the canary's share of traffic, 0..1.
@@ -250,6 +256,8 @@ class Rollout:
 
     def emit(self, kind: str, actor: str, reason: str, figures: dict[str, Any]) -> Event:
         """An event of this route (``/events``, and the webhook through the runtime)."""
+        if self._versions:
+            figures = {**figures, "versions": self._versions}
         return self._events.emit(route=self.name, kind=kind, actor=actor, reason=reason,
                                  figures=figures)
 
@@ -267,10 +275,14 @@ class Rollout:
         if quiet or was_ready == self.canary_ready or self.canary is None:
             return
         kind = "canary_healthy" if self.canary_ready else "canary_unhealthy"
-        reason = (f"canary {self.canary.upstream} passes its health probes: weight "
-                  f"{self.weight:g}% again" if self.canary_ready else
-                  f"canary {self.canary.upstream} fails its health probes: no traffic "
-                  "until it recovers")
+        name = self.canary.upstream
+        if not self.canary_ready:
+            reason = f"canary {name} fails its health probes: no traffic until it recovers"
+        elif self._said_unready:
+            reason = f"canary {name} passes its health probes: weight {self.weight:g}% again"
+        else:  # first verdict after start: nothing was lost
+            reason = f"canary {name} is ready (health probes pass): weight {self.weight:g}%"
+        self._said_unready = not self.canary_ready
         self.emit(kind=kind, actor="auto", reason=reason, figures={})
 
     # -- automatic decisions ----------------------------------------------------------
@@ -298,11 +310,14 @@ class Rollout:
                       time=self._wall())
         verify = self.route.rollback.verify
         verify_at = self._clock() + verify if verify else self._s.verify_at
+        before = self.canary_share
         self._set(replace(self._s, latch=latch, verify_at=verify_at), Effect.UNPIN_CANARY)
         self._metrics.rollbacks_total.labels(route=self.name, reason=trip.reason.value).inc()
         figures = dict(trip.figures)
         figures["trip"] = trip.reason.value
-        event = self.emit(kind="rollback", actor="auto", reason=trip.detail, figures=figures)
+        figures.update(self._load(before))
+        event = self.emit(kind="rollback", actor="auto",
+                          reason=trip.detail + self._load_note(before), figures=figures)
         self._announce("rollback", {"latch": latch.as_dict()}, event)
 
     def tick(self) -> None:
@@ -346,8 +361,18 @@ class Rollout:
         if now - s.step_since < prog.interval:
             return
         stats = self.window_stats(self.canary)
-        if stats.requests < self.route.rollback.min_requests:
-            return  # not enough evidence yet: wait, do not step blind
+        needed = self.route.rollback.min_requests
+        if stats.requests < needed:  # not enough evidence yet: wait, do not step blind
+            if self.stalled_at != s.step and now - s.step_since >= 2 * prog.interval:
+                self.stalled_at = s.step  # said once per step
+                self.emit(kind="step_stalled", actor="auto", reason=(
+                    f"progressive step {s.step + 1} of {len(prog.steps)} "
+                    f"({prog.steps[s.step]:g}%) waits for evidence: {stats.requests} canary "
+                    f"requests in the {self.route.rollback.window:g}s window, {needed} needed "
+                    "(raise the step's weight or the window, or lower min_requests)"),
+                    figures=rules.figures_of(stats))
+            return
+        self.stalled_at = None
         self._set(carry.at_step(s, self.route, s.step + 1, now))
         weight = prog.steps[s.step + 1]
         kind = "promote" if weight >= 100 else "step"
@@ -363,9 +388,11 @@ class Rollout:
             return
         text = reason or "manual rollback"
         latch = Latch(reason="manual", detail=text, actor=actor, time=self._wall())
+        before = self.canary_share
         self._set(replace(self._s, latch=latch), Effect.UNPIN_CANARY)
         self._metrics.rollbacks_total.labels(route=self.name, reason="manual").inc()
-        event = self.emit(kind="rollback", actor=actor, reason=text, figures=self.figures())
+        event = self.emit(kind="rollback", actor=actor, reason=text,
+                          figures={**self.figures(), **self._load(before)})
         self._announce("rollback", {"latch": latch.as_dict()}, event)
 
     def promote(self, actor: str = "admin") -> None:
@@ -403,6 +430,19 @@ class Rollout:
                           reason="kill switch on" if enabled else "kill switch off",
                           figures={})
         self._announce("kill", {"enabled": enabled}, event)
+
+    def _load(self, canary_share: float) -> dict[str, Any]:
+        """The share of traffic the base lane took before a flip and takes now."""
+        return {"load": {"upstream": self.base_lane.upstream,
+                         "before_pct": round((1 - canary_share) * 100, 3), "now_pct": 100.0}}
+
+    def _load_note(self, canary_share: float) -> str:
+        """What a flip puts on the base lane: it takes everything at once, so one sized
+        for what it took before can be overloaded (see README: sizing for a flip)."""
+        if canary_share <= 0:
+            return ""
+        return (f"; {self.base_lane.upstream} now takes all traffic (it took "
+                f"{(1 - canary_share) * 100:g}%)")
 
     def _need_canary(self) -> None:
         if self.canary is None:
