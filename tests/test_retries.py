@@ -84,3 +84,36 @@ async def test_retry_policy_is_checked(model, flipback):
     v1, v2 = await model("v1"), await model("v2")
     with pytest.raises(ConfigError, match="expected true, false or 'unsent'"):
         await flipback(ROUTE, v1=v1.url, v2=v2.url, policy="sometimes")
+
+
+OVERFLOW = """
+upstreams:
+  v1: {{url: "{v1}", max_connections: 1, max_pending: 0}}
+  small: {{url: "{small}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/"}}
+    stable: v1
+    fallback: small
+"""
+
+
+async def test_fallback_takes_what_stable_cannot_queue(model, flipback):
+    """A stable at its connection limit with no queue left sends the overflow to the
+    fallback (503 only when there is none), with the replay visible."""
+    import asyncio
+
+    v1, small = await model("v1"), await model("small")
+    v1.behaviour = Behaviour(delay=0.5)
+    fb = await flipback(OVERFLOW, v1=v1.url, small=small.url)
+
+    async def ask() -> tuple[int, str, str | None]:
+        async with fb.session.post(fb.url + "/x", data=b"{}") as resp:
+            return (resp.status, resp.headers["x-flipback-upstream"],
+                    resp.headers.get("x-flipback-retried-from"))
+
+    results = await asyncio.gather(*(ask() for _ in range(4)))
+    assert all(status == 200 for status, _, _ in results)
+    assert sorted(up for _, up, _ in results) == ["small", "small", "small", "v1"]
+    assert all(frm == "v1" for _, up, frm in results if up == "small")
+    assert await _retries(fb) == {"saturated": 3.0}
