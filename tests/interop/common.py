@@ -282,7 +282,7 @@ async def shadow_compare(flipback: StartFlipback, case: Case, tmp_path: Path,
             return []
         return [json.loads(line) for line in record.read_text().splitlines()]
 
-    await wait_for("the mismatch records", lambda: len(lines()) >= n)
+    await wait_for("the mismatch records", lambda: len(lines()) >= n, timeout=5)
     await asyncio.sleep(0.3)  # nothing more should come
     recs = lines()
     assert fb.metric("flipback_shadow_mismatch_total", route="r", kind="status") == 0
