@@ -24,6 +24,7 @@ from proxy.errors import (
     ClientRequestError,
     ConnectFailed,
     Saturated,
+    StreamBroken,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -85,6 +86,9 @@ class _Body:
         except ClientRequestError as exc:
             self.fault = exc
             raise
+
+
+_BROKEN = StreamBroken("the upstream broke between its response head and body")
 
 
 def _retry_cause(exc: UpstreamError | None) -> str:
@@ -288,6 +292,27 @@ class Proxy:
                     lane = nxt
                     role = nxt.role
                     continue
+            first = b""
+            if replayable and not up.body_ready:
+                # A retry is still possible while no byte reached the client: hold the
+                # head until the first body bytes (servers on uvicorn write the head
+                # first), so an upstream dying in between is retried, not a cut answer.
+                nxt = self._retry_lane(rollout, lane, _BROKEN)
+                if nxt is not None:
+                    try:
+                        first = await up.read()
+                    except UpstreamError as exc:
+                        up.release()
+                        lane.end(started, role=role, outcome=_outcome_of(exc), failed=True,
+                                 ttfb=ttfb, total=now() - t0)
+                        retried_from = self._retried(rollout, lane, nxt, exc, retried_from)
+                        lane = nxt
+                        role = nxt.role
+                        continue
+                    except BaseException:
+                        up.release()
+                        lane.cancel(started)
+                        raise
             break
 
         resp = web.StreamResponse(status=status, reason=up.reason,
@@ -301,20 +326,25 @@ class Proxy:
             resp.headers[self.id_header] = rid
         if up.content_length is not None and status not in _NO_BODY_STATUSES:
             resp.content_length = up.content_length
-        if up.body_ready:
-            # The body came with the headers (most JSON answers): aiohttp then sends the
-            # headers with the first body bytes, one write instead of two. An answer
-            # still on its way (a stream's first token) gets its headers at once.
+        if first or up.body_ready:
+            # The body came with the headers (most JSON answers), or was waited for: aiohttp
+            # then sends the headers with the first body bytes, one write instead of two.
+            # An answer still on its way (a stream's first token) gets its headers at once.
             resp._send_headers_immediately = False
         try:
             await resp.prepare(request)
             read = up.read
             write = resp.write
             if tap is None or not tap.wants_body:
+                if first:
+                    await write(first)
                 while chunk := await read():
                     await write(chunk)
             else:  # the shadow comparison reads the primary body: keep a capped copy
                 keep = tap.keep
+                if first:
+                    await write(first)
+                    keep(first)
                 while chunk := await read():
                     await write(chunk)
                     keep(chunk)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -115,6 +116,28 @@ def _merge_list(old: list[Any], new: list[Any]) -> list[Any]:
     return old
 
 
+# Most decoded bytes read from a compressed body (it was kept capped; so is this).
+DECODED_MAX = 16 * 1024 * 1024
+
+
+def decoded(body: bytes) -> bytes | None:
+    """A gzip or zlib body decompressed (sniffed by its magic bytes: a JSON or SSE body
+    never starts with them), capped at ``DECODED_MAX``; the body itself when it is not
+    compressed; None when it is compressed but cannot be read (cut by the cap, damaged).
+    A model server may compress its answer (MLServer gzips answers over 500 bytes for a
+    client that accepts it): both sides must be read as JSON alike."""
+    head = body[:2]
+    if head != b"\x1f\x8b" and not (len(head) == 2 and head[0] == 0x78
+                                     and (head[0] * 256 + head[1]) % 31 == 0):
+        return body
+    try:
+        inflater = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header
+        out = inflater.decompress(body, DECODED_MAX)
+    except zlib.error:
+        return None
+    return out if inflater.eof else None
+
+
 def document(body: bytes) -> Any:
     """The JSON document of a response body (a folded stream for SSE), or MISSING."""
     try:
@@ -216,6 +239,9 @@ def compare(
     """Judge one exchange. A body is None when it was not kept whole (over the cap)."""
     differs = cfg.status and primary_status != shadow_status
     if not cfg.json_paths or primary_body is None or shadow_body is None:
+        return _NOT_COMPARED[differs]
+    primary_body, shadow_body = decoded(primary_body), decoded(shadow_body)
+    if primary_body is None or shadow_body is None:  # compressed past reading: no verdict
         return _NOT_COMPARED[differs]
     p_doc, s_doc = document(primary_body), document(shadow_body)
     diffs = []

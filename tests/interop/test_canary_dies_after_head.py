@@ -60,9 +60,6 @@ async def two() -> AsyncIterator[tuple[str, str, list[int], list[int]]]:
         server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="flipback sends a canary's response head to the "
-                   "client before any body byte, so a canary that dies right after its head "
-                   "is a client error instead of a retry on stable (proxy/handler.py)")
 async def test_canary_dying_after_its_head_is_retried_on_stable(flipback, two) -> None:
     stable_url, canary_url, stable_seen, canary_seen = two
     fb = await flipback({
