@@ -266,7 +266,8 @@ class Proxy:
                 if isinstance(body, _Body) and body.fault is not None:
                     lane.cancel(started)  # the client's fault: the upstream is not judged
                     raise body.fault from None
-                lane.end(started, role=role, outcome=_outcome_of(exc), failed=True, ttfb=None,
+                lane.end(started, not retried_from,
+                         role=role, outcome=_outcome_of(exc), failed=True, ttfb=None,
                          total=now() - t0)
                 nxt = self._retry_lane(rollout, lane, exc) if replayable else None
                 if nxt is None:
@@ -286,7 +287,8 @@ class Proxy:
                 nxt = self._retry_lane(rollout, lane, None)
                 if nxt is not None:
                     up.release()
-                    lane.end(started, role=role, outcome=outcome_index(status), failed=failed,
+                    lane.end(started, not retried_from,
+                             role=role, outcome=outcome_index(status), failed=failed,
                              ttfb=ttfb, total=ttfb)
                     retried_from = self._retried(rollout, lane, nxt, None, retried_from)
                     lane = nxt
@@ -303,7 +305,8 @@ class Proxy:
                         first = await up.read()
                     except UpstreamError as exc:
                         up.release()
-                        lane.end(started, role=role, outcome=_outcome_of(exc), failed=True,
+                        lane.end(started, not retried_from,
+                                 role=role, outcome=_outcome_of(exc), failed=True,
                                  ttfb=ttfb, total=now() - t0)
                         retried_from = self._retried(rollout, lane, nxt, exc, retried_from)
                         lane = nxt
@@ -353,7 +356,8 @@ class Proxy:
             # Broke after the client got headers: the client must see a broken response,
             # never a clean end of stream (a cut SSE stream must not look complete).
             up.release()
-            lane.end(started, role=role, outcome=_outcome_of(exc), failed=True, ttfb=ttfb,
+            lane.end(started, not retried_from,
+                     role=role, outcome=_outcome_of(exc), failed=True, ttfb=ttfb,
                      total=now() - t0)
             if request.transport is not None:
                 request.transport.abort()
@@ -365,7 +369,8 @@ class Proxy:
             raise
         up.release()
         total = now() - t0
-        lane.end(started, role=role, outcome=outcome_index(status), failed=failed, ttfb=ttfb,
+        lane.end(started, not retried_from,
+                 role=role, outcome=outcome_index(status), failed=failed, ttfb=ttfb,
                  total=total)
         if tap is not None:
             tap.primary_done(lane.upstream, status, ttfb, total)

@@ -117,3 +117,28 @@ async def test_fallback_takes_what_stable_cannot_queue(model, flipback):
     assert sorted(up for _, up, _ in results) == ["small", "small", "small", "v1"]
     assert all(frm == "v1" for _, up, frm in results if up == "small")
     assert await _retries(fb) == {"saturated": 3.0}
+
+
+async def test_a_replay_on_stable_is_counted_but_never_judged_as_stable(model, flipback):
+    """A request the canary failed is not a random sample of stable's traffic: its replay
+    is in the metrics but not in stable's window (charged to stable, it made stable look
+    as bad as the canary, and compare_to_stable then kept a bad canary)."""
+    v1, v2 = await model("v1"), await model("v2")
+    v2.behaviour = Behaviour(mode="status", status=400)
+    v1.behaviour = Behaviour(mode="status", status=400)  # stable refuses them too
+    fb = await flipback(ROUTE.replace("    rollback: {{enabled: false}}\n",
+                                      "    rollback: {{enabled: false, failure_statuses: "
+                                      "[4xx, 5xx]}}\n"),
+                        v1=v1.url, v2=v2.url, policy="true")
+    for _ in range(5):
+        async with fb.session.post(fb.url + "/chat", data=b"{}") as resp:
+            assert resp.status == 400 and resp.headers["x-flipback-retried-from"] == "v2"
+    route = await fb.get_json("/routes/chat")
+    assert route["upstreams"]["v2"]["requests"] == 5
+    assert route["upstreams"]["v2"]["failures"] == 5
+    assert route["upstreams"]["v1"]["requests"] == 0  # replays: not stable's sample
+    assert v1.count == 5
+    async with fb.session.get(fb.admin + "/metrics") as resp:
+        text = await resp.text()
+    assert ('flipback_requests_total{outcome="4xx",role="stable",route="chat",'
+            'upstream="v1"} 5.0') in text

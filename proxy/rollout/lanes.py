@@ -79,6 +79,7 @@ class Lane:
     def end(
         self,
         started: float,
+        judged: bool = True,
         *,
         role: str,
         outcome: int,
@@ -86,9 +87,15 @@ class Lane:
         ttfb: float | None,
         total: float,
     ) -> None:
-        """The request ended (or failed): metrics, window, then the trip check."""
+        """The request ended (or failed): metrics, window, then the trip check. A replay
+        of a request another lane failed (``judged`` false) is counted in the metrics but
+        not in the window: it is not a random sample of this lane's traffic (a request
+        the canary could not serve, charged to stable, made stable look worse)."""
         self.in_flight.value -= 1
         self.series(role).observe(outcome, ttfb, total)
+        if not judged:
+            self.window.forget(started)
+            return
         latency = ttfb if (self._use_ttfb and ttfb is not None) else total
         self.window.end(started, latency, failed)
         if self.judge is not None:
