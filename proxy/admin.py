@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config.preflight import is_loopback
+from proxy.metrics import MISMATCH_KINDS, SHADOW_OUTCOMES
 from proxy.rollout.machine import Rollout, RolloutConflict
 from proxy.rollout.rules import figures_of
 from proxy.runtime import Runtime
@@ -143,6 +144,7 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
             "p50_ms": figures.get("p50_ms"),
             "p99_ms": figures.get("p99_ms"),
             "in_flight": lane.in_flight.value,
+            "version": lane.version,
         }
     last = runtime.events.last_for(rollout.name)
     return {
@@ -154,6 +156,31 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
         "sticky_sessions": rollout.sticky_sessions,
         "last_event": last.as_json() if last is not None else None,
         "latch": rollout.latch.as_dict() if rollout.latch is not None else None,
+        "shadow": _shadow_view(rollout, runtime),
+    }
+
+
+def _shadow_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any] | None:
+    """The route's shadow: where copies go and their counts since the process started
+    (the figures of ``flipback_shadow_total`` and ``flipback_shadow_mismatch_total``);
+    ``compared`` and ``mismatches`` are None when the shadow is not compared."""
+    mirror = rollout.shadow
+    if mirror is None:
+        return None
+    cfg = mirror.cfg
+    compares = cfg.compare is not None
+    stats = runtime.metrics.shadow(rollout.name, compares=compares)
+    return {
+        "upstream": mirror.upstream,
+        "version": mirror.pool.cfg.version,
+        "healthy": runtime.health.healthy(mirror.upstream),
+        "sample": cfg.sample,
+        "by": cfg.by,
+        "in_flight": mirror.in_flight,
+        "copies": dict(zip(SHADOW_OUTCOMES, stats.outcomes, strict=True)),
+        "compared": sum(stats.delta.counts) if compares else None,
+        "mismatches": dict(zip(MISMATCH_KINDS, stats.mismatches, strict=True))
+        if compares else None,
     }
 
 
@@ -225,7 +252,13 @@ async def events(request: web.Request) -> web.Response:
         return _error(400, "limit must be 1 or more")
     runtime = request.app[RUNTIME]
     route = request.query.get("route")
-    return _json({"events": [e.as_json() for e in runtime.events.recent(limit, route)]})
+    kinds = {k for k in request.query.get("kind", "").split(",") if k}
+    if not kinds:
+        found = runtime.events.recent(limit, route)
+    else:  # ?kind=reload,reload_refused: the newest of those kinds, however old
+        found = [e for e in runtime.events.recent(len(runtime.events), route)
+                 if e.kind in kinds][:limit]
+    return _json({"events": [e.as_json() for e in found]})
 
 
 Action = Callable[[Rollout, dict[str, Any]], dict[str, Any] | None]

@@ -80,10 +80,15 @@ class AdminClient:
     async def route(self, name: str) -> dict[str, Any]:
         return await self._json("GET", _route_path(name))
 
-    async def events(self, limit: int = 20, route: str | None = None) -> list[dict[str, Any]]:
-        """Newest first, optionally of one route only."""
-        params = {"limit": str(limit)} | ({"route": route} if route else {})
-        return _list(await self._json("GET", "/events", params=params), "events")
+    async def events(self, limit: int = 20, route: str | None = None,
+                     kinds: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Newest first, optionally of one route only, or only of some ``kinds`` (the
+        newest of those however old; filtered here too, should the admin not know how)."""
+        wanted = frozenset(kinds)
+        params = ({"limit": str(limit)} | ({"route": route} if route else {})
+                  | ({"kind": ",".join(sorted(wanted))} if wanted else {}))
+        found = _list(await self._json("GET", "/events", params=params), "events")
+        return [e for e in found if e.get("kind") in wanted] if wanted else found
 
     async def readyz(self) -> dict[str, Any]:
         """The readiness body; a 503 (draining) is an answer, not an error."""

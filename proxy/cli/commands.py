@@ -16,25 +16,42 @@ from proxy.cli.status_table import compute_rates, render_status, watch_frame, we
 from proxy.units import Seconds
 
 VERBS = ("rollback", "promote", "weight", "resume", "kill")
+RELOAD_KINDS = ("reload", "reload_refused")
 SWITCH = {"on": True, "true": True, "off": False, "false": False}
 
 VerbCall = Callable[[AdminClient], Awaitable[dict[str, Any]]]
 
 
 async def status(base_url: str, token: str | None, watch: bool, interval: Seconds = 1.0,
-                 out: TextIO | None = None, max_frames: int | None = None) -> int:
-    """``flipback status [--watch]``: print the table once, or redraw it every ``interval``
-    (in place on a TTY, else frames separated by a blank line) until Ctrl-C or ``max_frames``.
-    Returns 0, or the exit code of a failed first fetch; later failures show in the frame.
-    Ctrl-C under ``asyncio.run`` surfaces from ``asyncio.run`` itself: the CLI catches it."""
+                 out: TextIO | None = None, max_frames: int | None = None,
+                 wait: Seconds | None = None) -> int:
+    """``flipback status [--watch] [--wait SECONDS]``: print the table once, or redraw it
+    every ``interval`` (in place on a TTY, else frames separated by a blank line) until
+    Ctrl-C or ``max_frames``. Rates need two readings of the request counters, so the
+    first table comes ``interval`` after the first reading. With ``wait``, first wait up
+    to that long for flipback to answer ready. Returns 0, or the exit code of a failed
+    first fetch; later failures show in the frame. Ctrl-C under ``asyncio.run`` surfaces
+    from ``asyncio.run`` itself: the CLI catches it."""
     out = out or sys.stdout
     tty = out.isatty()
     width = shutil.get_terminal_size((100, 24)).columns if tty else 100
     loop = asyncio.get_running_loop()
-    last: tuple[float, dict[Key, float]] | None = None
     frames = 0
     async with AdminClient(base_url, token) as client:
         try:
+            if wait is not None and (problem := await wait_ready(client, wait)) is not None:
+                print(f"flipback status: {problem}", file=sys.stderr)
+                return 1
+            try:
+                last: tuple[float, dict[Key, float]] | None = (loop.time(),
+                                                                await client.request_counts())
+            except AdminError as exc:
+                if exc.status is None:  # unreachable: say so now, not after a wait
+                    print(f"flipback status: {exc}", file=sys.stderr)
+                    return exc.exit_code
+                last = None  # no readable counters: the table stands without rates
+            if last is not None:
+                await asyncio.sleep(interval)
             while True:
                 try:
                     routes = await client.routes()
@@ -44,16 +61,9 @@ async def status(base_url: str, token: str | None, watch: bool, interval: Second
                         return exc.exit_code
                     text = f"{exc} (retrying every {interval:g}s)\n"
                 else:
-                    rates = None
-                    try:
-                        counts = await client.request_counts()
-                    except AdminError:
-                        counts = None  # rates are a bonus: the table stands without them
-                    if counts is not None:
-                        if last is not None:
-                            rates = compute_rates(last[1], counts, loop.time() - last[0])
-                        last = (loop.time(), counts)
-                    text = render_status(routes, rates, width, color=tty)
+                    rates, last = await _rates(client, last, loop.time)
+                    reload = await _last_reload(client)
+                    text = render_status(routes, rates, width, color=tty, reload=reload)
                 if watch:
                     clock = datetime.datetime.now().strftime("%H:%M:%S")
                     text = watch_frame(text, client.base_url, clock, first=frames == 0, tty=tty)
@@ -65,6 +75,48 @@ async def status(base_url: str, token: str | None, watch: bool, interval: Second
                 await asyncio.sleep(interval)
         except KeyboardInterrupt:
             return 0
+
+
+async def wait_ready(client: AdminClient, timeout: Seconds, poll: Seconds = 0.1) -> str | None:
+    """Wait up to ``timeout`` for ``GET /readyz`` to say ready: None once it does, else
+    what was last seen (flipback is another process: polling is all there is)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            ready = await client.readyz()
+        except AdminError as exc:
+            seen = str(exc)
+        else:
+            if ready.get("status") == "ready":
+                return None
+            seen = f"flipback is {ready.get('status', 'not ready')}"
+        left = deadline - loop.time()
+        if left <= 0:
+            return f"not ready within {timeout:g}s: {seen}"
+        await asyncio.sleep(min(poll, left))
+
+
+async def _rates(client: AdminClient, last: tuple[float, dict[Key, float]] | None,
+                 now: Callable[[], float]) -> tuple[dict[Key, float] | None,
+                                                    tuple[float, dict[Key, float]] | None]:
+    """req/s since ``last`` (None without two readings) and the new reading."""
+    try:
+        counts = await client.request_counts()
+    except AdminError:
+        return None, last  # rates are a bonus: the table stands without them
+    t = now()
+    rates = compute_rates(last[1], counts, t - last[0]) if last is not None else None
+    return rates, (t, counts)
+
+
+async def _last_reload(client: AdminClient) -> dict[str, Any] | None:
+    """The newest reload or reload_refused event, if any is still in the event log."""
+    try:
+        found = await client.events(limit=1, kinds=RELOAD_KINDS)
+    except AdminError:
+        return None
+    return found[0] if found else None
 
 
 async def run_verb(base_url: str, token: str | None, verb: str, route: str,
@@ -94,8 +146,15 @@ async def run_verb(base_url: str, token: str | None, verb: str, route: str,
 
 
 def describe(route: Mapping[str, Any]) -> str:
-    """One line for a ROUTE: ``chat: rolled_back, weight 0% (cfg 25%) (admin: bad answers)``."""
-    line = f"{route.get('name', '?')}: {route.get('state', '?')}, weight {weight_text(route)}"
+    """One line for a ROUTE: ``chat: rolled_back, weight 0% (cfg 25%) (admin: bad answers)``.
+    A killed route calls no upstream, so its weight is beside the point."""
+    name, state = route.get("name", "?"), route.get("state", "?")
+    if state == "killed":
+        line = f"{name}: killed: answers its kill_switch response, calls no upstream"
+    elif (weight := weight_text(route)) == "-":  # no canary
+        line = f"{name}: {state}"
+    else:
+        line = f"{name}: {state}, weight {weight}"
     event = route.get("last_event")
     if isinstance(event, Mapping) and event.get("reason"):
         line += f" ({event.get('actor', '?')}: {event['reason']})"

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="routes, weights and windows of a running flipback")
     status.add_argument("--admin", default=None, help=f"admin URL (default {DEFAULT_ADMIN})")
     status.add_argument("--watch", action="store_true", help="refresh in place")
+    status.add_argument("--wait", type=_duration, default=None, metavar="SECONDS",
+                        help="first wait up to this long for flipback to be ready "
+                             "(GET /readyz); exit 1 if it is not")
     for verb, helptext in (("rollback", "send all traffic to stable and latch"),
                            ("promote", "send all traffic to canary (weight 100)"),
                            ("resume", "clear the latch: back to the configured weight")):
@@ -67,6 +70,15 @@ def _percent(text: str) -> float:
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError(f"must be between 0 and 100: {text!r}")
     return value
+
+
+def _duration(text: str) -> float:
+    from proxy.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _admin_url(given: str | None) -> str:
@@ -153,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         url = _admin_url(args.admin)
         if args.command == "status":
-            return asyncio.run(commands.status(url, token, watch=args.watch))
+            return asyncio.run(commands.status(url, token, watch=args.watch, wait=args.wait))
         arg: str | float | bool | None = None
         if args.command == "rollback":
             arg = args.reason

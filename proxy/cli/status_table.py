@@ -1,5 +1,5 @@
 """The ``flipback status`` table and its watch view: pure rendering of what the admin
-API answered, one row per route and upstream.
+API answered, one row per route and upstream, then a few lines per route.
 
 Per upstream req/s comes from two successive scrapes of the monotonic counter
 ``flipback_requests_total`` (``GET /metrics``), not from ROUTE's ``requests``: that is a
@@ -9,22 +9,22 @@ sliding-window count, which stays flat under steady load, so its difference is n
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from proxy.cli.admin_client import Key
 from proxy.units import Seconds
 
-HEADERS = ["ROUTE", "STATE", "WEIGHT", "UPSTREAM", "ROLE", "HEALTHY", "REQ/S", "ERR%", "P50ms",
-           "P99ms", "INFL"]
-RIGHT_ALIGNED = frozenset(range(6, 11))
+HEADERS = ["ROUTE", "STATE", "WEIGHT", "UPSTREAM", "VERSION", "ROLE", "HEALTHY", "REQ/S", "ERR%",
+           "P50ms", "P99ms", "INFL"]
+VERSION_COLUMN = 4  # shown only when some upstream says its version
 SHRINKABLE = (0, 3)  # route and upstream names give way first on a narrow terminal
 MIN_NAME = 5
 ROLE_ORDER = {"stable": 0, "canary": 1, "fallback": 2, "shadow": 3}
 STATE_COLORS = dict(rolled_back="31", killed="31", waiting="33", canary="32", promoted="32")
 HEALTHY: dict[object, str] = {True: "yes", False: "no"}
 CLEAR, HOME, CLEAR_EOL, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
-
 
 def compute_rates(before: Mapping[Key, float], after: Mapping[Key, float],
                   elapsed: Seconds) -> dict[Key, float]:
@@ -36,14 +36,17 @@ def compute_rates(before: Mapping[Key, float], after: Mapping[Key, float],
 
 def render_status(routes: Sequence[Mapping[str, Any]], rates: Mapping[Key, float] | None = None,
                   width: int = 100, *, color: bool = False,
-                  now: datetime.datetime | None = None) -> str:
-    """The ``flipback status`` table: one row per route and upstream, then the route's last
-    event. ``rates`` maps (route, upstream) to req/s (None, on the first frame: "-"; a
-    missing key: 0). Error % is failures / requests of the current window."""
+                  now: datetime.datetime | None = None,
+                  reload: Mapping[str, Any] | None = None) -> str:
+    """The ``flipback status`` table: one row per route and upstream (its shadow last),
+    then the route's ``ROUTE_NOTES`` lines; last, a refused config reload, if ``reload``
+    (the newest reload or reload_refused event) is one. ``rates`` maps (route, upstream)
+    to req/s (None: "-"; a missing key: 0). Error % is failures / requests of the current
+    window."""
     if not routes:
         return "no routes\n"
     now = now or datetime.datetime.now(datetime.UTC)
-    blocks: list[tuple[list[list[str]], str]] = []
+    blocks: list[tuple[list[list[str]], list[str]]] = []
     for route in routes:
         name = str(route.get("name", "?"))
         head = [name, str(route.get("state", "?")), weight_text(route)]
@@ -51,31 +54,89 @@ def render_status(routes: Sequence[Mapping[str, Any]], rates: Mapping[Key, float
         rows: list[list[str]] = []
         for up_name, up in sorted(upstreams.items(), key=_role_order):
             rate = None if rates is None else rates.get((name, up_name), 0.0)
-            rows.append([*head, up_name, str(up.get("role", "-")),
+            rows.append([*head, up_name, _text(up.get("version")), str(up.get("role", "-")),
                          HEALTHY.get(up.get("healthy"), "-"), _number(rate), _error_pct(up),
                          _number(up.get("p50_ms")), _number(up.get("p99_ms")),
                          str(up.get("in_flight", "-"))])
             head = ["", "", ""]
+        shadow = route.get("shadow")
+        if isinstance(shadow, Mapping):  # copies have no window: rate and in flight only
+            up_name = str(shadow.get("upstream", "?"))
+            rate = None if rates is None else rates.get((name, up_name), 0.0)
+            rows.append([*head, up_name, _text(shadow.get("version")), "shadow",
+                         HEALTHY.get(shadow.get("healthy"), "-"), _number(rate), "-", "-", "-",
+                         str(shadow.get("in_flight", "-"))])
         if not rows:
-            rows.append([*head, *["-"] * 8])
-        blocks.append((rows, "  last: " + _event(route.get("last_event"), now)))
+            rows.append([*head, "-", "", *["-"] * (len(HEADERS) - 5)])
+        notes = [f"  {text}" for note in ROUTE_NOTES if (text := note(route, now)) is not None]
+        blocks.append((rows, notes))
+    headers = list(HEADERS)
+    if not any(row[VERSION_COLUMN] for rows, _ in blocks for row in rows):
+        for rows, _ in blocks:
+            for row in rows:
+                del row[VERSION_COLUMN]
+        del headers[VERSION_COLUMN]
+    right = frozenset(range(headers.index("REQ/S"), len(headers)))
     widths = [max(len(h), *(len(row[i]) for rows, _ in blocks for row in rows))
-              for i, h in enumerate(HEADERS)]
+              for i, h in enumerate(headers)]
     # Too wide: single-space columns first, then shorten the longest of the name columns.
     sep = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
     excess = sum(widths) + sep * (len(widths) - 1) - width
     while excess > 0 and max(widths[i] for i in SHRINKABLE) > MIN_NAME:
         widths[max(SHRINKABLE, key=lambda i: widths[i])] -= 1
         excess -= 1
-    lines = [_row(HEADERS, widths, width, sep, color=False)]
-    for rows, event in blocks:
-        lines += [_row(row, widths, width, sep, color) for row in rows]
-        lines.append(_clip(event, width))
+    lines = [_row(headers, widths, width, sep, right, color=False)]
+    for rows, notes in blocks:
+        lines += [_row(row, widths, width, sep, right, color) for row in rows]
+        for note in notes:  # at most two lines each
+            lines += textwrap.wrap(note, width, subsequent_indent="    ", max_lines=2,
+                                   placeholder=" …") or [""]
+    if isinstance(reload, Mapping) and reload.get("kind") == "reload_refused":
+        # Wrapped, not clipped: the FILE:LINE: path: message is the point.
+        lines += textwrap.wrap(f"config: reload refused {_age(reload.get('time'), now)}, the "
+                               f"previous config still serves: {reload.get('reason', '')}",
+                               width, subsequent_indent="  ", break_long_words=True,
+                               break_on_hyphens=False)
     return "\n".join(lines) + "\n"
 
 
-def _row(cells: list[str], widths: list[int], width: int, sep: int, color: bool) -> str:
-    parts = [_clip(c, w).rjust(w) if i in RIGHT_ALIGNED else _clip(c, w).ljust(w)
+def _last_note(route: Mapping[str, Any], now: datetime.datetime) -> str:
+    return "last: " + _event(route.get("last_event"), now)
+
+
+def _shadow_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None:
+    """The shadow's agreement since flipback started (ROUTE's counts are cumulative)."""
+    shadow = route.get("shadow")
+    if not isinstance(shadow, Mapping):
+        return None
+    text = f"shadow: {shadow.get('upstream', '?')}, {_pct(shadow.get('sample', 0))} mirrored"
+    copies: Mapping[str, Any] = shadow.get("copies") or {}
+    compared, mismatches = shadow.get("compared"), shadow.get("mismatches")
+    if not isinstance(compared, int) or not isinstance(mismatches, Mapping):
+        text += f", {copies.get('sent', 0):,} answered (not compared)"
+    elif compared == 0:
+        text += ", nothing compared yet"
+    else:
+        kinds = ", ".join(f"{kind} {100 * n / compared:.1f}%" for kind, n in mismatches.items()
+                          if isinstance(n, int))
+        text += f": mismatches {kinds} of {compared:,} compared since start"
+    failed = sum(n for k, n in copies.items() if k in ("error", "timeout") and isinstance(n, int))
+    for label, n in (("dropped", copies.get("dropped", 0)), ("failed", failed),
+                     ("too large", copies.get("skipped_body", 0))):
+        if isinstance(n, int) and n:
+            text += f", {n:,} {label}"
+    return text
+
+
+# The lines under a route's rows, in order; each says None when it has nothing to show.
+# Judge and guard state, once ROUTE carries them, are two more entries here.
+RouteNote = Callable[[Mapping[str, Any], datetime.datetime], str | None]
+ROUTE_NOTES: tuple[RouteNote, ...] = (_last_note, _shadow_note)
+
+
+def _row(cells: list[str], widths: list[int], width: int, sep: int, right: frozenset[int],
+         color: bool) -> str:
+    parts = [_clip(c, w).rjust(w) if i in right else _clip(c, w).ljust(w)
              for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
     line = (" " * sep).join(parts).rstrip()[:width]
     code = STATE_COLORS.get(cells[1]) if color else None
@@ -94,12 +155,21 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
 def _pct(value: Any) -> str:
     return f"{round(float(value), 2):g}%"
 
 
 def weight_text(route: Mapping[str, Any]) -> str:
+    """The canary weight, effective (configured when it differs); "-" with no canary."""
     effective, configured = route.get("effective_weight"), route.get("configured_weight")
+    upstreams = route.get("upstreams")
+    if isinstance(upstreams, Mapping) and upstreams and not any(
+            isinstance(up, Mapping) and up.get("role") == "canary" for up in upstreams.values()):
+        return "-"
     if effective is None:
         return "-"
     if configured is None or configured == effective:
