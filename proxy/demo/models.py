@@ -1,11 +1,20 @@
 """``flipback demo``'s cast: toy OpenAI-style model servers whose behaviour the script
-switches while traffic flows, and an open-loop load generator that records every request."""
+switches while traffic flows, and an open-loop load generator that records every request.
+
+The toy servers also run on their own, for trying flipback by hand (README, "Running it
+for real"): ``python -m proxy.demo.models llm-v1:9001 llm-v2:9002`` serves one toy per
+``NAME:PORT`` on 127.0.0.1 until SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
+import os
+import signal
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,14 +53,20 @@ class LocalServer:
     def add_routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on 127.0.0.1:``port`` (0: a port the OS picks, then in ``self.port``)."""
         app = web.Application()
         self.add_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      handler_cancellation=self.cancel_handlers,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        try:
+            await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         self.port = int(self._runner.addresses[0][1])
 
     async def aclose(self) -> None:
@@ -65,7 +80,8 @@ class ToyModel(LocalServer):
     ``ok`` answers a chat completion after ~20 ms, ``error`` answers HTTP 500, ``slow``
     answers after ``SLOW_DELAY``. ``arrivals`` holds the loop time of every request. With
     ``disagree_every`` N, every Nth answer says something else than ``ANSWER`` (the shadow
-    model whose content a comparison should catch)."""
+    model whose content a comparison should catch). Besides chat it answers ``POST
+    /predict`` as a classic model would, and ``GET /health``."""
 
     cancel_handlers = True  # flipback gave up on a request: stop working on it
 
@@ -84,6 +100,8 @@ class ToyModel(LocalServer):
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/predict", self._predict)
+        app.router.add_get("/health", self._health)
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.arrivals.append(asyncio.get_running_loop().time())
@@ -96,6 +114,21 @@ class ToyModel(LocalServer):
             return _json({"error": error}, status=500)
         await asyncio.sleep(SLOW_DELAY if mode == "slow" else ANSWER_DELAY)
         return _json(self._completion())
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        """A classic model: one score per item of ``{"instances": [...]}`` (default one)."""
+        self.arrivals.append(asyncio.get_running_loop().time())
+        try:
+            data = orjson.loads(await request.read() or b"{}")
+        except orjson.JSONDecodeError:
+            return _json({"error": "expected a JSON body"}, status=400)
+        items = data.get("instances") if isinstance(data, dict) else None
+        count = len(items) if isinstance(items, list) else 1
+        await asyncio.sleep(ANSWER_DELAY / 4)
+        return _json({"model": self.name, "predictions": [0.87] * count})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok", "model": self.name})
 
     def _completion(self) -> dict[str, object]:
         return {
@@ -181,3 +214,60 @@ class LoadGen:
         """Let requests in flight finish (up to ``timeout``), then close the session."""
         await self._tasks.aclose(timeout)
         await self._session.close()
+
+
+# -- on its own: ``python -m proxy.demo.models NAME:PORT ...`` -----------------------------
+def _spec(text: str) -> tuple[str, int]:
+    name, sep, port = text.rpartition(":")
+    if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected NAME:PORT (e.g. llm-v1:9001), got {text!r}")
+    return name, int(port)
+
+
+async def serve_toys(specs: Sequence[tuple[str, int]]) -> None:
+    """Serve one ``ToyModel`` per (name, port) on 127.0.0.1 until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    models: list[ToyModel] = []
+    try:
+        for name, port in specs:
+            model = ToyModel(name)
+            try:
+                await model.start(port)
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise OSError(f"cannot listen on 127.0.0.1:{port} for {name}: {why}") from None
+            models.append(model)
+            print(f"toy model {name} on {model.url} (POST /v1/chat/completions, "
+                  "POST /predict, GET /health)", flush=True)
+        await stop.wait()
+    finally:
+        for model in models:
+            await model.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 after SIGTERM or Ctrl-C, 1 when a port cannot be listened on, 2 on bad arguments."""
+    p = argparse.ArgumentParser(
+        prog="python -m proxy.demo.models",
+        description="Toy model servers on 127.0.0.1 for trying flipback by hand: each "
+                    "answers an OpenAI-style chat completion in ~20 ms.")
+    p.add_argument("toys", nargs="+", type=_spec, metavar="NAME:PORT")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    import uvloop
+
+    try:
+        uvloop.run(serve_toys(args.toys))
+    except OSError as exc:
+        print(f"toy models: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

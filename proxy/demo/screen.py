@@ -51,6 +51,12 @@ class Screen:
         if not self.live:
             self.print(plain_entry(entry, t0))
 
+    def why(self, text: str, since_start: Seconds) -> None:
+        """An explanation of what the view shows: printed at once in plain mode (the frame
+        shows it under "now")."""
+        if not self.live:
+            self.print(f"[{since_start:+6.2f}s] why: {text}")
+
     def print(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()

@@ -35,6 +35,7 @@ SHADOW_SAMPLE = 50  # percent of requests copied to the shadow
 DISAGREE_EVERY = 5  # the shadow's every 5th answer differs: about 80% agreement
 COMPARED = "choices.0.message.content"
 MAX_P99: Seconds = 0.3
+WINDOW: Seconds = 5.0  # rollback.window
 REFRESH: Seconds = 0.25  # admin poll and live redraw
 FLIP_TIMEOUT: Seconds = 5.0  # not scaled: the flip itself must be fast whatever the scale
 # rollback.verify: scaled, but never so short that stable's window says little.
@@ -64,7 +65,7 @@ routes:
       sample: {sample}
       compare: {{status: true, json_paths: ["{compared}"], record: {record}}}
     retry_canary_on_stable: true
-    rollback: {{window: 5s, min_requests: 10, max_error_rate: 5, max_p99: {max_p99}ms,
+    rollback: {{window: {window:g}s, min_requests: 10, max_error_rate: 5, max_p99: {max_p99}ms,
                consecutive_failures: 5, verify: {verify}ms}}
 """
 
@@ -175,9 +176,13 @@ class Demo:
                     f"gets a copy of {SHADOW_SAMPLE}% of the requests, as a shadow")
         await self._pause(HEALTHY_1 * s)
         await self._fault(act, "error", "each 500 is retried on llm-v1 (the client never sees "
-                          "it) and counted against the canary", HOLD_1 * s)
+                          "it) and counted against the canary", HOLD_1 * s,
+                          after=f"llm-v2's ERR% stays up for up to {WINDOW:g}s after the flip: "
+                          "its window still holds the failures that tripped it and empties as "
+                          "they age out; llm-v2 gets no traffic now")
 
         self.canary.mode = "ok"
+        self._why("")
         self._say("verb", "demo", "llm-v2 is fixed; POST /routes/chat/resume "
                   "(= `flipback resume chat`)")
         act.end = self._now()
@@ -193,12 +198,18 @@ class Demo:
             self._say("verb", "demo", f"resume failed: {exc}")
         await self._pause(HEALTHY_2 * s)
         await self._fault(act, "slow", "a request in flight longer than max_p99 already counts "
-                          "as slow, so a hanging canary trips before it answers", HOLD_2 * s)
+                          "as slow, so a hanging canary trips before it answers", HOLD_2 * s,
+                          after=f"no slow answer had come back when it tripped: requests in "
+                          f"flight longer than max_p99 ({MAX_P99 * 1000:g}ms) count as slow, so "
+                          f"a {SLOW_DELAY:g}s first byte trips at about max_p99; llm-v2's p99 "
+                          f"stays up until its {WINDOW:g}s window empties")
         act.end = self._now()
 
-    async def _fault(self, act: ActRecord, mode: Mode, why: str, hold: Seconds) -> None:
+    async def _fault(self, act: ActRecord, mode: Mode, why: str, hold: Seconds, *,
+                     after: str) -> None:
         """Break the canary, wait (bounded) for flipback's rollback event, then for its
-        verification; hold the broken canary ``hold`` seconds from the flip."""
+        verification; hold the broken canary ``hold`` seconds from the flip. ``after``
+        explains what the table shows once the canary is flipped out."""
         self.canary.mode = mode
         act.fault_at = self._now()
         flipped, verdict = self.watcher.flipped, self.watcher.verdict
@@ -212,6 +223,7 @@ class Demo:
             return
         seen = self._now()
         assert act.flip_at is not None
+        self._why(after)
         self._doing(f"rolled back {act.flip_at - act.fault_at:.2f}s after the fault: llm-v1 "
                     f"serves everything; flipback watches stable for {self.verify:g}s to verify "
                     "that the canary was the fault")
@@ -263,7 +275,7 @@ class Demo:
             f"{DISAGREE_EVERY}th answer differs; compared on {COMPARED})",
             f"  proxy {url}, admin http://127.0.0.1:{app.admin_port}",
             f"  webhook receiver {self.hooks.url} ({', '.join(NOTIFY)})",
-            f"  rollback: window 5s, min_requests 10, max_error_rate 5%, max_p99 "
+            f"  rollback: window {WINDOW:g}s, min_requests 10, max_error_rate 5%, max_p99 "
             f"{MAX_P99 * 1000:g}ms, consecutive_failures 5, verify {self.verify:g}s; "
             "retry_canary_on_stable",
         ]))
@@ -274,6 +286,13 @@ class Demo:
     def _doing(self, text: str) -> None:
         assert self.scene is not None
         self.scene.doing = text
+
+    def _why(self, text: str) -> None:
+        """Explain what the view shows (live: under "now"; plain: one line, once)."""
+        assert self.scene is not None
+        self.scene.why = text
+        if text:
+            self.screen.why(text, self._now() - self.scene.t0)
 
     # -- plumbing -------------------------------------------------------------------------
     def _now(self) -> float:
@@ -289,7 +308,7 @@ class Demo:
         return CONFIG.format(
             state=quoted(tmp / "state.json"), webhook=self.hooks.url, kinds=", ".join(NOTIFY),
             stable=self.stable.url, canary=self.canary.url, shadow=self.shadow.url,
-            route=ROUTE, weight=WEIGHT, sample=SHADOW_SAMPLE, compared=COMPARED,
+            route=ROUTE, weight=WEIGHT, sample=SHADOW_SAMPLE, compared=COMPARED, window=WINDOW,
             record=quoted(record), max_p99=round(MAX_P99 * 1000),
             verify=round(self.verify * 1000))
 

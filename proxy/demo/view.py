@@ -52,6 +52,7 @@ class Scene:
     samples: list[Sample]
     acts: list[ActRecord] = field(default_factory=list)
     doing: str = "starting"
+    why: str = ""  # what the view shows and why (e.g. a flipped canary's window emptying)
     routes: list[dict[str, Any]] = field(default_factory=list)
     rates: dict[Key, float] | None = None
     admin_error: str = ""
@@ -74,11 +75,16 @@ def render_frame(scene: Scene, now: float, width: int, *, color: bool, height: i
     if act is not None:
         title += f" · Act {act.number} of 2: {act.title}"
     now_lines = textwrap.wrap(scene.doing, width - 5, max_lines=2, placeholder=" …") or [""]
+    why_lines = textwrap.wrap(scene.why, width - 5, max_lines=2, placeholder=" …")
     lines = [_bold(_spread(title, "Ctrl-C stops", width), color),
              *(("now: " if i == 0 else "     ") + text for i, text in enumerate(now_lines)),
+             *(_dim(("why: " if i == 0 else "     ") + text, color)
+               for i, text in enumerate(why_lines)),
              ""]
     if scene.routes:
-        lines += render_status(scene.routes, scene.rates, width, color=color).splitlines()
+        # The shadow has a panel of its own below: the table leaves it out.
+        routes = [{k: v for k, v in r.items() if k != "shadow"} for r in scene.routes]
+        lines += render_status(routes, scene.rates, width, color=color).splitlines()
     else:
         lines.append(scene.admin_error or "waiting for the admin API…")
     lines += ["", *_traffic(scene, now, width), _clip(_clients(scene), width)]
