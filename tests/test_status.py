@@ -17,7 +17,8 @@ from proxy.cli import commands
 from proxy.cli.main import main
 from proxy.config.parser import load_config
 from proxy.server import App
-from tests.conftest import Running, config_text
+from tests.conftest import Running
+from tests.waiting import wait_until
 
 SHADOWED = """
 upstreams:
@@ -51,7 +52,7 @@ async def load(fb: Running, every: float = 0.01) -> AsyncIterator[list[int]]:
             async with fb.session.post(fb.url + "/v1/chat", data=b"{}") as resp:
                 await resp.read()
                 statuses.append(resp.status)
-            await asyncio.sleep(every)
+            await asyncio.sleep(every)  # not a wait: the load's pace
 
     task = asyncio.ensure_future(send())
     try:
@@ -88,11 +89,14 @@ async def test_route_view_carries_the_shadow_and_versions(model, flipback):
     fb = await flipback(SHADOWED, v1=v1.url, v2=v2.url, v3=v3.url)
     async with fb.session.post(fb.url + "/v1/chat", data=b"{}") as resp:
         assert resp.status == 200
-    for _ in range(200):  # the copy is compared once both sides ended
+    route: dict = {}
+
+    async def compared() -> bool:  # the copy is compared once both sides ended
+        nonlocal route
         route = await fb.get_json("/routes/chat")
-        if route["shadow"]["compared"]:
-            break
-        await asyncio.sleep(0.01)
+        return bool(route["shadow"]["compared"])
+
+    await wait_until(compared, interval=0.01, what="the shadow copy to be compared")
     shadow = route["shadow"]
     assert shadow["upstream"] == "v3" and shadow["sample"] == 100 and shadow["by"] == "request"
     assert shadow["copies"]["sent"] == 1 and shadow["compared"] == 1
@@ -106,14 +110,17 @@ async def test_route_view_carries_the_shadow_and_versions(model, flipback):
 
 async def test_status_shows_a_refused_reload_until_a_good_one(model, tmp_path: Path):
     v1 = await model("v1")
-    good = config_text("""
+    good = f"""\
+server: {{listen: "127.0.0.1:0"}}
+admin: {{listen: "127.0.0.1:0"}}
+state: {{file: {tmp_path / "state.json"}}}
 upstreams:
-  v1: {{url: "{v1}"}}
+  v1: {{url: "{v1.url}"}}
 routes:
   - name: plain
     match: {{path_prefix: "/"}}
     stable: v1
-""", tmp_path, v1=v1.url)
+"""
     path = tmp_path / "flipback.yaml"
     path.write_text(good)
     app = App(load_config(str(path)), str(path))
@@ -130,7 +137,7 @@ routes:
             said = " ".join(text[text.index("config: reload refused "):].split())
             assert "the previous config still serves: " in said
             assert "routes[0].stable: unknown upstream 'nope'" in said
-            assert f"{path}:10:" in text.replace("\n  ", "")  # a long path may be broken
+            assert f"{path}:9:" in text.replace("\n  ", "")  # a long path may be broken
             # the filter finds it however many route events came after
             async with s.get(admin + "/events", params={"kind": "reload_refused,reload",
                                                         "limit": "1"}) as resp:
