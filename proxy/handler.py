@@ -271,8 +271,10 @@ class Proxy:
                          total=now() - t0)
                 nxt = self._retry_lane(rollout, lane, exc) if replayable else None
                 if nxt is None:
-                    return json_error(exc.status, f"upstream {lane.upstream}: {exc}", rid,
-                                      self.id_header)
+                    text = str(exc)  # the pool's own messages name the upstream already
+                    if not text.startswith("upstream "):
+                        text = f"upstream {lane.upstream}: {text}"
+                    return json_error(exc.status, text, rid, self.id_header)
                 retried_from = self._retried(rollout, lane, nxt, exc, retried_from)
                 lane = nxt
                 role = nxt.role
