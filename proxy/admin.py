@@ -157,7 +157,18 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
         "last_event": last.as_json() if last is not None else None,
         "latch": rollout.latch.as_dict() if rollout.latch is not None else None,
         "shadow": _shadow_view(rollout, runtime),
+        "progressive": _progressive_view(rollout),
     }
+
+
+def _progressive_view(rollout: Rollout) -> dict[str, Any] | None:
+    """The plan's position, and whether it waits for evidence (a step_stalled event)."""
+    prog = rollout.route.progressive
+    if prog is None or rollout.step is None:
+        return None
+    return {"step": rollout.step, "steps": list(prog.steps),
+            "interval_s": prog.interval, "stalled": rollout.stalled_at == rollout.step,
+            "min_requests": rollout.route.rollback.min_requests}
 
 
 def _shadow_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any] | None:

@@ -131,7 +131,20 @@ def _shadow_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None
 # The lines under a route's rows, in order; each says None when it has nothing to show.
 # Judge and guard state, once ROUTE carries them, are two more entries here.
 RouteNote = Callable[[Mapping[str, Any], datetime.datetime], str | None]
-ROUTE_NOTES: tuple[RouteNote, ...] = (_last_note, _shadow_note)
+def _progressive_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None:
+    """A plan held at a step for want of canary requests (see the step_stalled event)."""
+    prog = route.get("progressive")
+    if not isinstance(prog, Mapping) or not prog.get("stalled"):
+        return None
+    steps = prog.get("steps") or []
+    step = prog.get("step", 0)
+    weight = steps[step] if isinstance(step, int) and 0 <= step < len(steps) else "?"
+    return (f"progressive: held at step {step + 1 if isinstance(step, int) else '?'} of "
+            f"{len(steps)} ({weight}%): fewer than {prog.get('min_requests')} canary requests "
+            "in the window (see README: sizing steps and interval)")
+
+
+ROUTE_NOTES: tuple[RouteNote, ...] = (_last_note, _shadow_note, _progressive_note)
 
 
 def _row(cells: list[str], widths: list[int], width: int, sep: int, right: frozenset[int],

@@ -1,0 +1,41 @@
+"""A progressive plan that cannot collect min_requests canary requests says so: one
+step_stalled event, and the route's progressive view and status show it held."""
+
+from __future__ import annotations
+
+import asyncio
+
+CONFIG = """
+upstreams:
+  v1: {{url: "{v1}"}}
+  v2: {{url: "{v2}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/"}}
+    stable: v1
+    canary: {{upstream: v2, weight: 1}}
+    progressive: {{steps: [1, 50, 100], interval: 200ms}}
+    rollback: {{window: 10s, min_requests: 20}}
+"""
+
+
+async def test_a_stalled_plan_says_so_once_in_events_routes_and_status(model, flipback):
+    from proxy.cli.status_table import ROUTE_NOTES
+
+    v1, v2 = await model("v1"), await model("v2")
+    fb = await flipback(CONFIG, v1=v1.url, v2=v2.url)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while loop.time() < end:
+        events = (await fb.get_json("/events?limit=20"))["events"]
+        if any(e["kind"] == "step_stalled" for e in events):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)  # more ticks past the stall: it is said once, not each tick
+    events = (await fb.get_json("/events?limit=20"))["events"]
+    stalled = [e for e in events if e["kind"] == "step_stalled"]
+    assert len(stalled) == 1 and "20 needed" in stalled[0]["reason"]
+    route = await fb.get_json("/routes/chat")
+    assert route["progressive"]["stalled"] is True and route["progressive"]["step"] == 0
+    notes = [n(route, None) for n in ROUTE_NOTES]
+    assert any(n and n.startswith("progressive: held at step 1 of 3 (1.0%)") for n in notes)
