@@ -32,9 +32,11 @@ async def model(aiohttp_server: Any) -> StartModel:
     return start
 
 
-def make_config(text: str, tmp_path: Path, **subst: Any) -> ProxyConfig:
-    """Parse a YAML config written in a test; ``{name}`` placeholders are filled from
-    ``subst`` and the listeners default to ephemeral loopback ports."""
+def config_text(text: str, tmp_path: Path, **subst: Any) -> str:
+    """The one place test configs get their defaults: ``text`` with its ``{name}``
+    placeholders filled from ``subst`` (so YAML braces are written ``{{ }}``), and each
+    section it leaves out added: both listeners on ephemeral loopback ports, the state
+    file in ``tmp_path``. For a test that writes the file itself (a reload)."""
     body = textwrap.dedent(text).format(**subst)
     if "server:" not in body:
         body = 'server: {listen: "127.0.0.1:0"}\n' + body
@@ -42,6 +44,13 @@ def make_config(text: str, tmp_path: Path, **subst: Any) -> ProxyConfig:
         body = 'admin: {listen: "127.0.0.1:0"}\n' + body
     if "state:" not in body:
         body = f"state: {{file: {tmp_path / 'state.json'}}}\n" + body
+    return body
+
+
+def make_config(text: str, tmp_path: Path, **subst: Any) -> ProxyConfig:
+    """``config_text``, written to ``tmp_path/flipback.yaml`` and parsed as that file:
+    how every test builds the config of an App it starts."""
+    body = config_text(text, tmp_path, **subst)
     path = tmp_path / "flipback.yaml"
     path.write_text(body)
     return parse_config(body, str(path))
@@ -96,7 +105,7 @@ async def flipback(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Runn
     for running in started:
         await running.app.aclose()
     await session.close()
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # not a wait: one loop step lets the closed transports go
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:

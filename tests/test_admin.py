@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_deployment import SPEC_METRICS
+from tests.waiting import wait_until
 
 ROUTE = """
 upstreams:
@@ -203,11 +204,14 @@ async def test_manual_rollback_under_load_has_no_errors(model, flipback):
             except aiohttp.ClientError as exc:  # pragma: no cover - the assertion below
                 seen.append((loop.time(), f"error {exc}"))
 
+    def answered_after(t: float) -> int:
+        return sum(at > t for at, _ in seen)
+
     tasks = [asyncio.ensure_future(client()) for _ in range(4)]
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: {"v1", "v2"} <= {name for _, name in seen}, what="both sides")
     status, _ = await fb.post_admin("/routes/chat/rollback", {"reason": "blue-green switch"})
     flipped = loop.time()
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: answered_after(flipped + 0.05) >= 40, what="traffic after the flip")
     stop.set()
     await asyncio.gather(*tasks)
     assert status == 200

@@ -14,7 +14,9 @@ import aiohttp
 import pytest
 
 from proxy.cli import main
+from tests.conftest import config_text
 from tests.fakes import Behaviour
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,31 +99,36 @@ async def _spawn(tmp_path: Path, upstream: str, drain: str) -> tuple[Any, int, i
     """A real ``python -m proxy run`` process, ready to serve: (process, port, admin)."""
     port, admin = _free_port(), _free_port()
     cfg = tmp_path / "fb.yaml"
-    cfg.write_text(f"""
+    cfg.write_text(config_text("""
 server: {{listen: "127.0.0.1:{port}", drain_timeout: {drain}}}
 admin: {{listen: "127.0.0.1:{admin}"}}
-state: {{file: {tmp_path}/state.json}}
 upstreams:
   v1: {{url: "{upstream}"}}
 routes:
   - {{name: plain, match: {{path_prefix: /}}, stable: v1}}
-""")
+""", tmp_path, port=port, admin=admin, drain=drain, upstream=upstream))
     env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
     env.pop("FLIPBACK_ADMIN_TOKEN", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "-c", str(cfg),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env)
-    async with aiohttp.ClientSession() as s:
-        for _ in range(200):
-            try:
-                async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                    if resp.status == 200:
-                        return proc, port, admin
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    proc.kill()
-    await proc.wait()
-    raise AssertionError("flipback did not become ready")
+    try:
+        await wait_until(lambda: _readyz_is(admin, 200), interval=0.05,
+                         what="flipback to become ready")
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, port, admin
+
+
+async def _readyz_is(admin: int, status: int) -> bool:
+    """Whether the admin's /readyz answers ``status`` (False while it does not answer)."""
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+            return r.status == status
+    except aiohttp.ClientError:
+        return False
 
 
 async def test_run_serves_and_drains_on_sigterm(model, tmp_path):
@@ -164,11 +171,7 @@ async def test_drain_timeout_cuts_long_streams_and_exits(model, tmp_path):
                     return False, got
 
             streams = [asyncio.ensure_future(stream()) for _ in range(5)]
-            for _ in range(100):
-                if v1.in_handler == 5:
-                    break
-                await asyncio.sleep(0.02)
-            assert v1.in_handler == 5
+            await wait_until(lambda: v1.in_handler == 5, what="5 streams under way")
             t0 = loop.time()
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 8) == 0
@@ -176,11 +179,8 @@ async def test_drain_timeout_cuts_long_streams_and_exits(model, tmp_path):
             results = await asyncio.gather(*streams)
         assert exited < 4, exited  # 1 s drain, then the cut: not the streams' 20 s
         assert all(not complete and got > 0 for complete, got in results), results
-        for _ in range(100):  # the cut reached the upstream: its handlers were cancelled
-            if v1.in_handler == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert v1.in_handler == 0
+        # The cut reached the upstream: its handlers were cancelled.
+        await wait_until(lambda: v1.in_handler == 0, what="the upstream's handlers to end")
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -216,13 +216,13 @@ routes:
 async def test_second_signal_exits_at_once(model, tmp_path):
     v1 = await model("v1")
     v1.behaviour = Behaviour(mode="hang")
-    proc, port, _ = await _spawn(tmp_path, v1.url, "30s")
+    proc, port, admin = await _spawn(tmp_path, v1.url, "30s")
     try:
         async with aiohttp.ClientSession() as s:
             hung = asyncio.ensure_future(s.get(f"http://127.0.0.1:{port}/hang"))
             await asyncio.wait_for(v1.started.wait(), 5)
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: _readyz_is(admin, 503), what="the drain SIGTERM starts")
             assert proc.returncode is None  # draining: waits for the hung request
             loop = asyncio.get_running_loop()
             t0 = loop.time()

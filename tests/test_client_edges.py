@@ -101,7 +101,7 @@ async def test_keepalive_request_after_timeout_window_still_served(model, flipba
     assert first.startswith(b"HTTP/1.1 200")
     length = int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     await reader.readexactly(length)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.45)  # not a wait: the connection idles past header_timeout (300 ms)
     writer.write(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
     second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
     assert second.startswith(b"HTTP/1.1 200")

@@ -96,7 +96,7 @@ async def test_a_body_that_stops_flowing_gets_408_and_the_connection_closes(mode
     reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
     writer.write(b"POST /canary/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
     for byte in body:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # not a wait: a slow client's pace
         writer.write(bytes([byte]))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()

@@ -4,7 +4,6 @@ real redis-server on a free port; the test kills and restarts it mid-traffic."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ from proxy.server import App
 from tests.conftest import Running, make_config
 from tests.fakes import Behaviour
 from tests.test_notify import receiver
+from tests.waiting import wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 __all__ = ["receiver"]  # the fixture, imported for the webhook test
@@ -108,11 +108,19 @@ class RedisServer:
             REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--loglevel", "warning", "--enable-debug-command", "local",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        for _ in range(200):
-            if await self.command(b"PING") == b"+PONG":
-                return
-            await asyncio.sleep(0.01)
-        raise RuntimeError("redis-server did not answer PING")
+        await self.answering()
+
+    async def answering(self) -> None:
+        """Wait until the server answers a PING (started, or its pause is over)."""
+
+        async def pong() -> bool:
+            return await self.command(b"PING") == b"+PONG"
+
+        await wait_until(pong, interval=0.01, what=f"redis-server on {self.port} to answer PING")
+
+    async def pause(self, ms: int) -> None:
+        """Stall every client for ``ms`` (a slow Redis): in effect once this returns."""
+        assert await self.command(b"CLIENT PAUSE %d ALL" % ms) == b"+OK"
 
     async def command(self, line: bytes) -> bytes | None:
         try:
@@ -186,16 +194,6 @@ async def _ask(fb: Running, session: str) -> str:
         return r.headers["x-flipback-upstream"]
 
 
-async def _until(predicate: Any, timeout: float = 3.0) -> float:
-    """Seconds until ``predicate()`` holds (fails the test past ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not predicate():
-        assert loop.time() - start < timeout, "condition not reached in time"
-        await asyncio.sleep(0.002)
-    return loop.time() - start
-
-
 @needs_redis
 async def test_fleet_session_pinned_on_one_replica_is_honoured_by_another(fleet: Any) -> None:
     a, b, _, _ = fleet
@@ -204,7 +202,7 @@ async def test_fleet_session_pinned_on_one_replica_is_honoured_by_another(fleet:
     assert await a.runtime.fleet.flush()
     status, _ = await b.post_admin("/routes/chat/weight", {"weight": 90})
     assert status == 200
-    await _until(lambda: a.runtime.rollout("chat").weight == 90)  # the weight reached A
+    await wait_until(lambda: a.runtime.rollout("chat").weight == 90)  # the weight reached A
     # B has cached none of these; at 90% the bucket would send most to v2, the pins win.
     moved_by_bucket = [k for k in keys if on_a[k] == "v1" and bucket(key_hash(k)) < 9000]
     assert len(moved_by_bucket) >= 10
@@ -226,15 +224,14 @@ async def test_fleet_a_late_pin_write_does_not_overwrite_the_pin_another_replica
     key = next(k for k in (f"late{i}" for i in range(1000))
                if 3000 <= bucket(key_hash(k)) < 9000)
     await b.post_admin("/routes/chat/weight", {"weight": 90})
-    await _until(lambda: a.runtime.rollout("chat").weight == 90)
+    await wait_until(lambda: a.runtime.rollout("chat").weight == 90)
     assert await _ask(a, key) == "v2"
     assert await a.runtime.fleet.flush()
     await a.post_admin("/routes/chat/weight", {"weight": 30})
-    await _until(lambda: b.runtime.rollout("chat").weight == 30)
-    blocker = asyncio.ensure_future(redis_server.command(b"DEBUG SLEEP 0.3"))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: b.runtime.rollout("chat").weight == 30)
+    await redis_server.pause(300)
     assert await _ask(b, key) == "v1"  # no answer within LOOKUP_TIMEOUT: the bucket decided
-    await blocker
+    await redis_server.answering()
     assert await b.runtime.fleet.flush()
     assert b.runtime.fleet.up
     assert await _ask(b, key) == "v2"  # B learned the pin A made first
@@ -273,8 +270,9 @@ async def test_fleet_manual_rollback_reaches_the_other_replica_within_a_second(
         assert await _ask(b, k) == "v2"
     status, _ = await a.post_admin("/routes/chat/rollback", {"reason": "bad answers"})
     assert status == 200
-    took = await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    took = await wait_until(lambda: b.runtime.rollout("chat").state == "rolled_back")
     print(f"rollback on A applied on B after {took * 1000:.1f} ms")
+    assert took < 1.0  # the claim: a fleet flips within a second
     for k in canary_keys:
         assert await _ask(b, k) == "v1"
     event = (await b.get_json("/events?route=chat&limit=1"))["events"][0]
@@ -288,7 +286,7 @@ async def test_fleet_manual_rollback_reaches_the_other_replica_within_a_second(
         a.runtime.metrics.render().decode())
     # Resume on B: a fresh split everywhere (the canary-bucket sessions go back to v2).
     await b.post_admin("/routes/chat/resume")
-    await _until(lambda: a.runtime.rollout("chat").state == "canary", 1.0)
+    await wait_until(lambda: a.runtime.rollout("chat").state == "canary")
     for k in canary_keys:
         assert await _ask(a, k) == "v2"
 
@@ -301,7 +299,7 @@ async def test_fleet_automatic_trip_reaches_the_other_replica(fleet: Any) -> Non
     for k in keys:  # retried on stable: A's clients see v1 while A's canary trips
         assert await _ask(a, k) == "v1"
     assert a.runtime.rollout("chat").state == "rolled_back"
-    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "rolled_back")
     latch = b.runtime.rollout("chat").latch
     assert latch.actor == "auto" and latch.reason == "consecutive_failures"
     assert v2.count == 3  # the trip's three; B never sent the bad canary a request
@@ -317,11 +315,12 @@ async def test_fleet_only_the_replica_that_acted_sends_the_webhook(
     a, b = [await flipback(text, state=tmp_path / f"state-{n}.json", redis=redis_server.url,
                            v1=v1.url, v2=v2.url) for n in "ab"]
     await a.post_admin("/routes/chat/rollback", {"reason": "bad answers"})
-    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "rolled_back")
     await b.post_admin("/routes/chat/kill", {"enabled": True})
-    await _until(lambda: a.runtime.rollout("chat").state == "killed", 1.0)
+    await wait_until(lambda: a.runtime.rollout("chat").state == "killed")
     hits = await hook.wait(2)
-    await asyncio.sleep(0.2)  # room for a wrong third (B's rollback, A's kill) to arrive
+    # Not a wait: time for a wrong third (B's rollback, A's kill) to arrive, were it sent.
+    await asyncio.sleep(0.2)
     assert [(h.event["kind"], h.event["actor"]) for h in hook.hits] == [
         ("rollback", "admin"), ("kill", "admin")]
     assert "from replica" not in hits[0].event["reason"]  # A's own event, not B's copy
@@ -344,7 +343,7 @@ async def test_fleet_replica_restarted_after_a_resume_sends_the_canary_traffic_a
     a, _, _, replica = fleet
     c = await replica("c")
     await a.post_admin("/routes/chat/rollback", {"reason": "bad"})
-    await _until(lambda: c.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await wait_until(lambda: c.runtime.rollout("chat").state == "rolled_back")
     await c.app.aclose()  # C's state file keeps the latch
     await a.post_admin("/routes/chat/resume")
     assert await a.runtime.fleet.flush()
@@ -362,15 +361,15 @@ async def test_fleet_an_action_from_a_replica_with_old_epochs_keeps_the_newer_on
 ) -> None:
     a, b, _, _ = fleet
     await a.post_admin("/routes/chat/rollback", {"reason": "bad"})
-    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "rolled_back")
     await a.post_admin("/routes/chat/resume")
-    await _until(lambda: b.runtime.rollout("chat").state == "canary", 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "canary")
     on_a = a.runtime.rollout("chat").shared
     epochs = (on_a.cepoch, on_a.sepoch)
     assert all(epochs)
     b.runtime.rollout("chat").shared.set_epochs("old-c", "old-s")  # as if B missed the resume
     await b.post_admin("/routes/chat/weight", {"weight": 50})
-    await _until(lambda: a.runtime.rollout("chat").weight == 50, 1.0)
+    await wait_until(lambda: a.runtime.rollout("chat").weight == 50)
     assert (on_a.cepoch, on_a.sepoch) == epochs  # the weight message carried no epochs
     assert await b.runtime.fleet.flush()
     stored = fs.decode_state(await a.runtime.fleet.client.hgetall(fs.route_key("chat")),
@@ -404,11 +403,15 @@ async def test_fleet_redis_killed_mid_traffic_fails_no_request_and_reconnects(
             except Exception as exc:  # noqa: BLE001 - any failure is what the test counts
                 failures.append(repr(exc))
 
+    async def more_served(n: int) -> None:
+        want = served + n
+        await wait_until(lambda: served >= want, what=f"{want} requests served")
+
     workers = [asyncio.ensure_future(client(fb, n)) for n, fb in enumerate((a, b, a, b))]
-    await asyncio.sleep(0.3)
+    await more_served(40)
     await redis_server.kill()
-    await _until(lambda: not a.runtime.fleet.up and not b.runtime.fleet.up, 2.0)
-    await asyncio.sleep(0.3)  # traffic keeps flowing on local state
+    await wait_until(lambda: not a.runtime.fleet.up and not b.runtime.fleet.up)
+    await more_served(40)  # traffic keeps flowing on local state
     ready = await a.get_json("/readyz")
     assert ready["status"] == "ready"
     assert ready["redis"] == {"connected": False, "url": redis_server.url}
@@ -416,10 +419,10 @@ async def test_fleet_redis_killed_mid_traffic_fails_no_request_and_reconnects(
     # A rollback while Redis is away is applied locally, and sent once it is back.
     await a.post_admin("/routes/chat/rollback", {"reason": "during the outage"})
     await redis_server.start()  # same port, empty: no state survived
-    took = await _until(lambda: a.runtime.fleet.up and b.runtime.fleet.up, 4.0)
+    took = await wait_until(lambda: a.runtime.fleet.up and b.runtime.fleet.up)
     print(f"reconnected {took * 1000:.0f} ms after redis came back")
-    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "rolled_back")
+    await more_served(40)  # and on shared state again
     stop.set()
     await asyncio.gather(*workers)
     assert failures == []
@@ -433,8 +436,7 @@ async def test_fleet_slow_redis_costs_at_most_the_lookup_timeout(
     fleet: Any, redis_server: RedisServer
 ) -> None:
     a, _, _, _ = fleet
-    blocker = asyncio.ensure_future(redis_server.command(b"DEBUG SLEEP 0.6"))
-    await asyncio.sleep(0.05)
+    await redis_server.pause(600)
     loop = asyncio.get_running_loop()
     link = a.runtime.fleet
     for i in range(SLOW_LOOKUPS_DOWN + 2):
@@ -444,14 +446,12 @@ async def test_fleet_slow_redis_costs_at_most_the_lookup_timeout(
         # One slow answer is that request assigned locally, not an outage.
         assert link.up == (i < SLOW_LOOKUPS_DOWN - 1)
     assert link.errors["lookup"] == SLOW_LOOKUPS_DOWN  # down: the rest did not look up
-    with contextlib.suppress(Exception):
-        await blocker
-    await _until(lambda: a.runtime.fleet.up, 4.0)
+    await wait_until(lambda: a.runtime.fleet.up)
 
 
 @needs_redis
 async def test_fleet_a_stored_kill_override_gives_way_to_a_changed_kill_switch_config(
-    fleet: Any, tmp_path: Path
+    fleet: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An operator killed the route and let it live again (stored in Redis, made against
     ``kill_switch.enabled: false``); B's config then says enabled: true. The catch-up
@@ -459,16 +459,24 @@ async def test_fleet_a_stored_kill_override_gives_way_to_a_changed_kill_switch_c
     a, b, _, _ = fleet
     await a.post_admin("/routes/chat/kill", {"enabled": True})
     await a.post_admin("/routes/chat/kill", {"enabled": False})
-    await _until(lambda: b.runtime.rollout("chat").kill_override is False, 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").kill_override is False)
     assert await a.runtime.fleet.flush()
     ups = b.runtime.snapshot.config.upstreams
     text = CONFIG.replace("    rollback:", "    kill_switch: {{enabled: true}}\n    rollback:")
     new = make_config(text, tmp_path, state=tmp_path / "state-b.json", redis=b.runtime.fleet.url,
                       v1=ups["v1"].url, v2=ups["v2"].url)
-    assert b.runtime.apply(new).ok
     link = b.runtime.fleet
-    await _until(lambda: not link._resync.is_set(), 2.0)
-    await asyncio.sleep(0.2)  # the catch-up's HGETALL and its apply
+    sync, synced = link._sync, asyncio.Event()
+
+    async def sync_and_say() -> Any:  # the catch-up's HGETALL and its apply
+        try:
+            return await sync()
+        finally:
+            synced.set()
+
+    monkeypatch.setattr(link, "_sync", sync_and_say)
+    assert b.runtime.apply(new).ok  # asks the link to catch up
+    await wait_until(synced.is_set, what="B's catch-up from Redis after the reload")
     assert b.runtime.rollout("chat").state == "killed"
     assert a.runtime.rollout("chat").state == "canary"  # A's config did not change
 
@@ -487,21 +495,24 @@ async def test_fleet_a_step_reaches_a_replica_with_another_plan_by_its_weight(
                        v2=v2.url, steps="[50, 60, 70, 100]", interval="300ms")
     b = await flipback(plan, state=tmp_path / "b.json", redis=redis_server.url, v1=v1.url,
                        v2=v2.url, steps="[5, 100]", interval="1h")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 8
-    i = 0
-    while a.runtime.rollout("chat").step == 0:
-        assert loop.time() < deadline, "A never stepped"
-        i += 1
-        await _ask(a, f"step{i}")
-        await asyncio.sleep(0.01)
+    asked = 0
+
+    async def stepped() -> bool:  # traffic, the evidence a step needs, until A steps
+        nonlocal asked
+        if a.runtime.rollout("chat").step:
+            return True
+        asked += 1
+        await _ask(a, f"step{asked}")
+        return False
+
+    await wait_until(stepped, interval=0.01, what="A to step")
     assert a.runtime.rollout("chat").weight == 60
     # A later action from A that B visibly applies: B has then handled the step before it.
     await a.post_admin("/routes/chat/kill", {"enabled": True})
-    await _until(lambda: b.runtime.rollout("chat").kill_override is True, 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").kill_override is True)
     assert b.runtime.rollout("chat").weight == 5
     await a.post_admin("/routes/chat/kill", {"enabled": False})
-    await _until(lambda: b.runtime.rollout("chat").kill_override is False, 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").kill_override is False)
     # A replica of the new plan that starts now catches up from Redis the same way.
     c = await flipback(plan, state=tmp_path / "c.json", redis=redis_server.url, v1=v1.url,
                        v2=v2.url, steps="[5, 100]", interval="1h")
@@ -515,11 +526,11 @@ async def test_fleet_kill_switch_and_a_new_rollout_per_replica(
 ) -> None:
     a, b, _, _ = fleet
     await a.post_admin("/routes/chat/kill", {"enabled": True})
-    await _until(lambda: b.runtime.rollout("chat").state == "killed", 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "killed")
     await b.post_admin("/routes/chat/kill", {"enabled": False})
-    await _until(lambda: a.runtime.rollout("chat").state == "canary", 1.0)
+    await wait_until(lambda: a.runtime.rollout("chat").state == "canary")
     await a.post_admin("/routes/chat/rollback", {"reason": "v2 is bad"})
-    await _until(lambda: b.runtime.rollout("chat").state == "rolled_back", 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "rolled_back")
     # B moves on to a new canary (v3): a new rollout, unlatched, with its own fleet state;
     # A, still on v2, keeps its latch and ignores B's actions on the new rollout.
     v3 = await model("v3")
@@ -529,11 +540,11 @@ async def test_fleet_kill_switch_and_a_new_rollout_per_replica(
     new = make_config(text, tmp_path, state=tmp_path / "state-b.json", redis=b.runtime.fleet.url,
                       v1=ups["v1"].url, v2=ups["v2"].url, v3=v3.url)
     assert b.runtime.apply(new).ok
-    await _until(lambda: b.runtime.rollout("chat").state == "canary", 1.0)
+    await wait_until(lambda: b.runtime.rollout("chat").state == "canary")
     await b.post_admin("/routes/chat/weight", {"weight": 50})
     # Then a kill switch (the route's, whatever its rollout): once A has applied that,
     # it has seen the weight message before it, and ignored it.
     await b.post_admin("/routes/chat/kill", {"enabled": True})
-    await _until(lambda: a.runtime.rollout("chat").kill_override is True, 1.0)
+    await wait_until(lambda: a.runtime.rollout("chat").kill_override is True)
     assert a.runtime.rollout("chat").latch is not None  # still latched on v2
     assert a.runtime.rollout("chat").manual_weight is None

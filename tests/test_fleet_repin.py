@@ -15,7 +15,8 @@ import pytest
 from proxy.rollout.pins import STABLE, PinTable
 from proxy.rollout.sticky import bucket, key_hash
 from tests.conftest import Running
-from tests.test_fleet import RedisServer, _ask, _until, needs_redis, redis_server
+from tests.test_fleet import RedisServer, _ask, needs_redis, redis_server
+from tests.waiting import wait_until
 
 __all__ = ["redis_server"]  # the fixture, imported from test_fleet
 
@@ -66,16 +67,13 @@ async def _ask_all(fb: Running, keys: list[str]) -> dict[str, str]:
     return dict(zip(keys, sides, strict=True))
 
 
-async def _wait_pins(fb: Running, want: int, timeout: float = 4.0) -> float:
-    """Seconds until Redis holds ``want`` pins of the route (returns at the deadline
-    without failing, so a missing write-back shows as sessions that moved)."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while loop.time() - start < timeout:
-        if fb.runtime.fleet.up and await _pin_keys(fb) >= want:
-            break
-        await asyncio.sleep(0.02)
-    return loop.time() - start
+async def _wait_pins(fb: Running, want: int) -> float:
+    """Seconds until Redis holds ``want`` pins of the route (the write-back is done)."""
+
+    async def written() -> bool:
+        return fb.runtime.fleet.up and await _pin_keys(fb) >= want
+
+    return await wait_until(written, what=f"Redis to hold {want} pins of route chat again")
 
 
 @pytest.fixture
@@ -116,7 +114,7 @@ async def test_fleet_pins_written_back_after_redis_lost_its_data_keep_sessions_p
     assert await a.runtime.fleet.flush() and await c.runtime.fleet.flush()
     status, _ = await a.post_admin("/routes/chat/weight", {"weight": 10})
     assert status == 200
-    await _until(lambda: c.runtime.rollout("chat").weight == 10)
+    await wait_until(lambda: c.runtime.rollout("chat").weight == 10)
     # Pinned on v2 at 50%, on v1 by the bucket at 10%: these move if their pins are lost.
     at_risk = [k for k in SESSIONS if before[k] == "v2" and bucket(key_hash(k)) >= 1000]
     assert len(at_risk) >= 80
@@ -172,8 +170,8 @@ async def test_fleet_pins_of_a_rolled_back_route_are_not_written_back(
     assert await a.runtime.fleet.flush()
     caplog.set_level(logging.INFO, logger="proxy.fleet.pins")
     await _lose_data(redis_server, "restart")
-    await _until(lambda: a.runtime.fleet.up, 4.0)
-    await asyncio.sleep(0.1)  # room for a wrong write-back to land
+    await wait_until(lambda: a.runtime.fleet.up)
+    await asyncio.sleep(0.1)  # not a wait: time for a wrong write-back to land, were it sent
     assert await _pin_keys(a) == 0
     assert "came back empty" not in caplog.text
     b = await replica("b")

@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 
 from tests.fakes import Behaviour
+from tests.waiting import wait_until
 
 ONE_ROUTE = """
 upstreams:
@@ -215,10 +216,7 @@ async def test_client_disconnect_cancels_upstream(model, flipback):
     task = asyncio.ensure_future(fb.session.get(fb.url + "/gen"))
     await asyncio.wait_for(v1.started.wait(), 5)
     task.cancel()
-    for _ in range(100):
-        if v1.disconnects:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: v1.disconnects, what="the upstream to see the client go")
     assert v1.disconnects == 1
 
 
@@ -278,14 +276,20 @@ async def scripted_upstream(answer: Answer) -> AsyncIterator[str]:
     """An upstream on raw sockets: ``answer(head, reader, writer)`` per request, on
     keep-alive connections; yields its URL and closes everything after."""
     writers: list[asyncio.StreamWriter] = []
+    serving = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal serving
+        serving += 1
         writers.append(writer)
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await answer(await reader.readuntil(b"\r\n\r\n"), reader, writer)
-                await writer.drain()
-        writer.close()
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    await answer(await reader.readuntil(b"\r\n\r\n"), reader, writer)
+                    await writer.drain()
+            writer.close()
+        finally:
+            serving -= 1
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
@@ -295,7 +299,7 @@ async def scripted_upstream(answer: Answer) -> AsyncIterator[str]:
             writer.close()
         server.close()
         await server.wait_closed()
-        await asyncio.sleep(0.01)  # the handlers see the close and return
+        await wait_until(lambda: serving == 0, what="the handlers to see the close and return")
 
 
 async def test_a_body_still_arriving_streams_through_unbuffered(flipback):
@@ -346,7 +350,7 @@ async def test_headers_are_not_held_for_a_body_still_on_its_way(flipback):
         if head.startswith(b"GET /slow"):
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
             await writer.drain()
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(0.6)  # not a wait: the upstream's slow body
             writer.write(b"late")
         else:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfast")

@@ -14,12 +14,11 @@ import pytest
 from proxy import reload as reload_module
 from proxy.config.parser import load_config
 from proxy.server import App, serve
+from tests.conftest import config_text, make_config
 from tests.fakes import Behaviour
+from tests.waiting import wait_until
 
-BASE = """
-server: {{listen: "127.0.0.1:0", drain_timeout: 5s}}
-admin: {{listen: "127.0.0.1:0"}}
-state: {{file: {state}}}
+ROUTE = """
 upstreams:
   v1: {{url: "{v1}"}}
   v2: {{url: "{v2}"}}
@@ -39,8 +38,8 @@ class Setup:
         self.path = tmp_path / "flipback.yaml"
 
     def text(self, weight: float = 0, window: str = "10s", extra: str = "") -> str:
-        return BASE.format(state=self.tmp / "state.json", v1=self.v1, v2=self.v2,
-                           weight=weight, window=window) + extra
+        return config_text(ROUTE, self.tmp, v1=self.v1, v2=self.v2, weight=weight,
+                           window=window) + extra
 
     def write(self, text: str, path: Path | None = None) -> None:
         target = path or self.path
@@ -81,15 +80,8 @@ async def _events(app: App) -> list[dict]:
     return [e.as_json() for e in app.runtime.events.recent(50)]
 
 
-async def _wait_for(predicate, timeout: float = 10.0) -> None:
-    """Wait on the condition; the timeout only bounds a failure (slow machines pass)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached")
+def _refused(app: App) -> bool:
+    return any(e.kind == "reload_refused" for e in app.runtime.events.recent(9))
 
 
 async def test_file_change_is_applied_within_about_a_second(setup, running):
@@ -99,7 +91,7 @@ async def test_file_change_is_applied_within_about_a_second(setup, running):
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     setup.write(setup.text(weight=100))
-    await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100)
+    await wait_until(lambda: app.runtime.rollout("chat").effective_weight == 100)
     assert loop.time() - t0 < 2.0
     assert await _get(app) == "v2"
     event = (await _events(app))[0]
@@ -112,7 +104,7 @@ async def test_invalid_config_is_refused_then_valid_again_applies(setup, running
     setup.write(setup.text(weight=0))
     app = await running()
     setup.write(setup.text(weight=0).replace("weight: 0", "weight: 500"))
-    await _wait_for(lambda: any(e.kind == "reload_refused" for e in app.runtime.events.recent(9)))
+    await wait_until(lambda: _refused(app), what="a reload_refused event")
     event = (await _events(app))[0]
     assert event["kind"] == "reload_refused"
     assert event["reason"].startswith(f"{setup.path}:")
@@ -121,10 +113,11 @@ async def test_invalid_config_is_refused_then_valid_again_applies(setup, running
     assert await _get(app) == "v1"  # old config still serving
     text = app.runtime.metrics.render().decode()
     assert 'flipback_config_reloads_total{result="refused"} 1.0' in text
-    await asyncio.sleep(1.5)  # the same bad content is refused once, not every second
+    # Not a wait: polls of the same bad content for 1.5 s more must refuse nothing new.
+    await asyncio.sleep(1.5)
     assert sum(e.kind == "reload_refused" for e in app.runtime.events.recent(50)) == 1
     setup.write(setup.text(weight=100))
-    await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100)
+    await wait_until(lambda: app.runtime.rollout("chat").effective_weight == 100)
 
 
 def _stable_is_a_bad_date(text: str) -> str:
@@ -148,8 +141,7 @@ async def _refusals(app: App) -> int:
 
 
 async def _assert_refused_and_still_serving(app: App, setup: Setup, message: str) -> None:
-    await _wait_for(lambda: any(e.kind == "reload_refused"
-                                for e in app.runtime.events.recent(9)))
+    await wait_until(lambda: _refused(app), what="a reload_refused event")
     event = (await _events(app))[0]
     assert event["kind"] == "reload_refused"
     assert event["reason"].startswith(f"{setup.path}:") and message in event["reason"]
@@ -182,9 +174,9 @@ async def test_config_the_yaml_reader_chokes_on_is_refused_once(
     app = await running()
     with caplog.at_level(logging.INFO, logger="proxy.reload"):
         setup.write(spoil(setup.text(weight=0)))
-        await _wait_for(lambda: any(e.kind == "reload_refused"
-                                    for e in app.runtime.events.recent(9)))
-        await asyncio.sleep(1.5)  # more polls of the same content: no new refusal
+        await wait_until(lambda: _refused(app), what="a reload_refused event")
+        # Not a wait: polls of the same content for 1.5 s more must refuse nothing new.
+        await asyncio.sleep(1.5)
         assert await _refusals(app) == 1
         await _assert_refused_and_still_serving(app, setup, message)
     logged = [r for r in caplog.records if r.name == "proxy.reload"]
@@ -205,9 +197,8 @@ async def test_parser_failing_unexpectedly_is_a_refusal_not_a_crash(
     monkeypatch.setattr(reload_module, "parse_config", broken)
     with caplog.at_level(logging.INFO, logger="proxy.reload"):
         setup.write(setup.text(weight=100))
-        await _wait_for(lambda: any(e.kind == "reload_refused"
-                                    for e in app.runtime.events.recent(9)))
-        await asyncio.sleep(1.5)
+        await wait_until(lambda: _refused(app), what="a reload_refused event")
+        await asyncio.sleep(1.5)  # not a wait: as above, no new refusal may come
         assert await _refusals(app) == 1
         await _assert_refused_and_still_serving(
             app, setup, "cannot read this config: RuntimeError: parser bug")
@@ -250,7 +241,7 @@ async def test_kubernetes_configmap_symlink_swap(setup, running):
     (mount / "..v2" / "flipback.yaml").write_text(setup.text(weight=100))
     os.symlink("..v2", mount / "..data_tmp")
     os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap
-    await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100)
+    await wait_until(lambda: app.runtime.rollout("chat").effective_weight == 100)
 
 
 async def test_post_reload_and_its_errors(setup, running):
@@ -310,7 +301,7 @@ async def test_changed_upstream_gets_new_pool_old_one_closed(setup, running, mod
     assert app.runtime.snapshot.pools["v1"] is not old
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{app.data_port}/x") as r:
         assert (await r.json())["model"] == "v3"
-    await _wait_for(lambda: old.idle == 0 and old.in_flight == 0)
+    await wait_until(lambda: old.idle == 0 and old.in_flight == 0)
 
 
 async def test_twenty_reloads_under_load_lose_nothing(setup, running):
@@ -328,12 +319,16 @@ async def test_twenty_reloads_under_load_lose_nothing(setup, running):
             except aiohttp.ClientError:
                 results.append(0)
 
+    async def more_answers(n: int) -> None:
+        want = len(results) + n
+        await wait_until(lambda: len(results) >= want, what=f"{want} answers")
+
     async with aiohttp.ClientSession() as session:
         tasks = [asyncio.ensure_future(client(session)) for _ in range(6)]
         for i in range(20):
             setup.write(setup.text(weight=10 + i * 4, window="10s" if i % 2 else "20s"))
             assert (await app.watcher.check(force=True)).ok
-            await asyncio.sleep(0.05)
+            await more_answers(3)  # some traffic under each of the twenty configs
         stop.set()
         await asyncio.gather(*tasks)
     assert len(results) > 50
@@ -353,7 +348,7 @@ async def test_sighup_reloads(setup, monkeypatch):
     try:
         setup.write(setup.text(weight=100))
         os.kill(os.getpid(), signal.SIGHUP)
-        await _wait_for(lambda: app.runtime.rollout("chat").effective_weight == 100, 1.0)
+        await wait_until(lambda: app.runtime.rollout("chat").effective_weight == 100)
 
         stop.set()
         await asyncio.wait_for(server, 10)
@@ -366,23 +361,19 @@ async def test_sighup_reloads(setup, monkeypatch):
 async def test_drain_waits_for_slow_in_flight_request(model, tmp_path):
     v1 = await model("v1")
     v1.behaviour = Behaviour(delay=0.6)
-    path = tmp_path / "fb.yaml"
-    path.write_text(f"""
+    app = App(make_config("""
 server: {{listen: "127.0.0.1:0", drain_timeout: 5s}}
-admin: {{listen: "127.0.0.1:0"}}
-state: {{file: {tmp_path}/state.json}}
 upstreams:
-  v1: {{url: "{v1.url}"}}
+  v1: {{url: "{v1}"}}
 routes:
   - {{name: plain, match: {{path_prefix: /}}, stable: v1}}
-""")
-    app = App(load_config(str(path)))
+""", tmp_path, v1=v1.url))
     await app.start()
     async with aiohttp.ClientSession() as s:
         slow = asyncio.ensure_future(s.get(f"http://127.0.0.1:{app.data_port}/slow"))
         await asyncio.wait_for(v1.started.wait(), 5)
         drain = asyncio.ensure_future(app.drain())
-        await _wait_for(lambda: app.runtime.draining, 2.0)
+        await wait_until(lambda: app.runtime.draining)
         async with s.get(f"http://127.0.0.1:{app.admin_port}/readyz") as r:
             assert r.status == 503 and (await r.json())["status"] == "draining"
         resp = await slow

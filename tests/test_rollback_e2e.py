@@ -13,6 +13,7 @@ import orjson
 from proxy.server import App
 from tests.conftest import make_config
 from tests.fakes import Behaviour
+from tests.waiting import wait_until
 
 ROUTE = """
 upstreams:
@@ -59,6 +60,11 @@ class Load:
             except aiohttp.ClientError:
                 self.results.append((t, "error", 0))
 
+    async def answered(self, n: int, since: float = float("-inf")) -> None:
+        """Wait until ``n`` requests sent after ``since`` have been answered."""
+        await wait_until(lambda: sum(t > since for t, _, _ in self.results) >= n,
+                         what=f"{n} answers")
+
     async def stop(self) -> None:
         self._stop.set()
         await asyncio.gather(*self._tasks)
@@ -67,14 +73,11 @@ class Load:
         return [r for r in self.results if r[2] != 200]
 
 
-async def _wait_state(fb, state: str, timeout: float = 5.0) -> float:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if fb.runtime.rollout("chat").state == state:
-            return loop.time()
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"route never became {state}: {fb.runtime.rollout('chat')!r}")
+async def _wait_state(fb, state: str) -> float:
+    """The loop time the route was seen in ``state`` (polled often: tests time flips)."""
+    await wait_until(lambda: fb.runtime.rollout("chat").state == state, interval=0.005,
+                     what=lambda: f"route to become {state}: {fb.runtime.rollout('chat')!r}")
+    return asyncio.get_running_loop().time()
 
 
 async def _events(fb) -> list[dict]:
@@ -85,15 +88,15 @@ async def test_error_rate_trip_flips_within_a_second_without_client_errors(model
     v1, v2 = await model("v1"), await model("v2")
     fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, **_cfg(consecutive="null"))
     load = Load(fb)
-    await asyncio.sleep(0.5)
+    await load.answered(100)
     assert fb.runtime.rollout("chat").state == "canary"
     loop = asyncio.get_running_loop()
     v2.behaviour = Behaviour(mode="status", status=500)
     fault = loop.time()
     flipped = await _wait_state(fb, "rolled_back")
-    await asyncio.sleep(0.3)
+    await load.answered(40, since=flipped + 0.05)
     await load.stop()
-    assert flipped - fault < 1.0, flipped - fault
+    assert flipped - fault < 1.0, flipped - fault  # the claim: a flip within a second
     assert load.client_errors() == []  # retried on stable before any byte reached the client
     after = [name for t, name, _ in load.results if t > flipped + 0.05]
     assert after and set(after) == {"v1"}
@@ -125,7 +128,7 @@ async def test_reset_canary_trips(model, flipback):
     v1, v2 = await model("v1"), await model("v2")
     fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, **_cfg())
     load = Load(fb)
-    await asyncio.sleep(0.3)
+    await load.answered(50)
     v2.behaviour = Behaviour(mode="reset")
     await _wait_state(fb, "rolled_back")
     await load.stop()
@@ -137,12 +140,12 @@ async def test_hung_canary_trips_within_max_p99_plus_half_a_second(model, flipba
     fb = await flipback(ROUTE, v1=v1.url, v2=v2.url,
                         **_cfg(max_p99="300ms", min_requests=5, consecutive="null"))
     load = Load(fb, concurrency=16)
-    await asyncio.sleep(0.5)
+    await load.answered(100)
     loop = asyncio.get_running_loop()
     v2.behaviour = Behaviour(mode="hang")
     fault = loop.time()
     flipped = await _wait_state(fb, "rolled_back")
-    assert flipped - fault < 0.3 + 0.5, flipped - fault
+    assert flipped - fault < 0.3 + 0.5, flipped - fault  # the claim: max_p99 + 0.5 s
     event = (await _events(fb))[0]
     assert event["figures"]["trip"] == "latency"
     # The hung requests are still waiting on v2; stop the load by failing the canary fast.
@@ -156,7 +159,7 @@ async def test_slow_first_byte_trips_latency(model, flipback):
     fb = await flipback(ROUTE, v1=v1.url, v2=v2.url,
                         **_cfg(max_p99="100ms", consecutive="null", min_requests=5))
     load = Load(fb)
-    await asyncio.sleep(0.3)
+    await load.answered(50)
     v2.behaviour = Behaviour(delay=0.25)
     await _wait_state(fb, "rolled_back")
     await load.stop()
@@ -177,7 +180,7 @@ async def test_stream_cut_midway_counts_as_failure(model, flipback):
         except aiohttp.ClientPayloadError:
             broken += 1
     assert broken == 3  # after the first byte there is nothing to retry: the client sees it
-    await _wait_state(fb, "rolled_back", timeout=1.0)
+    await _wait_state(fb, "rolled_back")
     assert (await _events(fb))[0]["figures"]["trip"] == "consecutive_failures"
 
 
@@ -317,13 +320,13 @@ async def test_progressive_steps_to_promoted_then_trips_back(model, flipback):
                         **_cfg(weight=0, min_requests=3, consecutive=3,
                                extra="progressive: {steps: [10, 50, 100], interval: 200ms}"))
     load = Load(fb, concurrency=4)
-    await _wait_state(fb, "promoted", timeout=8)
+    await _wait_state(fb, "promoted")
     kinds = [e["kind"] for e in reversed(await _events(fb))]
     assert kinds == ["step", "promote"], kinds
     assert fb.runtime.rollout("chat").effective_weight == 100
     v2.behaviour = Behaviour(mode="status", status=500)
-    await _wait_state(fb, "rolled_back", timeout=2)
-    await asyncio.sleep(0.1)
+    flipped = await _wait_state(fb, "rolled_back")
+    await load.answered(20, since=flipped)
     await load.stop()
     assert load.client_errors() == []
     assert fb.runtime.rollout("chat").effective_weight == 0

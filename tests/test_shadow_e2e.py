@@ -17,6 +17,7 @@ from proxy.server import App
 from proxy.shadow.mirror import session_bucket
 from tests.conftest import make_config
 from tests.fakes import Behaviour
+from tests.waiting import wait_until
 
 ROUTES = """
 server: {{listen: "127.0.0.1:0", inspect_body: {inspect_body}}}
@@ -61,13 +62,11 @@ def mismatches(fb: Any, kind: str) -> float:
     return value or 0.0
 
 
-async def until(predicate: Any, within: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
+def compared(fb: Any) -> float:
+    """Pairs judged (each observes the latency delta once)."""
+    value = fb.runtime.metrics.registry.get_sample_value(
+        "flipback_shadow_latency_delta_seconds_count", {"route": "chat"})
+    return value or 0.0
 
 
 def mirror(fb: Any) -> Any:
@@ -121,7 +120,7 @@ async def test_shadow_copy_carries_marker_original_headers_and_identical_body(mo
                b"Connection: close, X-Hop\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     response = await raw_exchange(fb.app.data_port, request)
     assert response.startswith(b"HTTP/1.1 200")
-    await until(lambda: count(fb, "sent") == 1)
+    await wait_until(lambda: count(fb, "sent") == 1)
     primary, shadow = v1.seen[0], v3.seen[0]
     assert shadow.method == "POST" and shadow.path == "/v1/chat?x=1"
     assert shadow.body == primary.body == body
@@ -147,12 +146,13 @@ async def test_a_body_arriving_in_pieces_is_mirrored_whole(model, flipback):
     writer.write(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
                  b"Connection: close\r\n\r\n%s" % (len(body), body[:700]))
     await writer.drain()
-    await asyncio.sleep(0.05)  # the handler starts with the body incomplete: it buffers
+    # Not a wait: a slow client's pace, so the handler starts with the body incomplete.
+    await asyncio.sleep(0.05)
     writer.write(body[700:])
     response = await asyncio.wait_for(reader.read(), 3)
     writer.close()
     assert response.startswith(b"HTTP/1.1 200")
-    await until(lambda: count(fb, "sent") == 1)
+    await wait_until(lambda: count(fb, "sent") == 1)
     assert v3.seen[0].body == v1.seen[0].body == body
 
 
@@ -161,7 +161,7 @@ async def test_shadow_get_without_body_is_mirrored(model, flipback):
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg())
     async with fb.session.get(fb.url + "/v1/models") as resp:
         assert resp.status == 200
-    await until(lambda: count(fb, "sent") == 1)
+    await wait_until(lambda: count(fb, "sent") == 1)
     assert v3.seen[0].method == "GET" and v3.seen[0].body == b""
 
 
@@ -176,7 +176,7 @@ async def test_status_mismatch_is_counted_and_recorded(model, flipback, tmp_path
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(compare=_compare(path)))
     status, _ = await post(fb, headers={"x-request-id": "rid-500"})
     assert status == 200  # the client never sees the shadow's answer
-    await until(lambda: mismatches(fb, "status") == 1)
+    await wait_until(lambda: mismatches(fb, "status") == 1)
     assert mismatches(fb, "body") == 0
     lines = await records(fb, path)
     assert len(lines) == 1
@@ -208,7 +208,7 @@ async def test_json_path_mismatch_records_both_values(model, flipback, tmp_path)
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(compare=_compare(path, paths)))
     for i in range(3):
         assert (await post(fb, headers={"x-request-id": f"rid-{i}"}))[0] == 200
-    await until(lambda: mismatches(fb, "body") == 3)
+    await wait_until(lambda: mismatches(fb, "body") == 3)
     assert mismatches(fb, "status") == 0
     lines = await records(fb, path)
     assert sorted(x["request_id"] for x in lines) == ["rid-0", "rid-1", "rid-2"]
@@ -227,7 +227,7 @@ async def test_bodies_are_recorded_only_when_asked(model, flipback, tmp_path):
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url,
                         **_cfg(compare=_compare(path, bodies=True)))
     await post(fb)
-    await until(lambda: mismatches(fb, "status") == 1)
+    await wait_until(lambda: mismatches(fb, "status") == 1)
     (line,) = await records(fb, path)
     assert line["bodies"]["shadow"] == '{"error": "overloaded"}'
     assert orjson.loads(line["bodies"]["primary"])["model"] == "v1"
@@ -246,7 +246,7 @@ async def test_paths_are_not_compared_past_inspect_body(model, flipback, tmp_pat
                         **_cfg(inspect_body="1KiB", compare=_compare(path, bodies=True)))
     status, body = await post(fb)
     assert status == 200 and body == big  # the client gets it all, whatever is kept
-    await until(lambda: mismatches(fb, "status") == 1)
+    await wait_until(lambda: mismatches(fb, "status") == 1)
     assert mismatches(fb, "body") == 0
     (line,) = await records(fb, path)
     assert line["paths"] == [] and line["paths_skipped"] == "a body was over inspect_body"
@@ -273,7 +273,7 @@ async def test_streams_are_compared_on_the_assembled_sse_data(model, flipback, t
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(compare=_compare(path, paths)))
     status, body = await post(fb, headers={"x-request-id": "rid-sse"})
     assert status == 200 and body == b"".join(_sse(["Hel", "lo", " world"], "stop"))
-    await until(lambda: mismatches(fb, "body") == 1)
+    await wait_until(lambda: mismatches(fb, "body") == 1)
     (line,) = await records(fb, path)
     assert line["paths"] == [
         {"path": "choices.0.finish_reason", "primary": "stop", "shadow": "length"},
@@ -290,7 +290,7 @@ async def test_long_streams_are_compared_off_the_loop(model, flipback, tmp_path)
     paths = ("choices.0.finish_reason", "choices.0.delta.content")
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(compare=_compare(path, paths)))
     assert (await post(fb))[0] == 200
-    await until(lambda: mismatches(fb, "body") == 1)
+    await wait_until(lambda: mismatches(fb, "body") == 1)
     (line,) = await records(fb, path)
     assert line["paths"] == [
         {"path": "choices.0.finish_reason", "primary": "stop", "shadow": "length"}]
@@ -302,8 +302,8 @@ async def test_agreeing_shadow_counts_no_mismatch_and_writes_nothing(model, flip
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(compare=_compare(path)))
     for _ in range(5):
         await post(fb)
-    await until(lambda: count(fb, "sent") == 5)
-    await asyncio.sleep(0.02)
+    await wait_until(lambda: compared(fb) == 5, what="the 5 pairs judged")
+    assert count(fb, "sent") == 5
     assert mismatches(fb, "status") == mismatches(fb, "body") == 0
     assert await records(fb, path) == []
 
@@ -322,9 +322,9 @@ async def test_hung_shadow_times_out_and_never_slows_the_primary(model, flipback
         assert status == 200 and orjson.loads(body)["model"] == "v1"
         assert loop.time() - t0 < 0.15  # the shadow hangs for 300 ms+
     assert mirror(fb).in_flight == 5 and count(fb, "timeout") == 0
-    await until(lambda: count(fb, "timeout") == 5 and mirror(fb).in_flight == 0, within=2.0)
+    await wait_until(lambda: count(fb, "timeout") == 5 and mirror(fb).in_flight == 0)
     assert count(fb, "sent") == 0
-    await until(lambda: v3.disconnects == 5)  # the hung exchanges were aborted
+    await wait_until(lambda: v3.disconnects == 5)  # the hung exchanges were aborted
     assert mismatches(fb, "status") == 0  # a failed shadow is not compared
 
 
@@ -335,10 +335,10 @@ async def test_over_max_in_flight_copies_are_dropped(model, flipback):
     for _ in range(6):
         assert (await post(fb))[0] == 200
     assert count(fb, "dropped") == 4 and mirror(fb).in_flight == 2
-    await until(lambda: count(fb, "timeout") == 2 and mirror(fb).in_flight == 0)
+    await wait_until(lambda: count(fb, "timeout") == 2 and mirror(fb).in_flight == 0)
     v3.behaviour = Behaviour()
     assert (await post(fb))[0] == 200  # room again
-    await until(lambda: count(fb, "sent") == 1)
+    await wait_until(lambda: count(fb, "sent") == 1)
     assert v3.count == 3
 
 
@@ -348,7 +348,7 @@ async def test_refused_shadow_counts_error(model, flipback, unused_tcp_port):
                         **_cfg(compare=_compare(None)))
     for _ in range(3):
         assert (await post(fb))[0] == 200
-    await until(lambda: count(fb, "error") == 3)
+    await wait_until(lambda: count(fb, "error") == 3)
     assert count(fb, "sent") == 0 and v1.count == 3
 
 
@@ -359,7 +359,7 @@ async def test_reset_shadow_counts_error(model, flipback):
     for _ in range(3):
         status, body = await post(fb)
         assert status == 200 and orjson.loads(body)["model"] == "v1"
-    await until(lambda: count(fb, "error") == 3)
+    await wait_until(lambda: count(fb, "error") == 3)
     assert count(fb, "sent") == 0
 
 
@@ -368,7 +368,7 @@ async def test_shadow_stream_cut_midway_counts_error(model, flipback):
     v3.behaviour = Behaviour(mode="cut", events=6)
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(compare=_compare(None)))
     assert (await post(fb))[0] == 200
-    await until(lambda: count(fb, "error") == 1)
+    await wait_until(lambda: count(fb, "error") == 1)
 
 
 async def test_body_over_inspect_body_is_not_mirrored(model, flipback):
@@ -379,7 +379,7 @@ async def test_body_over_inspect_body_is_not_mirrored(model, flipback):
     assert status == 200 and orjson.loads(body)["echo_len"] == 4096
     assert count(fb, "skipped_body") == 1
     assert (await post(fb, body=b"small"))[0] == 200
-    await until(lambda: count(fb, "sent") == 1)
+    await wait_until(lambda: count(fb, "sent") == 1)
     assert [s.body for s in v3.seen] == [b"small"]
     assert v1.seen[0].body == big
 
@@ -401,8 +401,10 @@ async def test_sample_zero_never_mirrors(model, flipback):
     v1, v3 = await model("v1"), await model("v3")
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(sample=0))
     await _burst(fb, 50)
-    await asyncio.sleep(0.05)
-    assert v3.count == 0 and count(fb, "sent") == 0 and v1.count == 50
+    # A copy is in flight from the request that offers it until counted: none was offered.
+    assert mirror(fb).in_flight == 0
+    assert [count(fb, o) for o in ("sent", "error", "timeout", "dropped")] == [0] * 4
+    assert v3.count == 0 and v1.count == 50
 
 
 async def test_sample_thirty_mirrors_about_thirty_percent(model, flipback):
@@ -410,7 +412,7 @@ async def test_sample_thirty_mirrors_about_thirty_percent(model, flipback):
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url, **_cfg(sample=30, max_in_flight=1000))
     n = 400
     await _burst(fb, n)
-    await until(lambda: mirror(fb).in_flight == 0)
+    await wait_until(lambda: mirror(fb).in_flight == 0)
     hits = v3.count
     assert count(fb, "sent") == hits and count(fb, "dropped") == 0
     assert abs(hits - n * 0.3) <= 5 * math.sqrt(n * 0.3 * 0.7), hits
@@ -441,7 +443,7 @@ async def test_by_session_mirrors_whole_conversations(model, flipback):
             async with fb.session.post(fb.url + "/v1/chat", data=body) as resp:
                 assert resp.status == 200
                 await resp.read()
-    await until(lambda: mirror(fb).in_flight == 0)
+    await wait_until(lambda: mirror(fb).in_flight == 0)
     copies: dict[str, int] = {}
     for seen in v3.seen:
         user = orjson.loads(seen.body)["user"]
@@ -471,7 +473,7 @@ async def test_primary_response_is_byte_identical_with_and_without_shadow(
 
     shadowed = await raw_exchange(fb.app.data_port, request(b"/v1/chat"))
     plain = await raw_exchange(fb.app.data_port, request(b"/chat"))
-    await until(lambda: mismatches(fb, "status") == 1)
+    await wait_until(lambda: mismatches(fb, "status") == 1)
     assert _without_date(shadowed) == _without_date(plain)
     assert b"x-flipback-upstream: v1" in shadowed.lower()
     assert v3.count == 1 and v1.count == 2
@@ -500,13 +502,13 @@ async def test_mirrored_requests_leave_no_cyclic_garbage(model, flipback, tmp_pa
     fb = await flipback(ROUTES, v1=v1.url, v3=v3.url,
                         **_cfg(compare=_compare(tmp_path / "d.jsonl")))
     await post(fb)
-    await until(lambda: count(fb, "sent") == 1)
+    await wait_until(lambda: count(fb, "sent") == 1)
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         for _ in range(20):
             await post(fb)
-        await until(lambda: count(fb, "sent") == 21)
+        await wait_until(lambda: count(fb, "sent") == 21)
         gc.collect()
         ours = [o for o in gc.garbage if type(o).__module__.startswith("proxy.")]
     finally:
@@ -515,46 +517,44 @@ async def test_mirrored_requests_leave_no_cyclic_garbage(model, flipback, tmp_pa
     assert ours == []  # freed by refcount: the GC never has to run for the shadow path
 
 
-async def test_reload_keeps_an_unchanged_mirror_and_closes_a_replaced_one(model, tmp_path):
-    from proxy.config.parser import load_config
-    from proxy.server import App
-
-    v1, v3, v4 = await model("v1"), await model("v3"), await model("v4")
-    path = tmp_path / "fb.yaml"
-    text = f"""
-server: {{listen: "127.0.0.1:0"}}
-admin: {{listen: "127.0.0.1:0"}}
-state: {{file: {tmp_path}/state.json}}
+RELOADED = """
 upstreams:
-  v1: {{url: "{v1.url}"}}
-  v3: {{url: "{v3.url}"}}
-  v4: {{url: "{v4.url}"}}
+  v1: {{url: "{v1}"}}
+  v3: {{url: "{v3}"}}
+  v4: {{url: "{v4}"}}
 routes:
   - name: chat
     match: {{path_prefix: /}}
     stable: v1
-    shadow: {{upstream: SHADOW, sample: 100}}
-    log_marker: X
+    shadow: {{upstream: {shadow}, sample: 100}}
+    {extra}
 """
-    path.write_text(text.replace("SHADOW", "v3").replace("    log_marker: X\n", ""))
-    app = App(load_config(str(path)), str(path))
+
+
+async def test_reload_keeps_an_unchanged_mirror_and_closes_a_replaced_one(model, tmp_path):
+    v1, v3, v4 = await model("v1"), await model("v3"), await model("v4")
+
+    def config(shadow: str, extra: str = "") -> Any:  # written to tmp_path/flipback.yaml
+        return make_config(RELOADED, tmp_path, v1=v1.url, v3=v3.url, v4=v4.url,
+                           shadow=shadow, extra=extra)
+
+    app = App(config("v3"), str(tmp_path / "flipback.yaml"))
     await app.start()
     try:
         first = app.runtime.rollout("chat").shadow
-        path.write_text(text.replace("SHADOW", "v3").replace("    log_marker: X\n",
-                                                                "    fallback: v4\n"))
+        config("v3", extra="fallback: v4")
         assert (await app.watcher.check(force=True)).ok
         assert app.runtime.rollout("chat").shadow is first  # unchanged: the same mirror
         v3.behaviour = Behaviour(mode="hang")  # a copy still out when the mirror goes
         url = f"http://127.0.0.1:{app.data_port}/v1/x"
         async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as r:
             assert r.status == 200
-        await until(lambda: first.in_flight == 1)
-        path.write_text(text.replace("SHADOW", "v4").replace("    log_marker: X\n", ""))
+        await wait_until(lambda: first.in_flight == 1)
+        config("v4")
         assert (await app.watcher.check(force=True)).ok
         assert app.runtime.rollout("chat").shadow is not first
         assert not first.closed
-        await until(lambda: first.closed and first.in_flight == 0)  # after its 1 s grace
+        await wait_until(lambda: first.closed and first.in_flight == 0)  # after its 1 s grace
         assert first.pool.in_flight == 0  # the hung copy's connection was aborted
     finally:
         await app.aclose()

@@ -15,6 +15,7 @@ import pytest
 
 from proxy.server import App
 from tests.conftest import make_config
+from tests.waiting import wait_until
 
 ROUTE = """
 upstreams:
@@ -106,13 +107,18 @@ PLAN = STEPS.format(steps="[50, 60, 70, 80, 100]", interval="300ms")
 
 async def _step_to_60(proxy: Proxy, app: App) -> float:
     """Traffic until the progressive rollout has stepped past 50%; its weight then."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 8
-    while (weight := (await proxy.route(app))["configured_weight"]) < 60:
-        assert loop.time() < deadline, "never stepped"
-        for _ in range(5):
+    weight = 0.0
+
+    async def stepped() -> bool:
+        nonlocal weight
+        weight = (await proxy.route(app))["configured_weight"]
+        if weight >= 60:
+            return True
+        for _ in range(5):  # the evidence a step needs
             await proxy.get(app)
-        await asyncio.sleep(0.02)
+        return False
+
+    await wait_until(stepped, what="the rollout to step past 50%")
     return float(weight)
 
 
@@ -133,7 +139,9 @@ async def test_progressive_reload_with_new_steps_never_raises_the_weight(proxy: 
     await proxy.reload(app, STEPS.format(steps="[5, 100]", interval="10m"))
     route = await proxy.route(app)
     assert (route["state"], route["configured_weight"]) == ("canary", 5)
-    await asyncio.sleep(0.3)  # a few ticks: the new plan's interval started at the reload
+    # Not a wait: a few ticks pass, and no step comes (the new plan's interval started at
+    # the reload).
+    await asyncio.sleep(0.3)
     assert (await proxy.route(app))["configured_weight"] == 5
     assert await proxy.steps_taken(app) == steps_taken
 

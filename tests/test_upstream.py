@@ -22,6 +22,7 @@ from proxy.errors import ConnectFailed, Saturated, StreamBroken, UpstreamTimeout
 from proxy.upstream import pool as upstream_mod
 from proxy.upstream.conn import HIGH_WATER
 from proxy.upstream.pool import UpstreamPool, UpstreamResponse
+from tests.waiting import wait_until
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -119,13 +120,6 @@ async def read_all(resp: UpstreamResponse) -> bytes:
     return b"".join(parts)
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait up to 2 s for a pool counter: the pool has no event for these, by design."""
-    async with asyncio.timeout(2):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-
-
 async def echo(request: web.Request) -> web.Response:
     body = await request.read()
     return web.json_response({
@@ -196,7 +190,7 @@ def test_upstream_host_header_omits_default_port() -> None:
 async def _gen(parts: list[bytes], gap: float = 0.0) -> AsyncIterator[bytes]:
     for part in parts:
         if gap:
-            await asyncio.sleep(gap)
+            await asyncio.sleep(gap)  # not a wait: a slow body's pace
         yield part
 
 
@@ -259,7 +253,7 @@ async def test_upstream_request_body_respects_write_flow_control(pools: Any) -> 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         started.set()
-        await asyncio.sleep(3600)  # never reads the body
+        await asyncio.sleep(3600)  # not a wait: the upstream never reads the body
 
     async def body() -> AsyncIterator[bytes]:
         nonlocal produced
@@ -271,7 +265,7 @@ async def test_upstream_request_body_respects_write_flow_control(pools: Any) -> 
         pool = pools(srv.port, timeout=5.0)
         task = asyncio.ensure_future(pool.send("POST", "/", [], body(), content_length=1 << 26))
         await started.wait()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # not a wait: time for the body to run ahead, could it
         # Without flow control the whole 64 MiB would sit in the transport buffer by now.
         assert produced < 24 << 20
         task.cancel()
@@ -415,12 +409,12 @@ async def test_upstream_drops_idle_connections_closed_or_expired(
         await read_all(await pool.send("GET", "/", [], None))
         assert pool.idle == 1
         drop.set()
-        await until(lambda: pool.idle == 0)  # upstream closed it: gone from the pool
+        await wait_until(lambda: pool.idle == 0)  # upstream closed it: gone from the pool
         monkeypatch.setattr(upstream_mod, "IDLE_TTL", 0.1)
         pool = pools(srv.port, idle_timeout=0.2)  # ticks every 20 ms
         await read_all(await pool.send("GET", "/", [], None))
         assert pool.idle == 1
-        await until(lambda: pool.idle == 0)  # idle past IDLE_TTL: closed by us
+        await wait_until(lambda: pool.idle == 0)  # idle past IDLE_TTL: closed by us
         assert srv.connections == 2
 
 
@@ -539,7 +533,7 @@ async def test_upstream_cut_mid_body_is_stream_broken(pools: Any, reset: bool) -
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # not a wait: the upstream stalls mid-body, then is cut
         if reset:
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -578,7 +572,7 @@ async def test_upstream_body_ready_says_whether_the_body_came_with_the_headers(
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # not a wait: the upstream sends its body apart
         writer.write(b"ok")
         await wait_for_eof(reader)
 
@@ -644,10 +638,10 @@ async def test_upstream_waits_fifo_then_saturates(pools: Any) -> None:
     async with raw_server(handle) as srv:
         pool = pools(srv.port, max_connections=1, max_pending=2)
         t1 = asyncio.ensure_future(pool.send("GET", "/1", [], None))
-        await until(lambda: pool.in_flight == 1)
+        await wait_until(lambda: pool.in_flight == 1)
         t2 = asyncio.ensure_future(pool.send("GET", "/2", [], None))
         t3 = asyncio.ensure_future(pool.send("GET", "/3", [], None))
-        await until(lambda: pool.pending == 2)
+        await wait_until(lambda: pool.pending == 2)
         with pytest.raises(Saturated):
             await pool.send("GET", "/4", [], None)
         go.set()
@@ -672,9 +666,9 @@ async def test_upstream_waiter_cancelled_as_it_is_handed_a_slot_gives_the_slot_b
     async with raw_server(handle) as srv:
         pool = pools(srv.port, max_connections=1, timeout=1.0)
         a = asyncio.ensure_future(pool.send("GET", "/hang", [], None))
-        await until(lambda: pool.in_flight == 1)
+        await wait_until(lambda: pool.in_flight == 1)
         b = asyncio.ensure_future(pool.send("GET", "/b", [], None))
-        await until(lambda: pool.pending == 1)
+        await wait_until(lambda: pool.pending == 1)
         conn = next(iter(pool._busy))
         conn.fail(StreamBroken("the upstream dropped it"))  # as connection_lost does
         b.cancel()
@@ -696,7 +690,7 @@ async def test_upstream_waiting_for_a_connection_counts_toward_timeout(pools: An
         pool = pools(srv.port, max_connections=1, timeout=0.3)
         held = await pool.send("GET", "/", [], None)  # holds the only connection
         waiting = asyncio.ensure_future(pool.send("GET", "/", [], None))
-        await until(lambda: pool.pending == 1)
+        await wait_until(lambda: pool.pending == 1)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -712,11 +706,14 @@ async def test_upstream_waiting_for_a_connection_counts_toward_timeout(pools: An
 
 @pytest.mark.parametrize("phase", ["headers", "body"])
 async def test_upstream_cancel_aborts_upstream_connection(pools: Any, phase: str) -> None:
+    asked, first_read = asyncio.Event(), asyncio.Event()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         if phase == "body":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n6\r\ntoken1\r\n")
+        asked.set()
         await wait_for_eof(reader)
         srv.closed.set()
 
@@ -726,11 +723,12 @@ async def test_upstream_cancel_aborts_upstream_connection(pools: Any, phase: str
         async def client() -> None:
             resp = await pool.send("POST", "/", [], b"{}")
             await resp.read()
+            first_read.set()
             await resp.read()  # waits forever
 
         task = asyncio.ensure_future(client())
-        await until(lambda: pool.in_flight == 1)
-        await asyncio.sleep(0.05)
+        waiting = asked if phase == "headers" else first_read  # for headers, or for more body
+        await wait_until(waiting.is_set, what=f"the client waiting in the {phase}")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -774,7 +772,8 @@ async def test_upstream_large_stream_to_slow_consumer_stays_bounded(pools: Any) 
     async with raw_server(handle) as srv:
         pool = pools(srv.port)
         resp = await pool.send("GET", "/", [], None)
-        await asyncio.sleep(0.3)  # a stalled consumer: the upstream must be held back
+        # Not a wait: a stalled consumer, and time for the upstream to run ahead, could it.
+        await asyncio.sleep(0.3)
         assert sent < 40 << 20
         assert pool.buffered <= HIGH_WATER + (256 << 10)
         got = 0
@@ -782,7 +781,7 @@ async def test_upstream_large_stream_to_slow_consumer_stays_bounded(pools: Any) 
         while chunk := await resp.read():
             got += len(chunk)
             peak = max(peak, len(chunk), pool.buffered)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # not a wait: the consumer yields between reads
         resp.release()
         assert got == total
         assert peak <= HIGH_WATER + (256 << 10)
@@ -802,7 +801,7 @@ async def test_upstream_aclose_waits_for_in_flight_then_refuses(pools: Any) -> N
         pool = pools(srv.port)
         resp = await pool.send("GET", "/", [], None)
         closing = asyncio.ensure_future(pool.aclose(timeout=5))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: pool._closing, what="aclose to have started")
         assert not closing.done()
         with pytest.raises(ConnectFailed, match="closed"):
             await pool.send("GET", "/", [], None)
@@ -863,7 +862,7 @@ def test_upstream_runs_on_uvloop() -> None:
             resp = await pool.send("POST", "/", [], _gen([b"ab", b"cd"]))
             assert await read_all(resp) == b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"
             resp = await pool.send("GET", "/big", [], None)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # not a wait: a stalled consumer; the upstream runs ahead
             got = peak = 0
             while chunk := await resp.read():
                 got += len(chunk)
@@ -874,7 +873,8 @@ def test_upstream_runs_on_uvloop() -> None:
             resp = await pool.send("GET", "/stream", [], None)
             assert await resp.read() == b"hello"
             task = asyncio.ensure_future(resp.read())
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: resp._conn._body_waiter is not None,
+                             what="the read to wait for more body")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

@@ -18,9 +18,9 @@ from tests.test_upstream import (
     pools,
     raw_server,
     read_request,
-    until,
     wait_for_eof,
 )
+from tests.waiting import wait_until
 
 __all__ = ["pools"]  # the fixture, imported for this module's tests
 
@@ -100,7 +100,7 @@ async def test_detached_response_reaches_the_sink_and_the_connection_is_reused(
             assert await sink.outcome() == "done"
             assert sink.status == 200 and b"".join(sink.chunks) == b"abcde"
             assert sink.calls[0] == "head" and sink.calls[-1] == "done"
-            await until(lambda: pool.idle == 1 and pool.in_flight == 0)
+            await wait_until(lambda: pool.idle == 1 and pool.in_flight == 0)
         assert srv.connections == 1  # the first took the slow path, the rest the idle one
         assert b"x-flipback-shadow: 1\r\n" in heads[0] and b"x-id: 1\r\n" in heads[0]
         assert b"Content-Length: 2\r\n" in heads[0]
@@ -121,7 +121,7 @@ async def test_detached_retries_a_stale_keepalive_connection_once(pools: Any) ->
         first = Recorder()
         detach(pool, first)
         assert await first.outcome() == "done"
-        await until(lambda: pool.idle == 1)
+        await wait_until(lambda: pool.idle == 1)
         again = Recorder()
         detach(pool, again)
         assert await again.outcome() == "done" and again.status == 200
@@ -160,7 +160,7 @@ async def test_detached_whole_exchange_deadline_beats_a_long_upstream_timeout(
         assert isinstance(got, UpstreamTimeout), got
         assert 0.3 <= loop.time() - t0 < 1.0
         assert sink.status == 200 and sink.chunks == [b"some"]
-        await until(lambda: pool.in_flight == 0 and pool.idle == 0)  # aborted, not reused
+        await wait_until(lambda: pool.in_flight == 0 and pool.idle == 0)  # aborted, not reused
         await asyncio.wait_for(gone.wait(), 2)
 
 
@@ -189,7 +189,7 @@ async def test_detached_cut_is_stream_broken(pools: Any, answer: bytes) -> None:
         detach(pool, sink)
         got = await sink.outcome()
         assert isinstance(got, StreamBroken), got
-        await until(lambda: pool.in_flight == 0 and pool.idle == 0)
+        await wait_until(lambda: pool.in_flight == 0 and pool.idle == 0)
 
 
 async def test_detached_refused_port_is_connect_failed(pools: Any,
@@ -213,7 +213,7 @@ async def test_detached_response_stands_when_junk_follows_it(pools: Any) -> None
         detach(pool, sink)
         assert await sink.outcome() == "done"
         assert b"".join(sink.chunks) == b"ok"
-        await until(lambda: pool.in_flight == 0 and pool.idle == 0)  # not reused
+        await wait_until(lambda: pool.in_flight == 0 and pool.idle == 0)  # not reused
 
 
 async def test_detached_head_and_eof_delimited_bodies_end_cleanly(pools: Any) -> None:
@@ -231,7 +231,7 @@ async def test_detached_head_and_eof_delimited_bodies_end_cleanly(pools: Any) ->
         sink = Recorder()
         detach(pool, sink, method="HEAD", body=None)
         assert await sink.outcome() == "done" and sink.chunks == []
-        await until(lambda: pool.idle == 1)
+        await wait_until(lambda: pool.idle == 1)
         after = Recorder()  # the HEAD left the connection reusable
         detach(pool, after)
         assert await after.outcome() == "done" and b"".join(after.chunks) == b"ok"
@@ -254,7 +254,7 @@ async def test_detached_in_flight_is_aborted_by_pool_close(pools: Any) -> None:
         pool = pools(srv.port)
         sink = Recorder()
         detach(pool, sink)
-        await until(lambda: sink.conn is not None)
+        await wait_until(lambda: sink.conn is not None)
         await pool.aclose(0.05)
         got = await sink.outcome()
         assert isinstance(got, UpstreamError)
@@ -270,9 +270,9 @@ async def test_detached_waiting_for_a_connection_ends_when_the_pool_closes(pools
         pool = pools(srv.port, max_connections=1)
         first, waiting = Recorder(), Recorder()
         detach(pool, first)
-        await until(lambda: first.conn is not None)
+        await wait_until(lambda: first.conn is not None)
         detach(pool, waiting)  # the only connection is busy: it waits in a task
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: pool.pending == 1, what="the second copy to wait")
         assert waiting.calls == [] and waiting.conn is None
         await pool.aclose(0.05)
         for sink in (first, waiting):
