@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from proxy.fleet import pins as pins_module
 from proxy.rollout.pins import STABLE, PinTable
 from proxy.rollout.sticky import bucket, key_hash
 from tests.conftest import Running
@@ -56,7 +57,7 @@ async def _pin_keys(fb: Running) -> int:
 
 async def _ask_all(fb: Running, keys: list[str]) -> dict[str, str]:
     """Each session's upstream, a few requests at a time: a burst of hundreds of lookups
-    at once would outlast the 50 ms lookup timeout and be assigned by bucket instead."""
+    at once could outlast the lookup timeout and be assigned by bucket instead."""
     limit = asyncio.Semaphore(8)
 
     async def one(key: str) -> str:
@@ -77,10 +78,13 @@ async def _wait_pins(fb: Running, want: int) -> float:
 
 
 @pytest.fixture
-async def replica(redis_server: RedisServer, model: Any, flipback: Any,
-                  tmp_path: Path) -> Callable[[str], Awaitable[Running]]:
+async def replica(redis_server: RedisServer, model: Any, flipback: Any, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Awaitable[Running]]:
     """``await replica("a")``: a replica with its own state file, all in front of the
-    same v1/v2 and sharing one Redis."""
+    same v1/v2 and sharing one Redis. These tests are about pins Redis lost, not about
+    slow lookups: a lookup gets 2 s, not 50 ms, which a busy, shared machine can miss (a
+    session assigned by its bucket instead would then show as moved)."""
+    monkeypatch.setattr(pins_module, "LOOKUP_TIMEOUT", 2.0)
     v1, v2 = await model("v1"), await model("v2")
 
     async def start(name: str) -> Running:
