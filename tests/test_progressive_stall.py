@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.waiting import wait_until
+
 CONFIG = """
 upstreams:
   v1: {{url: "{v1}"}}
@@ -24,14 +26,13 @@ async def test_a_stalled_plan_says_so_once_in_events_routes_and_status(model, fl
 
     v1, v2 = await model("v1"), await model("v2")
     fb = await flipback(CONFIG, v1=v1.url, v2=v2.url)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while loop.time() < end:
+
+    async def stalled() -> bool:
         events = (await fb.get_json("/events?limit=20"))["events"]
-        if any(e["kind"] == "step_stalled" for e in events):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.6)  # more ticks past the stall: it is said once, not each tick
+        return any(e["kind"] == "step_stalled" for e in events)
+
+    await wait_until(stalled, what="a step_stalled event")
+    await asyncio.sleep(0.6)  # not a wait: more ticks pass, and it is still said only once
     events = (await fb.get_json("/events?limit=20"))["events"]
     stalled = [e for e in events if e["kind"] == "step_stalled"]
     assert len(stalled) == 1 and "20 needed" in stalled[0]["reason"]

@@ -9,6 +9,7 @@ import uuid
 import orjson
 
 from tests.fakes import Behaviour
+from tests.waiting import wait_until
 
 ROUTE = """
 server: {{listen: "127.0.0.1:0"{server}}}
@@ -45,11 +46,9 @@ async def test_generated_ids_are_uuid4_and_the_same_on_every_leg(model, flipback
     assert len(ids) == 5
     seen = {s.headers["x-request-id"] for s in v1.seen}
     assert seen == ids == {s.headers["x-request-id"] for s in v2.seen}
-    for _ in range(100):
-        if len({s.headers["x-request-id"] for s in v3.seen}) == 5 and record.exists() and \
-                len(record.read_bytes().splitlines()) == 5:
-            break
-        await __import__("asyncio").sleep(0.02)
+    await wait_until(lambda: len({s.headers["x-request-id"] for s in v3.seen}) == 5
+                     and record.exists() and len(record.read_bytes().splitlines()) == 5,
+                     what="five shadow copies and five diff records")
     assert {s.headers["x-request-id"] for s in v3.seen} == ids
     assert {orjson.loads(line)["request_id"] for line in record.read_bytes().splitlines()} == ids
 
