@@ -158,7 +158,18 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
         "latch": rollout.latch.as_dict() if rollout.latch is not None else None,
         "shadow": _shadow_view(rollout, runtime),
         "progressive": _progressive_view(rollout),
+        "judge": _judge_view(rollout),
     }
+
+
+def _judge_view(rollout: Rollout) -> dict[str, Any] | None:
+    """The canary's judge: which, its state (passing, failing, inconclusive), one line and
+    the figures it decided on (None for a route without a canary or a rollback policy)."""
+    verdict = rollout.judge_verdict()
+    if verdict is None:
+        return None
+    return {"kind": rollout.judgement.kind, "state": verdict.state.value,
+            "reason": verdict.reason, "detail": verdict.detail, "figures": verdict.figures}
 
 
 def _progressive_view(rollout: Rollout) -> dict[str, Any] | None:

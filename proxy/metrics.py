@@ -24,9 +24,11 @@ from prometheus_client.registry import Collector
 from proxy.rollout.rules import TripReason
 
 OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
+OUTCOME_4XX = 2
 OUTCOME_ERROR = 4
 OUTCOME_TIMEOUT = 5
 TRIP_REASONS = tuple(reason.value for reason in TripReason)
+JUDGE_STATES = ("passing", "failing", "inconclusive")
 ROUTE_STATES = ("stable", "canary", "waiting", "promoted", "rolled_back", "killed")
 # Seconds; wide on the right because an LLM stream can legitimately last minutes.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -113,6 +115,8 @@ class RouteGauges:
     state: str
     canary_weight: float
     sticky_sessions: int
+    judge: str | None = None  # "sequential" or "threshold"; None: nothing to judge
+    judge_state: str | None = None  # one of JUDGE_STATES
 
 
 class Metrics:
@@ -283,14 +287,23 @@ class _Collector(Collector):
         sticky = GaugeMetricFamily(
             "flipback_sticky_sessions", "Pinned sticky sessions", labels=["route"]
         )
+        judge = GaugeMetricFamily(
+            "flipback_judge_state", "1 for the state of the route's canary judge",
+            labels=["route", "judge", "state"],
+        )
         for g in m._route_gauges():
             weight.add_metric([g.route], g.canary_weight)
             for name in ROUTE_STATES:
                 state.add_metric([g.route, name], 1.0 if g.state == name else 0.0)
             sticky.add_metric([g.route], g.sticky_sessions)
+            if g.judge is not None:
+                for name in JUDGE_STATES:
+                    judge.add_metric([g.route, g.judge, name],
+                                     1.0 if g.judge_state == name else 0.0)
         yield weight
         yield state
         yield sticky
+        yield judge
         healthy = GaugeMetricFamily(
             "flipback_upstream_healthy", "1 healthy, 0 unhealthy (only probed upstreams)",
             labels=["upstream"],

@@ -315,8 +315,11 @@ class Runtime:
 
     def _route_gauges(self) -> Iterator[RouteGauges]:
         for r in self.snapshot.rollouts.values():
+            verdict = r.judge_verdict()
             yield RouteGauges(route=r.name, state=r.state, canary_weight=r.effective_weight,
-                              sticky_sessions=r.sticky_sessions)
+                              sticky_sessions=r.sticky_sessions,
+                              judge=r.judgement.kind if verdict is not None else None,
+                              judge_state=verdict.state.value if verdict is not None else None)
 
     def _upstream_info(self) -> Iterator[tuple[str, str | None, int]]:
         for name, cfg in self.snapshot.config.upstreams.items():

@@ -32,6 +32,10 @@ class Behaviour:
     body: bytes | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
     chunks: list[bytes] | None = None  # sse: write exactly these chunks instead
+    # ok mode: request n (counted from 0) answers pattern_status when pattern[n % len] is
+    # "x" (a failure rate without randomness: "x.." is one request in three)
+    pattern: str = ""
+    pattern_status: int = 500
 
 
 class FakeModel:
@@ -70,6 +74,9 @@ class FakeModel:
                               list(request.raw_headers), body))
         self.started.set()
         b = self.behaviour
+        status = b.status
+        if b.pattern and b.pattern[(len(self.seen) - 1) % len(b.pattern)] == "x":
+            status = b.pattern_status
         self.in_handler += 1
         try:
             if b.delay:
@@ -87,7 +94,7 @@ class FakeModel:
                 "choices": [{"finish_reason": "stop", "message": {"content": "hi"}}],
                 "echo_len": len(body),
             })
-            resp = web.StreamResponse(status=b.status, headers=b.extra_headers)
+            resp = web.StreamResponse(status=status, headers=b.extra_headers)
             resp.content_type = "application/json"
             resp.content_length = len(payload)
             await resp.prepare(request)

@@ -83,6 +83,10 @@ routes:
     retry_canary_on_stable: false
     rollback:
       enabled: true
+      judge: sequential
+      alpha: 0.05
+      tolerance: 1
+      latency_tolerance: 10%
       window: 5s
       min_requests: 10
       max_error_rate: null
@@ -170,6 +174,10 @@ def test_parse_config_reads_every_section() -> None:
     assert route.retry_canary_on_stable is False
     assert route.rollback == RollbackConfig(
         enabled=True,
+        judge="sequential",  # said, on a sticky route (where the default is threshold)
+        alpha=0.05,
+        tolerance=1.0,
+        latency_tolerance=10.0,
         window=5.0,
         min_requests=10,
         max_error_rate=None,
@@ -204,7 +212,8 @@ def test_parse_config_applies_defaults() -> None:
     assert route.canary is route.progressive is route.sticky is route.shadow is None
     assert route.fallback is route.override_header is None
     assert route.retry_canary_on_stable is True
-    assert route.rollback == RollbackConfig()
+    # With the sequential judge (the default), max_error_rate is off unless set.
+    assert route.rollback == RollbackConfig(max_error_rate=None)
     assert route.kill_switch == KillSwitchConfig()
 
 
@@ -213,7 +222,7 @@ def test_parse_config_fills_omitted_keys_of_present_sections() -> None:
     text += "    canary: {upstream: b}\n    rollback: {enabled: false}\n"
     (route,) = parse_config(text, "f.yaml").routes
     assert route.canary == CanaryConfig(upstream="b", weight=0.0)
-    assert route.rollback == RollbackConfig(enabled=False)
+    assert route.rollback == RollbackConfig(enabled=False, max_error_rate=None)
 
 
 def test_parse_config_shrinks_default_inspect_body_to_max_body() -> None:
@@ -309,7 +318,7 @@ def test_load_config_accepts_example_config() -> None:
     assert [r.name for r in cfg.routes] == ["chat", "predict"]
     chat = cfg.routes[0]
     assert chat.canary == CanaryConfig(upstream="llm-v2", weight=10.0)
-    assert chat.rollback == RollbackConfig()
+    assert chat.rollback == RollbackConfig(max_error_rate=None)
     assert cfg.upstreams["small"].port == 9004
     assert (cfg.server.listen, cfg.admin.listen) == ("127.0.0.1:8080", "127.0.0.1:9901")
 
@@ -324,7 +333,7 @@ def test_summarize_shows_routes_and_rollback() -> None:
     assert "kill switch ON: answers an OpenAI-style message" in text
     assert (
         "    rollback: window 5s (min 10 req, total, failing 5xx,408,429):"
-        " p99>250ms | p99>2x stable\n" in text + "\n"
+        " judge vs stable (alpha 0.05) | p99>250ms | p99>2x stable\n" in text + "\n"
     )
     assert "Bearer" not in text  # upstream headers may hold secrets
     assert len(text.splitlines()) < 30

@@ -489,7 +489,7 @@ async def test_fleet_a_step_reaches_a_replica_with_another_plan_by_its_weight(
     the new plan [5, 100]. A's step to 60% must not put B at its index 1: 100%."""
     v1, v2 = await model("v1"), await model("v2")
     old_rollback = "    rollback: {{min_requests: 3, consecutive_failures: 3, verify: null}}"
-    plan = CONFIG.replace(old_rollback, "    rollback: {{min_requests: 1}}\n"
+    plan = CONFIG.replace(old_rollback, "    rollback: {{judge: threshold, min_requests: 1}}\n"
                           "    progressive: {{steps: {steps}, interval: {interval}}}")
     a = await flipback(plan, state=tmp_path / "a.json", redis=redis_server.url, v1=v1.url,
                        v2=v2.url, steps="[50, 60, 70, 100]", interval="300ms")

@@ -11,7 +11,8 @@ from proxy.config.model import RollbackConfig
 from proxy.rollout.rules import Trip, TripReason, evaluate, figures_of
 from proxy.rollout.windows import SlidingWindow, WindowStats
 
-POLICY = RollbackConfig()  # 10s, min 20, 5%, 500ms, ratio off, 5 in a row, compare on
+POLICY = RollbackConfig(judge="threshold")  # 10s, min 20, 5%, 500ms, ratio off, 5 in a row,
+# compare on: the rules alone, as `rollback.judge: threshold` runs them
 
 
 def stats(
@@ -205,6 +206,8 @@ def test_trip_reason_values_are_metric_labels() -> None:
         "latency_ratio",
         "consecutive_failures",
         "manual",
+        "failure_rate",
+        "client_error_rate",
     ]
     assert TripReason("latency_ratio") is TripReason.LATENCY_RATIO
 

@@ -318,6 +318,7 @@ async def test_progressive_steps_to_promoted_then_trips_back(model, flipback):
     v1, v2 = await model("v1"), await model("v2")
     fb = await flipback(ROUTE, v1=v1.url, v2=v2.url,
                         **_cfg(weight=0, min_requests=3, consecutive=3,
+                               rb_extra=", judge: threshold",
                                extra="progressive: {steps: [10, 50, 100], interval: 200ms}"))
     load = Load(fb, concurrency=4)
     await _wait_state(fb, "promoted")

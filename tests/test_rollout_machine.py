@@ -56,8 +56,9 @@ def route(**changes: Any) -> RouteConfig:
     base = RouteConfig(
         name="chat", match=MatchConfig(), stable="v1",
         canary=CanaryConfig(upstream="v2", weight=20),
-        rollback=RollbackConfig(window=10, min_requests=10, max_error_rate=5, max_p99=0.5,
-                                consecutive_failures=5, verify=30),
+        rollback=RollbackConfig(judge="threshold", window=10, min_requests=10,
+                                max_error_rate=5, max_p99=0.5, consecutive_failures=5,
+                                verify=30),
     )
     return replace(base, **changes)
 

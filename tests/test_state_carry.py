@@ -26,7 +26,7 @@ routes:
     match: {{path_prefix: "/"}}
     stable: v1
     canary: {{upstream: v2, weight: 10}}
-    rollback: {{min_requests: 1}}
+    rollback: {{judge: threshold, min_requests: 1}}
     {extra}
 """
 

@@ -128,23 +128,35 @@ def _shadow_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None
     return text
 
 
-# The lines under a route's rows, in order; each says None when it has nothing to show.
-# Judge and guard state, once ROUTE carries them, are two more entries here.
-RouteNote = Callable[[Mapping[str, Any], datetime.datetime], str | None]
+def _judge_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None:
+    """The canary's judge: its state and the line it gives (see the judge in /routes)."""
+    judge = route.get("judge")
+    if not isinstance(judge, Mapping):
+        return None
+    return f"judge ({judge.get('kind', '?')}): {judge.get('state', '?')}: {judge.get('detail', '')}"
+
+
 def _progressive_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None:
-    """A plan held at a step for want of canary requests (see the step_stalled event)."""
+    """A plan held at a step for want of evidence (see the step_stalled event)."""
     prog = route.get("progressive")
     if not isinstance(prog, Mapping) or not prog.get("stalled"):
         return None
     steps = prog.get("steps") or []
     step = prog.get("step", 0)
     weight = steps[step] if isinstance(step, int) and 0 <= step < len(steps) else "?"
+    judge = route.get("judge")
+    if isinstance(judge, Mapping) and judge.get("kind") == "sequential":
+        wanting = "the judge has no proof yet that the canary is no worse than stable"
+    else:
+        wanting = f"fewer than {prog.get('min_requests')} canary requests in the window"
     return (f"progressive: held at step {step + 1 if isinstance(step, int) else '?'} of "
-            f"{len(steps)} ({weight}%): fewer than {prog.get('min_requests')} canary requests "
-            "in the window (see README: sizing steps and interval)")
+            f"{len(steps)} ({weight}%): {wanting} (see README: sizing steps and interval)")
 
 
-ROUTE_NOTES: tuple[RouteNote, ...] = (_last_note, _shadow_note, _progressive_note)
+# The lines under a route's rows, in order; each says None when it has nothing to show.
+# Guard state, once ROUTE carries it, is one more entry here.
+RouteNote = Callable[[Mapping[str, Any], datetime.datetime], str | None]
+ROUTE_NOTES: tuple[RouteNote, ...] = (_last_note, _judge_note, _shadow_note, _progressive_note)
 
 
 def _row(cells: list[str], widths: list[int], width: int, sep: int, right: frozenset[int],

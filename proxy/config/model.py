@@ -161,6 +161,15 @@ class ShadowConfig:
 @dataclass(**_frozen())
 class RollbackConfig:
     enabled: bool = True
+    # "sequential": canary vs stable, request by request, false rollbacks bounded by
+    # alpha (proxy.rollout.judge); "threshold": the fixed-threshold rules alone. A config
+    # file that leaves it out gets sequential, threshold on a sticky route (a session is
+    # one unit, not a random sample), and no max_error_rate with sequential (the judge's
+    # failure test replaces it) unless the file sets one.
+    judge: str = "sequential"
+    alpha: float = 0.01
+    tolerance: Percent = 2.0  # progressive gate: canary failure/4xx rate within this (pp)
+    latency_tolerance: Percent = 20.0  # ... and its p75 within this % of stable's
     window: Seconds = 10.0
     min_requests: int = 20
     max_error_rate: Percent | None = 5.0

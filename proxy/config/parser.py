@@ -181,6 +181,8 @@ def _rollback_summary(rb: c.RollbackConfig) -> str:
     if not rb.enabled:
         return "off"
     trips = []
+    if rb.judge == "sequential":
+        trips.append(f"judge vs stable (alpha {rb.alpha:g})")
     if rb.max_error_rate is not None:
         trips.append(
             f"errors>{rb.max_error_rate:g}%" + (" and >stable" if rb.compare_to_stable else "")

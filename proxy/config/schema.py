@@ -8,6 +8,7 @@ span keys (references to upstreams, roles that must differ) are in ``Schema``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from yaml.nodes import Node
@@ -102,6 +103,10 @@ _ROLLBACK = section(
     c.RollbackConfig,
     {
         "enabled": boolean(),
+        "judge": choice("sequential", "threshold"),
+        "alpha": scalar(v.alpha),
+        "tolerance": percent(),
+        "latency_tolerance": percent(),
         "window": duration(),
         "min_requests": integer(1),
         "max_error_rate": nullable(percent()),
@@ -298,6 +303,7 @@ class Schema:
                 "needs a canary section (the upstream it steps up)",
             )
         sticky, shadow = values.get("sticky"), values.get("shadow")
+        _resolve_judge(sec, sticky is not None)
         if sticky is not None and not (
             sticky.header or sticky.cookie or sticky.json_field or values.get("override_header")
         ):
@@ -313,6 +319,26 @@ class Schema:
                 f"{path}.shadow.by",
                 "session needs a sticky section",
             )
+
+
+def _resolve_judge(sec: Section, sticky: bool) -> None:
+    """The defaults that depend on other keys: without ``rollback.judge`` a route gets the
+    sequential judge, or threshold when sticky (the judge needs each request split at
+    random; a session is one unit); with the sequential judge and no ``max_error_rate``
+    in the file, that rule is off (the judge's failure test does its work, without the
+    false rollbacks of a fixed 5% on a noisy window)."""
+    rollback = sec.node("rollback")
+    policy = sec.values.get("rollback", c.RollbackConfig())
+    if not isinstance(policy, c.RollbackConfig):
+        return
+    changes: dict[str, Any] = {}
+    if child(rollback, "judge") is None and sticky:
+        changes["judge"] = "threshold"
+    judge = changes.get("judge", policy.judge)
+    if judge == "sequential" and child(rollback, "max_error_rate") is None:
+        changes["max_error_rate"] = None
+    if changes:
+        sec.values["rollback"] = replace(policy, **changes)
 
 
 def _role_value(values: dict[str, Any], role: str) -> str | None:

@@ -146,6 +146,14 @@ def version_label(value: object) -> str:
     return text
 
 
+def alpha(value: object) -> float:
+    """A false-rollback bound: a probability above 0, at most 0.5."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 0.5:
+        raise Invalid(f"expected a probability above 0 and at most 0.5 (like 0.01), "
+                      f"got {describe(value)}")
+    return float(value)
+
+
 def retry_policy(value: object) -> bool | str:
     """``retry_canary_on_stable``: true, false, or ``unsent`` (only what never left)."""
     if isinstance(value, bool) or value == "unsent":

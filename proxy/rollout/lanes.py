@@ -11,14 +11,16 @@ from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.config.model import UpstreamConfig
-from proxy.metrics import InFlight, Metrics, Series
+from proxy.metrics import OUTCOME_4XX, InFlight, Metrics, Series
 from proxy.rollout.windows import SlidingWindow
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import UpstreamResponse
 
-# Called with (failed, latency) as each request on a watched lane ends.
-Judge = Callable[[bool, float], None]
+# Called as each request on a watched lane ends, with (failed, client_error, latency,
+# sampled): client_error is a 4xx that is not a failure; sampled is false for a request
+# the override header sent here (not a random sample of the split).
+Judge = Callable[[bool, bool, float, bool], None]
 
 
 class Pool(Protocol):
@@ -99,7 +101,8 @@ class Lane:
         latency = ttfb if (self._use_ttfb and ttfb is not None) else total
         self.window.end(started, latency, failed)
         if self.judge is not None:
-            self.judge(failed, latency)
+            self.judge(failed, outcome == OUTCOME_4XX and not failed, latency,
+                       role == self.role)
 
     def cancel(self, started: float) -> None:
         """The client went away: the request ends without judging the upstream."""

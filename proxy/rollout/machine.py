@@ -24,6 +24,8 @@ from proxy.config.model import RouteConfig
 from proxy.events import ACTORS, EVENT_KINDS, Event, EventLog
 from proxy.metrics import Metrics
 from proxy.rollout import carry, rules
+from proxy.rollout.judge import Verdict
+from proxy.rollout.judging import SEQUENTIAL, RouteJudge
 from proxy.rollout.lanes import Lane, Pool
 from proxy.rollout.pins import PinTable
 from proxy.rollout.state import Effect, Latch, LiveState
@@ -90,8 +92,14 @@ class Rollout:
         self.stable = lane(route.stable, "stable")
         self.canary = lane(route.canary.upstream, "canary") if route.canary else None
         self.fallback = lane(route.fallback, "fallback") if route.fallback else None
+        # The canary is judged against whichever lane takes the rest (``judging``).
+        self.judgement = RouteJudge(policy, sticky=route.sticky is not None)
         if self.canary is not None and policy.enabled:
             self.canary.watch(self._after_canary_end)
+            if policy.judge == SEQUENTIAL:
+                self.stable.watch(self._after_stable_end)
+                if self.fallback is not None:
+                    self.fallback.watch(self._after_fallback_end)
         self.lanes = {ln.upstream: ln for ln in (self.stable, self.canary, self.fallback) if ln}
         # The model versions behind the roles, for every event of this route (if said).
         self._versions = {ln.role: ln.version for ln in self.lanes.values()
@@ -233,6 +241,7 @@ class Rollout:
         if effect & Effect.UNPIN_CANARY and self.pins is not None:
             self.pins.unpin_canary()
         if effect & Effect.RESET:
+            self.judgement.restart()
             if self.pins is not None:
                 self.pins.clear()  # a fresh start: new sessions split by the weight again
             for lane in (self.stable, self.canary):
@@ -249,6 +258,7 @@ class Rollout:
         else:
             self.canary_share = min(max(self.weight, 0.0), 100.0) / 100.0
         self.base_lane = self.fallback if (self.stable_down and self.fallback) else self.stable
+        self.judgement.follow(self.canary_share, self.base_lane)
 
     def override_ignored(self) -> None:
         """An override header named no upstream of this route (counted, then ignored)."""
@@ -286,13 +296,37 @@ class Rollout:
         self.emit(kind=kind, actor="auto", reason=reason, figures={})
 
     # -- automatic decisions ----------------------------------------------------------
-    def _after_canary_end(self, failed: bool, latency: float) -> None:
-        """Judge at once when the request could have made the canary worse (a failure,
-        or slower than max_p99); a fast success cannot raise the error rate or the p99,
-        so what it changes (reaching min_requests, the ratio) waits for the 100 ms tick.
-        This keeps a promoted blue-green route from paying two window reads per request."""
-        if self._s.latch is None and self.canary_share and (failed or latency > self._slow_after):
+    def _after_canary_end(self, failed: bool, client_error: bool, latency: float,
+                          sampled: bool) -> None:
+        """The sequential judge sees every sampled canary request (O(1)); the threshold
+        rules run at once only when the request could have made the canary worse (a
+        failure, or slower than max_p99): a fast success cannot raise the error rate or
+        the p99, so what it changes (reaching min_requests, the ratio) waits for the
+        100 ms tick. A promoted blue-green route pays no window read per request."""
+        if self._s.latch is not None or not self.canary_share:
+            return
+        if sampled and self.judgement.canary(failed, client_error, latency):
+            self._trip(self.judgement.trip())
+        elif failed or latency > self._slow_after:
             self.evaluate()
+
+    def _after_stable_end(self, failed: bool, client_error: bool, latency: float,
+                          sampled: bool) -> None:
+        if sampled and self.base_lane is self.stable:
+            self.judgement.base(failed, client_error, latency)
+
+    def _after_fallback_end(self, failed: bool, client_error: bool, latency: float,
+                            sampled: bool) -> None:
+        if sampled and self.base_lane is self.fallback:
+            self.judgement.base(failed, client_error, latency)
+
+    def judge_verdict(self) -> Verdict | None:
+        """The judge's state (passing, failing, inconclusive) with its figures; None for a
+        route with no canary or no rollback policy. Tens of µs: for the admin API."""
+        if self.canary is None or not self.route.rollback.enabled:
+            return None
+        return self.judgement.verdict(self.window_stats(self.canary),
+                                      self.window_stats(self.stable), self._s.latch)
 
     def evaluate(self) -> rules.Trip | None:
         """Judge the canary's window now; trips (and latches) the route if it is bad."""
@@ -361,24 +395,43 @@ class Rollout:
         if now - s.step_since < prog.interval:
             return
         stats = self.window_stats(self.canary)
-        needed = self.route.rollback.min_requests
-        if stats.requests < needed:  # not enough evidence yet: wait, do not step blind
+        if not self.judgement.gate(stats):  # not enough evidence yet: wait, do not step blind
             if self.stalled_at != s.step and now - s.step_since >= 2 * prog.interval:
                 self.stalled_at = s.step  # said once per step
                 self.emit(kind="step_stalled", actor="auto", reason=(
                     f"progressive step {s.step + 1} of {len(prog.steps)} "
-                    f"({prog.steps[s.step]:g}%) waits for evidence: {stats.requests} canary "
-                    f"requests in the {self.route.rollback.window:g}s window, {needed} needed "
-                    "(raise the step's weight or the window, or lower min_requests)"),
-                    figures=rules.figures_of(stats))
+                    f"({prog.steps[s.step]:g}%) waits for evidence: {self._wanting(stats)}"),
+                    figures=self._judge_figures(stats))
             return
         self.stalled_at = None
+        sequential = self.judgement.kind == SEQUENTIAL
+        figures = self._judge_figures(stats) if sequential else rules.figures_of(stats)
         self._set(carry.at_step(s, self.route, s.step + 1, now))
         weight = prog.steps[s.step + 1]
         kind = "promote" if weight >= 100 else "step"
-        event = self.emit(kind=kind, actor="auto", reason=f"healthy window: weight {weight:g}%",
-                          figures=rules.figures_of(stats))
+        evidence = ("canary no worse than stable" if sequential else "healthy window")
+        event = self.emit(kind=kind, actor="auto", reason=f"{evidence}: weight {weight:g}%",
+                          figures=figures)
         self._announce("step", {"step": s.step + 1, "weight": weight}, event)
+
+    def _wanting(self, stats: WindowStats) -> str:
+        """What a held step waits for, and what would shorten the wait."""
+        policy = self.route.rollback
+        if self.judgement.kind != SEQUENTIAL:
+            return (f"{stats.requests} canary requests in the {policy.window:g}s window, "
+                    f"{policy.min_requests} needed (raise the step's weight or the window, or "
+                    "lower min_requests)")
+        verdict = self.judge_verdict()
+        detail = verdict.detail if verdict is not None else "no verdict"
+        return (f"the judge has no proof yet that the canary is no worse than stable within "
+                f"{policy.tolerance:g}pp: {detail} (raise the step's weight, or "
+                "rollback.tolerance)")
+
+    def _judge_figures(self, stats: WindowStats) -> dict[str, Any]:
+        verdict = self.judge_verdict()
+        figures = dict(verdict.figures) if verdict is not None else {}
+        figures.setdefault("canary", rules.figures_of(stats))
+        return figures
 
     # -- operator actions (admin API) -------------------------------------------------
     def rollback(self, reason: str | None, actor: str = "admin") -> None:
@@ -468,6 +521,8 @@ class Rollout:
                 lane.window = prev.window
         old.retire(self)
         same = old.fingerprint() == self._fp
+        if same and old.base_lane.role == self.base_lane.role:
+            self.judgement.carry(old.judgement, self.base_lane)
         if same and old.pins is not None and self.pins is not None and (
                 old.route.sticky == self.route.sticky):
             self.pins = old.pins

@@ -16,7 +16,10 @@ Rules, in the order checked (the first that holds names the trip):
   decides), or, when stable is over the threshold too, the canary's rate exceeds
   stable's by more than the threshold. Both failing alike means the fault is
   elsewhere and flipping helps nobody; stable at or above the canary's rate never trips.
-* ``latency``: canary p99 > ``max_p99``.
+* ``latency``: canary p99 > ``max_p99``. Beside the sequential judge (``policy.judge``)
+  it is a guard rail, read as the p99 of at least three requests
+  (``WindowStats.p99_of_three``): one slow request in a window of twenty is not evidence,
+  and it false-tripped 7.7% of healthy canaries in loadtests/judgement.py.
 * ``latency_ratio``: canary p99 / stable p99 > ``max_p99_ratio``, only when stable has
   at least ``min_requests`` requests and a p99 to compare with.
 
@@ -41,6 +44,10 @@ class TripReason(StrEnum):
     LATENCY_RATIO = "latency_ratio"
     CONSECUTIVE_FAILURES = "consecutive_failures"
     MANUAL = "manual"
+    # The sequential judge's tests (proxy.rollout.judge.JudgeReason); its latency test
+    # trips as LATENCY: either way the canary is too slow.
+    FAILURE_RATE = "failure_rate"
+    CLIENT_ERROR_RATE = "client_error_rate"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,7 +105,7 @@ def evaluate(policy: RollbackConfig, canary: WindowStats, stable: WindowStats) -
             stable,
         )
     max_p99 = policy.max_p99
-    p99 = canary.p99
+    p99 = canary.p99_of_three if policy.judge == "sequential" else canary.p99
     if max_p99 is not None and p99 is not None and p99 > max_p99:
         hung = f", {canary.slow_in_flight} still in flight" if canary.slow_in_flight else ""
         return _trip(
@@ -165,6 +172,7 @@ def _trip(
                 "consecutive_failures": policy.consecutive_failures,
                 "compare_to_stable": policy.compare_to_stable,
                 "latency": policy.latency,
+                "judge": policy.judge,
             },
         },
     )
