@@ -13,8 +13,10 @@ Judges, all on the same requests:
   max_error_rate 5%, max_p99 500 ms, consecutive_failures 5, compare_to_stable), asked
   after a canary failure or slow request and on every 100 ms tick, as the machine does.
 * ``sequential``: ``SequentialJudge`` (alpha 0.01), after every request.
-* ``rails``: the absolute guard rails only (the threshold rules without max_error_rate:
-  consecutive_failures, max_p99); "sequential + rails" is the first of the two to trip.
+* ``rails``: the guard rails that run beside the sequential judge (the rules with
+  ``judge: sequential``: no max_error_rate, consecutive_failures, max_p99 read over at
+  least three requests); "sequential + rails" is the first of the two to trip: what a
+  route with the default config does.
 
 Reports: false rollbacks over healthy canaries (canary = stable), the canary requests
 until a flip for each regression (median and p90 over the runs; runs that never flip
@@ -39,7 +41,7 @@ import time
 import timeit
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -107,9 +109,11 @@ class SimClock:
 
 
 def make_judges(clock: SimClock, share: float) -> list[Judge]:
-    policy = RollbackConfig()
-    return [ThresholdJudge(policy=policy, clock=clock), SequentialJudge(share=share),
-            ThresholdJudge(policy=replace(policy, max_error_rate=None), clock=clock)]
+    # threshold: today's rules; rails: what runs beside the sequential judge (no
+    # max_error_rate, max_p99 read over at least three requests).
+    return [ThresholdJudge(policy=RollbackConfig(judge="threshold"), clock=clock),
+            SequentialJudge(share=share),
+            ThresholdJudge(policy=RollbackConfig(max_error_rate=None), clock=clock)]
 
 
 def simulate(scenario: Scenario, seed: int, share: float, rate: float, max_requests: int,

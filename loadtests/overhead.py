@@ -71,6 +71,7 @@ routes:
     match: {{path_prefix: "/"}}
     stable: stable
     canary: {{upstream: canary, weight: {weight:g}}}
+    rollback: {{judge: {judge}}}
 """
 
 
@@ -92,6 +93,7 @@ class Settings:
     warmup: float = 1.0
     open_connections: int = 64
     weight: float = 10.0
+    judge: str = "sequential"  # flipback's rollback.judge
     pause: float = 0.5
     settle: float = 4.0  # at most this long, wait for other programs to go quiet
     noise_limit: float = 0.25  # cores other programs may use for a run to count as quiet
@@ -164,7 +166,8 @@ async def start_nginx_target(group: ChildGroup, stable: str, canary: str, weight
 
 
 async def start_flipback(
-    group: ChildGroup, stable: str, canary: str, weight: float, ready_within: float
+    group: ChildGroup, stable: str, canary: str, weight: float, ready_within: float,
+    judge: str = "sequential",
 ) -> Target:
     """`python -m proxy run -c CONFIG`, ready when the admin /readyz answers 200."""
     port, admin_port = free_port(), free_port()
@@ -179,6 +182,7 @@ async def start_flipback(
             stable=stable,
             canary=canary,
             weight=weight,
+            judge=judge,
         )
     )
     child = group.start_python("flipback", ["-m", "proxy", "run", "-c", str(config)], cwd=REPO)
@@ -443,7 +447,7 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
             targets["direct"] = Target("direct", stable_url + PATH, [stable.pid], stable)
         starters: dict[str, Callable[[], Awaitable[Target]]] = {
             "flipback": lambda: start_flipback(
-                group, stable_url, canary_url, s.weight, s.ready_timeout
+                group, stable_url, canary_url, s.weight, s.ready_timeout, s.judge
             ),
             "minimal": lambda: start_minimal(group, stable_url, canary_url, s.weight),
             "nginx": lambda: start_nginx_target(group, stable_url, canary_url, s.weight),
@@ -528,6 +532,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--sat-seconds", type=int, help="saturation seconds, default 5 (2 quick)")
     parser.add_argument("--connections", type=int, default=32, help="saturation connections")
     parser.add_argument("--weight", type=float, default=10.0, help="canary percent")
+    parser.add_argument("--judge", choices=("sequential", "threshold"), default="sequential",
+                        help="flipback's rollback.judge")
     parser.add_argument("--no-wrk", action="store_true", help="use the closed-loop generator")
     parser.add_argument(
         "--settle",
@@ -551,6 +557,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         rate=args.rate,
         sat_connections=args.connections,
         weight=args.weight,
+        judge=args.judge,
         noise_limit=args.noise_limit,
     )
     if args.quick:
