@@ -56,6 +56,7 @@ SPEC_METRICS: dict[str, tuple[str, set[str]]] = {
 # Beyond SPEC §9: metrics the rules and dashboard may use too.
 EXTENSION_METRICS: dict[str, tuple[str, set[str]]] = {
     "flipback_upstream_max_connections": ("gauge", {"upstream"}),
+    "flipback_judge_state": ("gauge", {"route", "judge", "state"}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 METRIC_RE = re.compile(r"\bflipback_[a-z0-9_]+")
