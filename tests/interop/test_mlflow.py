@@ -108,12 +108,14 @@ async def test_large_bodies(flipback, tap, case: Case) -> None:
 async def test_crashing_canary_answers_400_and_needs_4xx_counted(flipback, servers,
                                                                  case: Case) -> None:
     """MLflow answers a model that raises with 400 BAD_REQUEST (and its stack trace). With
-    the default failure_statuses [5xx] those 400s reach the clients and the canary is
-    never judged; with [5xx, 4xx] each is retried on stable and the canary flips."""
+    the default failure_statuses [5xx] and the threshold rules those 400s reach the
+    clients and the canary is never judged; the sequential judge (the default) flips it
+    on its client-error test after a few of them; with [5xx, 4xx] each one is also
+    retried on stable, so clients see none."""
     crash = servers[3]
     route: dict[str, Any] = {"name": "r", "match": {"path_prefix": "/"}, "stable": "stable",
                              "canary": {"upstream": "canary", "weight": 50},
-                             "rollback": {"min_requests": 5}}
+                             "rollback": {"min_requests": 5, "judge": "threshold"}}
     cfg = {"upstreams": upstreams(stable=case.stable.url, canary=crash.url),
            "routes": [route]}
     fb = await flipback(cfg)
@@ -122,6 +124,17 @@ async def test_crashing_canary_answers_400_and_needs_4xx_counted(flipback, serve
     assert on_canary and {a.status for a in on_canary} == {400}
     assert json.loads(on_canary[0].body)["error_code"] == "BAD_REQUEST"
     assert (await fb.route())["state"] == "canary"
+
+    route["rollback"] = {"min_requests": 5}  # the sequential judge, default statuses
+    cfg["state"] = {"file": None}  # the next two start afresh, not from a saved latch
+    fb = await flipback(cfg)
+    answers = [await send(fb.session, fb.url, case.json_req) for _ in range(60)]
+    state = await fb.route()
+    assert state["state"] == "rolled_back", state
+    assert state["latch"]["reason"] == "client_error_rate", state["latch"]
+    failed = [a for a in answers if a.status == 400]
+    assert 0 < len(failed) < 15, len(failed)  # a few, then none: stable answers the rest
+    assert all(a.status == 200 for a in answers[-10:])
 
     route["rollback"] = {"min_requests": 5, "failure_statuses": ["5xx", "4xx"]}
     fb = await flipback(cfg)
