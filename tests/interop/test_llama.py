@@ -48,7 +48,9 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
             stable=servers[0], canary=servers[1], spare=servers[2],
             json_req=Req.json(COMPLETIONS, {"prompt": "Hello", "max_tokens": 16,
                                             "temperature": 0}),
-            sse_req=Req.json(COMPLETIONS, {"prompt": "Hello", "max_tokens": 16,
+            # 128 tokens: 16 from the tiny test model could all land in one read on a
+            # busy machine, and "pieces > 1" would say nothing about buffering
+            sse_req=Req.json(COMPLETIONS, {"prompt": "Hello", "max_tokens": 128,
                                            "temperature": 0, "stream": True}),
             shadow_agree=Req.json(COMPLETIONS, FORCED),
             shadow_differ=Req.json(COMPLETIONS, {"prompt": "Hello", "max_tokens": 8,
