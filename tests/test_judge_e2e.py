@@ -172,9 +172,10 @@ async def test_an_inconclusive_judge_holds_a_progressive_step_until_it_has_proof
             rollback=f", judge: {judge}, tolerance: 10, latency_tolerance: 100%")
     for fb in fbs.values():
         await burst(fb, 100)
-    await asyncio.sleep(0.5)  # not a wait: two intervals pass with no new evidence
-    assert fbs["threshold"].runtime.rollout("chat").step == 1
+    await wait_until(lambda: fbs["threshold"].runtime.rollout("chat").step == 1,
+                     what="the threshold judge's step")
     held = fbs["sequential"].runtime.rollout("chat")
+    await wait_until(lambda: held.stalled_at == 0, what="the sequential judge's held step")
     assert held.step == 0 and held.judge_verdict().state.value == "inconclusive"
     fb = fbs["sequential"]
 

@@ -88,6 +88,7 @@ class RouteJudge:
         """The trip of a judge that found the canary worse."""
         assert self.judge is not None
         v = self.judge.verdict()
+        assert v.reason is not None  # a failing verdict names its test
         return rules.Trip(reason=rules.TripReason(v.reason), detail=v.detail,
                           figures=dict(v.figures))
 
