@@ -38,6 +38,19 @@ BUCKETS = len(BOUNDS) + 1  # the last bucket holds everything over 120 s
 _ZEROS = (0,) * BUCKETS
 
 
+def quantiles(totals: list[int], count: int) -> tuple[Seconds | None, Seconds | None]:
+    """p50 and p99 of ``count`` samples held in ``totals`` (a count per ``BOUNDS`` bucket):
+    the upper bound of the bucket holding the nearest-rank sample, as ``stats`` reads them;
+    None when empty. For histograms on these buckets kept elsewhere (``proxy.llm.window``)."""
+    if not count:
+        return None, None
+    ranks = list(accumulate(totals))
+    # Nearest rank, in integers: ceil(n/2) and ceil(0.99 n).
+    p50 = BOUNDS[min(bisect_left(ranks, -(-count // 2)), BUCKETS - 2)]
+    p99 = BOUNDS[min(bisect_left(ranks, -(-99 * count // 100)), BUCKETS - 2)]
+    return p50, p99
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WindowStats:
     """One reading of a window. ``error_rate`` is percent (0-100) of ``requests``;
