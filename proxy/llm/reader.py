@@ -32,6 +32,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import orjson
 
@@ -98,9 +99,11 @@ class ResponseReader:
     first content event arrives: a window can judge TTFT then, not when the stream ends.
     """
 
+    byte_test: ClassVar[bool] = True  # False: parse every event (tests, measurements)
+
     __slots__ = ("_start", "_mode", "_on_first", "_max", "_buf", "_tail", "_cr", "_pending",
                  "_error_event", "_first_at", "_last_at", "_events", "_gaps", "_gap_sum",
-                 "_prompt", "_completion", "_finish", "_done", "_fast", "_text")
+                 "_prompt", "_completion", "_finish", "_done", "_fast", "_quick", "_text")
 
     def __init__(self, *, start: float, content_type: str | None,
                  content_encoding: str | None = None,
@@ -124,6 +127,7 @@ class ResponseReader:
         self._finish: str | None = None
         self._done = False
         self._fast = False  # later content events may be classified without parsing
+        self._quick = False  # _fast, and at an event boundary with nothing pending
         self._text = _CHAT_TEXT  # what carries text in this stream's events
 
     @property
@@ -133,9 +137,30 @@ class ResponseReader:
 
     def feed(self, chunk: bytes, now: float) -> None:
         """One body chunk, as it was forwarded, and when it arrived."""
+        # The usual chunk once the stream is known: exactly one plain content event.
+        if (
+            self._quick
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1] == 0x0A
+            and chunk.startswith(b"data:")
+            and chunk.find(b"\r") < 0
+            and chunk.rfind(_NULL_FINISH) >= 0  # from the end: where most servers put it
+        ):
+            text = self._text
+            i = chunk.rfind(text)
+            # chunk[i + len(text)] exists: the chunk ends in a line break, the key does not
+            if i >= 0 and chunk[i + len(text)] != 0x22 or _byte_text(chunk, text):
+                self._events += 1
+                gap = now - self._last_at
+                self._gaps[bisect_left(INTER_TOKEN_BOUNDS, gap)] += 1  # type: ignore[index]
+                self._gap_sum += gap
+                self._last_at = now
+            return
         mode = self._mode
         if mode == _SSE:
             self._feed_sse(chunk, now)
+            self._quick = (self._fast and not self._tail and not self._cr
+                           and self._pending is None and not self._error_event)
         elif mode == _JSON:
             if len(self._buf) + len(chunk) > self._max:
                 self._off()
@@ -181,6 +206,7 @@ class ResponseReader:
 
     def _off(self) -> None:
         self._mode = _OFF
+        self._quick = False
         self._buf = bytearray()
         self._pending = None
 
@@ -265,7 +291,7 @@ class ResponseReader:
             return  # not JSON: not ours to judge
         if isinstance(obj, dict) and self._object(obj):
             self._content(now)
-            if not self._fast:
+            if not self._fast and self.byte_test:
                 # Trust the byte test from now on only if it reads this very event alike.
                 self._fast = _byte_text(data, self._text) is True
 
@@ -301,16 +327,14 @@ class ResponseReader:
     def _content(self, now: float) -> None:
         """A content event arrived at ``now``: first token, or one more gap."""
         self._events += 1
-        if self._first_at is None:
+        if self._gaps is None:  # the first token
             self._first_at = now
+            self._gaps = [0] * (len(INTER_TOKEN_BOUNDS) + 1)
             if self._on_first is not None:
                 self._on_first(now - self._start)
         else:
             gap = now - self._last_at
-            gaps = self._gaps
-            if gaps is None:
-                gaps = self._gaps = [0] * (len(INTER_TOKEN_BOUNDS) + 1)
-            gaps[bisect_left(INTER_TOKEN_BOUNDS, gap)] += 1
+            self._gaps[bisect_left(INTER_TOKEN_BOUNDS, gap)] += 1
             self._gap_sum += gap
         self._last_at = now
 
