@@ -181,6 +181,11 @@ class RollbackConfig:
     # Every status code that counts as a failure, expanded from "5xx", "4xx", 429, ...
     failure_statuses: frozenset[int] = frozenset(range(500, 600))
     verify: Seconds | None = 60.0
+    # LLM rules (route needs llm.telemetry): time to first token, and token cost.
+    max_ttft_p99: Seconds | None = None
+    max_ttft_ratio: float | None = None  # canary TTFT p99 / stable's
+    max_tokens_ratio: float | None = None  # canary completion tokens per request / stable's
+    max_finish_length_rate: Percent | None = None  # answers cut at max_tokens
 
 
 @dataclass(**_frozen())
@@ -190,6 +195,11 @@ class KillSwitchConfig:
     content_type: str = "application/json"
     body: str = '{"error":"model temporarily disabled"}'
     openai_message: str | None = None
+
+
+@dataclass(**_frozen())
+class LlmConfig:
+    telemetry: bool = False  # read OpenAI-style responses: TTFT, tokens, finish reasons
 
 
 @dataclass(**_frozen())
@@ -208,6 +218,7 @@ class RouteConfig:
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
     kill_switch: KillSwitchConfig = field(default_factory=KillSwitchConfig)
     override_header: str | None = None  # lower-cased
+    llm: LlmConfig = field(default_factory=LlmConfig)
 
 
 @dataclass(**_frozen())

@@ -172,6 +172,8 @@ def _route_extras(route: c.RouteConfig) -> list[str]:
         ks = route.kill_switch
         answer = "an OpenAI-style message" if ks.openai_message is not None else str(ks.status)
         extras.append(f"kill switch ON: answers {answer}, calls no upstream")
+    if route.llm.telemetry:
+        extras.append("llm telemetry: time to first token, tokens, finish reasons")
     if not route.retry_canary_on_stable and route.canary is not None:
         extras.append("no retry of canary failures")
     return extras
@@ -193,6 +195,14 @@ def _rollback_summary(rb: c.RollbackConfig) -> str:
         trips.append(f"p99>{rb.max_p99_ratio:g}x stable")
     if rb.consecutive_failures is not None:
         trips.append(f"{rb.consecutive_failures} failures in a row")
+    if rb.max_ttft_p99 is not None:
+        trips.append(f"ttft p99>{format_duration(rb.max_ttft_p99)}")
+    if rb.max_ttft_ratio is not None:
+        trips.append(f"ttft p99>{rb.max_ttft_ratio:g}x stable")
+    if rb.max_tokens_ratio is not None:
+        trips.append(f"tokens/req>{rb.max_tokens_ratio:g}x stable")
+    if rb.max_finish_length_rate is not None:
+        trips.append(f"cut at max_tokens>{rb.max_finish_length_rate:g}%")
     verify = f", verify {format_duration(rb.verify)}" if rb.verify is not None else ""
     return (
         f"window {format_duration(rb.window)} (min {rb.min_requests} req, {rb.latency}, "

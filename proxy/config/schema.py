@@ -117,8 +117,14 @@ _ROLLBACK = section(
         "latency": choice("ttfb", "total"),
         "failure_statuses": v.failure_statuses,
         "verify": nullable(duration()),
+        "max_ttft_p99": nullable(duration()),
+        "max_ttft_ratio": nullable(number(1.0)),
+        "max_tokens_ratio": nullable(number(1.0)),
+        "max_finish_length_rate": nullable(percent()),
     },
 )
+# Rollback rules on figures only a route with llm.telemetry reads.
+LLM_RULES = ("max_ttft_p99", "max_ttft_ratio", "max_tokens_ratio", "max_finish_length_rate")
 _KILL_SWITCH = section(
     c.KillSwitchConfig,
     {
@@ -256,6 +262,7 @@ class Schema:
                 "rollback": _ROLLBACK,
                 "kill_switch": _KILL_SWITCH,
                 "override_header": nullable(v.header_name),
+                "llm": section(c.LlmConfig, {"telemetry": boolean()}),
             },
             required=("name", "match", "stable"),
         )
@@ -312,6 +319,14 @@ class Schema:
                 f"{path}.sticky",
                 "needs one of header, cookie or json_field (or the route's override_header)",
             )
+        llm = values.get("llm")
+        if (llm is None and sec.node("llm") is None) or (llm is not None and not llm.telemetry):
+            for key in LLM_RULES:
+                rule = child(sec.node("rollback"), key)
+                if rule is not None and not is_null(rule):
+                    reader.error(line_of(rule), f"{path}.rollback.{key}",
+                                 "needs llm: {telemetry: true} on the route (the figures it "
+                                 "judges are only read then)")
         if shadow is not None and shadow.by == "session" and _is_absent(sec.node("sticky")):
             by = child(sec.node("shadow"), "by")
             reader.error(
