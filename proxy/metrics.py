@@ -11,6 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from operator import add
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import (
@@ -21,6 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy.llm.reader import FINISH_REASONS, INTER_TOKEN_BOUNDS, Reading
 from proxy.rollout.rules import TripReason
 
 OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
@@ -36,6 +38,12 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 # Shadow minus primary time to headers: either can be faster, so the buckets are symmetric.
 _DELTA = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DELTA_BUCKETS = (*(-b for b in reversed(_DELTA)), 0.0, *_DELTA)
+# LLM telemetry: time to first token (prefill plus queueing), and output speed per request.
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0,
+                30.0, 60.0)
+TOKENS_PER_SECOND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0,
+                             300.0, 500.0, 1000.0)
+_FINISH_INDEX = {reason: i for i, reason in enumerate(FINISH_REASONS)}
 SHADOW_OUTCOMES = ("sent", "dropped", "skipped_body", "error", "timeout")
 MISMATCH_KINDS = ("status", "body")
 
@@ -85,6 +93,36 @@ class Series:
             self.ttfb.observe(ttfb)
 
 
+class LlmSeries:
+    """LLM figures for one (route, upstream, role), on routes with ``llm.telemetry``."""
+
+    __slots__ = ("ttft", "inter_token", "tokens_per_second", "tokens", "finishes")
+
+    def __init__(self) -> None:
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.inter_token = Histogram(INTER_TOKEN_BOUNDS)
+        self.tokens_per_second = Histogram(TOKENS_PER_SECOND_BUCKETS)
+        self.tokens = [0, 0, 0]  # prompt, completion from usage, completion estimated
+        self.finishes = [0] * len(FINISH_REASONS)
+
+    def record(self, reading: Reading) -> None:
+        """A response's reading (``ResponseReader.end``), when the response ended."""
+        if reading.ttft is not None:
+            self.ttft.observe(reading.ttft)
+        if reading.content_events > 1:
+            gaps = self.inter_token
+            gaps.counts[:] = map(add, gaps.counts, reading.inter_token)
+            gaps.total += reading.inter_token_sum
+        if reading.tokens_per_second is not None:
+            self.tokens_per_second.observe(reading.tokens_per_second)
+        if reading.prompt_tokens is not None:
+            self.tokens[0] += reading.prompt_tokens
+        if reading.completion_tokens is not None:
+            self.tokens[2 if reading.estimated else 1] += reading.completion_tokens
+        if reading.finish_reason is not None:
+            self.finishes[_FINISH_INDEX[reading.finish_reason]] += 1
+
+
 class ShadowStats:
     """Shadow figures of one route: copies by outcome (``SHADOW_OUTCOMES``), mismatches
     by kind (``MISMATCH_KINDS``) and the latency delta; the last two only with compare."""
@@ -125,6 +163,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._series: dict[tuple[str, str, str], Series] = {}
+        self._llm: dict[tuple[str, str, str], LlmSeries] = {}
         self._in_flight: dict[tuple[str, str], InFlight] = {}
         self._shadow: dict[str, ShadowStats] = {}
         self._route_gauges: Callable[[], Iterable[RouteGauges]] = lambda: ()
@@ -197,6 +236,14 @@ class Metrics:
         found = self._series.get(key)
         if found is None:
             found = self._series[key] = Series()
+        return found
+
+    def llm_series(self, route: str, upstream: str, role: str) -> LlmSeries:
+        """The LLM cells of (route, upstream, role): hold it, then ``record`` each reading."""
+        key = (route, upstream, role)
+        found = self._llm.get(key)
+        if found is None:
+            found = self._llm[key] = LlmSeries()
         return found
 
     def shadow(self, route: str, compares: bool) -> ShadowStats:
@@ -278,6 +325,7 @@ class _Collector(Collector):
             in_flight.add_metric([route, upstream], cell.value)
         yield in_flight
         yield from _shadow_families(m._shadow)
+        yield from _llm_families(m._llm)
         weight = GaugeMetricFamily(
             "flipback_canary_weight", "Effective canary weight (percent)", labels=["route"]
         )
@@ -378,3 +426,39 @@ def _shadow_families(stats: dict[str, ShadowStats]) -> Iterator[Metric]:
     yield total
     yield mismatch
     yield delta
+
+
+def _llm_families(series: dict[tuple[str, str, str], LlmSeries]) -> Iterator[Metric]:
+    labels = ["route", "upstream", "role"]
+    ttft = HistogramMetricFamily(
+        "flipback_llm_ttft_seconds", "Time from sending the request to the first streamed "
+        "token (content, reasoning or tool call arguments)", labels=labels)
+    gaps = HistogramMetricFamily(
+        "flipback_llm_inter_token_seconds", "Time between streamed content chunks",
+        labels=labels)
+    speed = HistogramMetricFamily(
+        "flipback_llm_output_tokens_per_second", "Completion tokens per second of each "
+        "response (a stream: from its first token)", labels=labels)
+    tokens = CounterMetricFamily(
+        "flipback_llm_tokens", "Tokens by kind (prompt, completion); estimated=true: "
+        "completion counted as streamed chunks, the response had no usage",
+        labels=[*labels, "kind", "estimated"])
+    finish = CounterMetricFamily("flipback_llm_finish", "Responses by finish_reason",
+                                 labels=[*labels, "finish_reason"])
+    for key, s in list(series.items()):
+        ttft.add_metric(key, s.ttft.buckets(), s.ttft.total)
+        gaps.add_metric(key, s.inter_token.buckets(), s.inter_token.total)
+        speed.add_metric(key, s.tokens_per_second.buckets(), s.tokens_per_second.total)
+        prompt, completion, estimated = s.tokens
+        tokens.add_metric([*key, "prompt", "false"], prompt)
+        tokens.add_metric([*key, "completion", "false"], completion)
+        if estimated:
+            tokens.add_metric([*key, "completion", "true"], estimated)
+        for reason, count in zip(FINISH_REASONS, s.finishes, strict=True):
+            if count:
+                finish.add_metric([*key, reason], count)
+    yield ttft
+    yield gaps
+    yield speed
+    yield tokens
+    yield finish

@@ -37,12 +37,15 @@ PURE = (
     "proxy.metrics",
     "proxy.shadow.compare",
     "proxy.fleet.state",
+    "proxy.llm.reader",
+    "proxy.llm.window",
+    "proxy.llm.rules",
 )
 # The serving side; the config and the decision cores must never reach up to it.
 SERVING = ("proxy.server", "proxy.handler", "proxy.runtime")
 CORES = (*sorted((PROXY / "config").glob("*.py")), PROXY / "rollout" / "windows.py",
          PROXY / "rollout" / "rules.py", PROXY / "rollout" / "state.py",
-         PROXY / "rollout" / "carry.py")
+         PROXY / "rollout" / "carry.py", *sorted((PROXY / "llm").glob("*.py")))
 
 
 def test_layering_pure_modules_import_neither_asyncio_nor_aiohttp() -> None:
