@@ -1,0 +1,240 @@
+"""Microbenchmark: the CPU cost of LLM telemetry per streamed response (issue 18, item 6).
+
+No network: 200-chunk OpenAI-style streams (one SSE event per chunk, as servers flush
+them) are fed through ``proxy.llm.reader.ResponseReader`` N times on a fake clock, and the
+cost is reported per stream and per chunk for:
+
+* ``reader``: ``feed`` per chunk and ``end`` (the byte test for plain content events);
+* ``reader, parse every event``: the same with the byte test off (orjson on each event);
+* ``reader + window + metrics``: what the handler will add per response: the reader (with
+  ``on_first_token`` into the lane's ``LlmWindow``), ``LlmWindow.record`` and
+  ``LlmSeries.record``;
+* ``split``: the same stream re-chunked at odd offsets (events split mid-line and several
+  per chunk), the slow path;
+* the stream shapes of three servers: OpenAI (include_usage), vLLM (no usage), llama.cpp
+  (finish_reason first in the choice).
+
+and two forwarding baselines, to put the figure against:
+
+* ``python loop``: the bare ``for chunk: write(chunk)`` loop with a list append as the
+  write (the floor of any per-chunk Python work);
+* ``asyncio relay``: each chunk written by a fake upstream into a socketpair, read by an
+  asyncio ``StreamReader`` (on uvloop, as flipback runs), written to a second socketpair
+  and read by a fake client, one chunk at a time (as tokens arrive), with and without the
+  reader fed in the relay: the whole pipe's CPU per chunk (upstream + relay + client, all
+  in this process), so the relay's own share is a part of it; the with/without difference
+  is the telemetry.
+
+Run: ``python loadtests/llm_telemetry.py [--streams N] [--relay-streams N]`` (~20 s).
+Prints a table; figures are the best of 5 repeats (the least disturbed by other programs
+on a shared machine), CPU time from ``time.process_time``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proxy.llm.reader import ResponseReader  # noqa: E402
+from proxy.llm.window import LlmWindow  # noqa: E402
+from proxy.metrics import Metrics  # noqa: E402
+
+CHUNKS = 200
+WORDS = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".",
+         " Ça", " va", "?", "\\n", " 42", " tokens")
+SSE = "text/event-stream"
+
+
+def _openai(delta: str, finish: str = "null") -> str:
+    return ('{"id":"chatcmpl-AbC4x9","object":"chat.completion.chunk","created":1733390000,'
+            '"model":"gpt-4o-mini-2024-07-18","service_tier":"default",'
+            '"system_fingerprint":"fp_0705bf87c0","choices":[{"index":0,"delta":' + delta
+            + ',"logprobs":null,"finish_reason":' + finish + '}],"usage":null}')
+
+
+def _vllm(delta: str, finish: str = "null") -> str:
+    return ('{"id":"chatcmpl-5c1d0f3e","object":"chat.completion.chunk","created":1733390001,'
+            '"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"delta":'
+            + delta + ',"logprobs":null,"finish_reason":' + finish + '}]}')
+
+
+def _llamacpp(delta: str, finish: str = "null") -> str:
+    return ('{"choices":[{"finish_reason":' + finish + ',"index":0,"delta":' + delta
+            + '}],"created":1733390002,"id":"chatcmpl-xJ2k","model":"tiny",'
+            '"system_fingerprint":"b4273-0d9a8d9e","object":"chat.completion.chunk"}')
+
+
+def stream(shape: Callable[[str, str], str], usage: bool) -> list[bytes]:
+    """A 200-chunk stream: role chunk, content chunks, finish chunk, [usage], [DONE]."""
+    tail = ['{"id":"x","object":"chat.completion.chunk","choices":[],"usage":'
+            '{"prompt_tokens":25,"completion_tokens":196,"total_tokens":221}}'] if usage else []
+    content = CHUNKS - 3 - len(tail)
+    events = [shape('{"role":"assistant","content":""}', "null"),
+              *(shape('{"content":"' + WORDS[i % len(WORDS)] + '"}', "null")
+                for i in range(content)),
+              shape("{}", '"stop"'), *tail, "[DONE]"]
+    chunks = [f"data: {event}\n\n".encode() for event in events]
+    assert len(chunks) == CHUNKS
+    return chunks
+
+
+def rechunk(chunks: list[bytes]) -> list[bytes]:
+    """The same bytes cut at odd offsets: events split mid-line, several per chunk."""
+    whole = b"".join(chunks)
+    sizes = (97, 413, 260, 31, 700)
+    out, i, k = [], 0, 0
+    while i < len(whole):
+        out.append(whole[i:i + sizes[k % len(sizes)]])
+        i += sizes[k % len(sizes)]
+        k += 1
+    return out
+
+
+class _ParseEveryEvent(ResponseReader):
+    __slots__ = ()
+    byte_test = False
+
+
+def per_stream_us(run: Callable[[], None], streams: int) -> float:
+    best = float("inf")
+    for _ in range(5):
+        t = time.process_time()
+        for _ in range(streams):
+            run()
+        best = min(best, time.process_time() - t)
+    return best / streams * 1e6
+
+
+def reader_run(chunks: list[bytes],
+               cls: type[ResponseReader] = ResponseReader) -> Callable[[], None]:
+    times = [0.3 + i * 0.02 for i in range(len(chunks))]
+    pairs = list(zip(chunks, times, strict=True))
+    end = times[-1]
+
+    def run() -> None:
+        reader = cls(start=0.0, content_type=SSE)
+        feed = reader.feed
+        for chunk, now in pairs:
+            feed(chunk, now)
+        reader.end(end)
+
+    return run
+
+
+def full_run(chunks: list[bytes]) -> Callable[[], None]:
+    clock = [0.0]
+    window = LlmWindow(10.0, lambda: clock[0], slots=100)
+    series = Metrics().llm_series("chat", "llm-v2", "canary")
+    times = [0.3 + i * 0.02 for i in range(len(chunks))]
+    pairs = list(zip(chunks, times, strict=True))
+
+    def run() -> None:
+        clock[0] += 0.01
+        reader = ResponseReader(start=0.0, content_type=SSE, on_first_token=window.record_ttft)
+        feed = reader.feed
+        for chunk, now in pairs:
+            feed(chunk, now)
+        reading = reader.end(times[-1])
+        assert reading is not None
+        window.record(reading)
+        series.record(reading)
+
+    return run
+
+
+def loop_run(chunks: list[bytes]) -> Callable[[], None]:
+    def run() -> None:
+        out: list[bytes] = []
+        write = out.append
+        for chunk in chunks:
+            write(chunk)
+
+    return run
+
+
+async def relay(chunks: list[bytes], streams: int) -> tuple[float, float]:
+    """CPU µs per stream of the whole socketpair pipe without and with the reader fed in
+    the relay, best of 5 repeats, the two alternating (see the module doc)."""
+    up_out, up_in = socket.socketpair()
+    cl_out, cl_in = socket.socketpair()
+    _, upstream = await asyncio.open_connection(sock=up_out)
+    from_upstream, w2 = await asyncio.open_connection(sock=up_in)
+    _, to_client = await asyncio.open_connection(sock=cl_out)
+    client, w4 = await asyncio.open_connection(sock=cl_in)
+    loop = asyncio.get_running_loop()
+    best = [float("inf"), float("inf")]
+    try:
+        for _ in range(5):
+            for telemetry in (False, True):
+                t = time.process_time()
+                for _ in range(streams):
+                    reader = (ResponseReader(start=loop.time(), content_type=SSE)
+                              if telemetry else None)
+                    for chunk in chunks:
+                        upstream.write(chunk)
+                        data = await from_upstream.read(65536)
+                        to_client.write(data)
+                        if reader is not None:
+                            reader.feed(data, loop.time())
+                        await client.readexactly(len(data))
+                    if reader is not None:
+                        reader.end(loop.time())
+                best[telemetry] = min(best[telemetry], time.process_time() - t)
+    finally:
+        for writer in (upstream, to_client, w2, w4):
+            writer.close()
+        for writer in (upstream, to_client, w2, w4):
+            await writer.wait_closed()
+    return best[0] / streams * 1e6, best[1] / streams * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=2000)
+    parser.add_argument("--relay-streams", type=int, default=100)
+    args = parser.parse_args(argv)
+    print(f"CPython {platform.python_version()} on {platform.machine()}, "
+          f"{platform.processor() or platform.platform()}; {CHUNKS}-chunk streams, "
+          f"{args.streams} per repeat, best of 5")
+    openai = stream(_openai, usage=True)
+    rows: list[tuple[str, float, int]] = [
+        ("python loop (list append per chunk)", per_stream_us(loop_run(openai), args.streams),
+         CHUNKS),
+        ("reader, OpenAI with usage", per_stream_us(reader_run(openai), args.streams), CHUNKS),
+        ("reader, vLLM without usage",
+         per_stream_us(reader_run(stream(_vllm, usage=False)), args.streams), CHUNKS),
+        ("reader, llama.cpp order",
+         per_stream_us(reader_run(stream(_llamacpp, usage=False)), args.streams), CHUNKS),
+        ("reader, parse every event (OpenAI)",
+         per_stream_us(reader_run(openai, _ParseEveryEvent), args.streams), CHUNKS),
+        ("reader + window + metrics (OpenAI)", per_stream_us(full_run(openai), args.streams),
+         CHUNKS),
+    ]
+    split = rechunk(openai)
+    rows.append((f"reader, split at odd offsets ({len(split)} chunks)",
+                 per_stream_us(reader_run(split), args.streams), len(split)))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as flipback runs
+        off, on = runner.run(relay(openai, args.relay_streams))
+    rows.append(("asyncio relay pipe, telemetry off", off, CHUNKS))
+    rows.append(("asyncio relay pipe, reader fed in the relay", on, CHUNKS))
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'':<{width}}  µs/stream  µs/chunk")
+    for name, us, chunks in rows:
+        print(f"{name:<{width}}  {us:9.1f}  {us / chunks:8.3f}")
+    print(f"relay: telemetry adds {on - off:.1f} µs per stream ({(on - off) / off * 100:.1f}% of "
+          "the whole pipe)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
