@@ -25,7 +25,14 @@ and two forwarding baselines, to put the figure against:
   in this process), so the relay's own share is a part of it; the with/without difference
   is the telemetry.
 
-Run: ``python loadtests/llm_telemetry.py [--streams N] [--relay-streams N]`` (~20 s).
+With ``--e2e`` it also measures what a real flipback (``python -m proxy run``, a plain
+route, telemetry not yet wired) spends per 200-chunk stream: a toy SSE upstream (a child,
+one chunk every ``--gap-ms``, chunked encoding) streams through it to an aiohttp client,
+``--concurrency`` streams at a time, and flipback's CPU comes from /proc (127.0.0.1 only).
+That is the cost the reader's figure is to be set against.
+
+Run: ``python loadtests/llm_telemetry.py [--streams N] [--relay-streams N] [--e2e]``
+(~20 s; ~40 s with ``--e2e``).
 Prints a table; figures are the best of 5 repeats (the least disturbed by other programs
 on a shared machine), CPU time from ``time.process_time``.
 """
@@ -198,11 +205,103 @@ async def relay(chunks: list[bytes], streams: int) -> tuple[float, float]:
     return best[0] / streams * 1e6, best[1] / streams * 1e6
 
 
+async def serve_upstream(port: int, gap: float) -> None:
+    """The toy SSE upstream of ``--e2e``: any request gets the 200-chunk OpenAI stream."""
+    framed = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in stream(_openai, usage=True)]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length" and int(value):
+                        await reader.readexactly(int(value))
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                for chunk in framed:
+                    writer.write(chunk)
+                    await asyncio.sleep(gap)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+async def e2e(streams: int, concurrency: int, gap_ms: float) -> dict[str, float]:
+    """flipback's CPU µs per 200-chunk stream it forwards (see the module doc)."""
+    import tempfile
+
+    import aiohttp
+
+    from loadtests.procs import ChildGroup, cpu_meter, free_port, wait_http, wait_port
+
+    expected = len(b"".join(stream(_openai, usage=True)))
+    up, port, admin = free_port(), free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp, ChildGroup() as children:
+        cfg = Path(tmp) / "flipback.yaml"
+        cfg.write_text(
+            f'server: {{listen: "127.0.0.1:{port}"}}\nadmin: {{listen: "127.0.0.1:{admin}"}}\n'
+            f'state: {{file: null}}\nupstreams:\n  llm: {{url: "http://127.0.0.1:{up}"}}\n'
+            'routes:\n  - name: chat\n    match: {path_prefix: "/v1/"}\n    stable: llm\n')
+        toy = children.start_python("upstream", [__file__, "--serve-upstream", str(up),
+                                                 "--gap-ms", str(gap_ms)])
+        await wait_port(up, child=toy)
+        proxy = children.start_python("flipback", ["-m", "proxy", "run", "-c", str(cfg)])
+        await wait_http(f"http://127.0.0.1:{admin}/readyz", child=proxy)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def one() -> None:
+                async with session.post(url, data=body,
+                                        headers={"content-type": "application/json"}) as resp:
+                    got = 0
+                    async for part in resp.content.iter_any():
+                        got += len(part)
+                    assert resp.status == 200 and got == expected, (resp.status, got)
+
+            async def run(n: int) -> float:
+                gate = asyncio.Semaphore(concurrency)
+
+                async def gated() -> None:
+                    async with gate:
+                        await one()
+
+                t = time.monotonic()
+                await asyncio.gather(*(gated() for _ in range(n)))
+                return time.monotonic() - t
+
+            await run(concurrency * 2)  # warm-up: connections, caches
+            best = float("inf")
+            for _ in range(3):
+                with cpu_meter([proxy.popen.pid]) as meter:
+                    wall = await run(streams)
+                best = min(best, meter["seconds"])
+    return {"cpu_us_per_stream": best / streams * 1e6, "wall_s": wall,
+            "streams_per_s": streams / wall}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--relay-streams", type=int, default=100)
+    parser.add_argument("--e2e", action="store_true", help="also measure a real flipback")
+    parser.add_argument("--e2e-streams", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--gap-ms", type=float, default=1.0)
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_upstream:
+        uvloop.run(serve_upstream(args.serve_upstream, args.gap_ms / 1000))
+        return 0
     print(f"CPython {platform.python_version()} on {platform.machine()}, "
           f"{platform.processor() or platform.platform()}; {CHUNKS}-chunk streams, "
           f"{args.streams} per repeat, best of 5")
@@ -233,6 +332,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}}  {us:9.1f}  {us / chunks:8.3f}")
     print(f"relay: telemetry adds {on - off:.1f} µs per stream ({(on - off) / off * 100:.1f}% of "
           "the whole pipe)")
+    if args.e2e:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            got = runner.run(e2e(args.e2e_streams, args.concurrency, args.gap_ms))
+        per_stream = got["cpu_us_per_stream"]
+        full = rows[5][1]
+        print(f"flipback forwarding a {CHUNKS}-chunk stream: {per_stream:.0f} µs CPU per stream "
+              f"({per_stream / CHUNKS:.2f} µs per chunk; {got['streams_per_s']:.0f} streams/s, "
+              f"{args.concurrency} at a time, best of 3 x {args.e2e_streams})")
+        print(f"reader + window + metrics would add {full:.0f} µs: "
+              f"{full / per_stream * 100:.1f}% more CPU per stream")
     return 0
 
 

@@ -102,7 +102,7 @@ class ResponseReader:
     byte_test: ClassVar[bool] = True  # False: parse every event (tests, measurements)
 
     __slots__ = ("_start", "_mode", "_on_first", "_max", "_buf", "_tail", "_cr", "_pending",
-                 "_error_event", "_first_at", "_last_at", "_events", "_gaps", "_gap_sum",
+                 "_error_event", "_first_at", "_last_at", "_events", "_gaps",
                  "_prompt", "_completion", "_finish", "_done", "_fast", "_quick", "_text")
 
     def __init__(self, *, start: float, content_type: str | None,
@@ -121,7 +121,6 @@ class ResponseReader:
         self._last_at = 0.0
         self._events = 0
         self._gaps: list[int] | None = None
-        self._gap_sum = 0.0
         self._prompt: int | None = None
         self._completion: int | None = None
         self._finish: str | None = None
@@ -153,7 +152,6 @@ class ResponseReader:
                 self._events += 1
                 gap = now - self._last_at
                 self._gaps[bisect_left(INTER_TOKEN_BOUNDS, gap)] += 1  # type: ignore[index]
-                self._gap_sum += gap
                 self._last_at = now
             return
         mode = self._mode
@@ -201,7 +199,8 @@ class ResponseReader:
             finish_reason=finish,
             tokens_per_second=rate,
             inter_token=_NO_GAPS if self._gaps is None else tuple(self._gaps),
-            inter_token_sum=self._gap_sum,
+            # the gaps telescope: their sum is the first to the last content event
+            inter_token_sum=0.0 if first is None else self._last_at - first,
         )
 
     def _off(self) -> None:
@@ -335,7 +334,6 @@ class ResponseReader:
         else:
             gap = now - self._last_at
             self._gaps[bisect_left(INTER_TOKEN_BOUNDS, gap)] += 1
-            self._gap_sum += gap
         self._last_at = now
 
     def _reason(self, reason: str) -> None:
