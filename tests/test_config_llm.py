@@ -3,9 +3,11 @@ which are refused on a route that does not read the figures they judge."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from proxy.config.model import LlmConfig, RollbackConfig, RouteConfig
+from proxy.config.model import LlmConfig, RouteConfig
 from proxy.config.parser import parse_config, summarize
 from proxy.errors import ConfigError
 
@@ -40,8 +42,8 @@ def test_llm_rules_read_on_a_route_with_telemetry() -> None:
                   "    rollback: {max_ttft_p99: 1500ms, max_ttft_ratio: 2, max_tokens_ratio: 3.5,"
                   " max_finish_length_rate: 20}")
     assert route.llm.telemetry
-    assert route.rollback == RollbackConfig(max_ttft_p99=1.5, max_ttft_ratio=2.0,
-                                            max_tokens_ratio=3.5, max_finish_length_rate=20.0)
+    assert route.rollback == replace(parse().rollback, max_ttft_p99=1.5, max_ttft_ratio=2.0,
+                                     max_tokens_ratio=3.5, max_finish_length_rate=20.0)
 
 
 def test_llm_summary_shows_telemetry_and_rules() -> None:
@@ -66,4 +68,4 @@ def test_llm_rules_need_telemetry_on(llm: str) -> None:
 
 def test_llm_rules_set_to_null_need_nothing() -> None:
     route = parse("    rollback: {max_ttft_p99: null, max_finish_length_rate: null}")
-    assert route.rollback == RollbackConfig()
+    assert route.rollback == parse().rollback
