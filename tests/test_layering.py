@@ -40,6 +40,7 @@ PURE = (
     "proxy.llm.reader",
     "proxy.llm.window",
     "proxy.llm.rules",
+    "proxy.llm.lane",
 )
 # The serving side; the config and the decision cores must never reach up to it.
 SERVING = ("proxy.server", "proxy.handler", "proxy.runtime")
