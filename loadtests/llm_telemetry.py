@@ -6,9 +6,9 @@ cost is reported per stream and per chunk for:
 
 * ``reader``: ``feed`` per chunk and ``end`` (the byte test for plain content events);
 * ``reader, parse every event``: the same with the byte test off (orjson on each event);
-* ``reader + window + metrics``: what the handler will add per response: the reader (with
-  ``on_first_token`` into the lane's ``LlmWindow``), ``LlmWindow.record`` and
-  ``LlmSeries.record``;
+* ``reader + window + metrics``: what the handler will add per response, through
+  ``LlmLane`` (``reader``: the window marks the wait for a first token and takes it,
+  ``end``: ``LlmWindow.record`` and ``LlmSeries.record``, a watcher called twice);
 * ``split``: the same stream re-chunked at odd offsets (events split mid-line and several
   per chunk), the slow path;
 * the stream shapes of three servers: OpenAI (include_usage), vLLM (no usage), llama.cpp
@@ -52,6 +52,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from proxy.llm.lane import LlmLane  # noqa: E402
 from proxy.llm.reader import ResponseReader  # noqa: E402
 from proxy.llm.window import LlmWindow  # noqa: E402
 from proxy.metrics import Metrics  # noqa: E402
@@ -140,21 +141,20 @@ def reader_run(chunks: list[bytes],
 
 def full_run(chunks: list[bytes]) -> Callable[[], None]:
     clock = [0.0]
-    window = LlmWindow(10.0, lambda: clock[0], slots=100)
-    series = Metrics().llm_series("chat", "llm-v2", "canary")
+    lane = LlmLane(route="chat", upstream="llm-v2", window=LlmWindow(10.0, lambda: clock[0],
+                                                                     slots=100),
+                   metrics=Metrics())
+    lane.watch(lambda: None)  # where the rollout will judge
     times = [0.3 + i * 0.02 for i in range(len(chunks))]
     pairs = list(zip(chunks, times, strict=True))
 
     def run() -> None:
         clock[0] += 0.01
-        reader = ResponseReader(start=0.0, content_type=SSE, on_first_token=window.record_ttft)
+        reader = lane.reader(start=0.0, content_type=SSE)
         feed = reader.feed
         for chunk, now in pairs:
             feed(chunk, now)
-        reading = reader.end(times[-1])
-        assert reading is not None
-        window.record(reading)
-        series.record(reading)
+        assert lane.end(reader, times[-1], role="canary") is not None
 
     return run
 

@@ -95,3 +95,23 @@ def test_llm_lane_replays_count_in_metrics_not_in_the_window() -> None:
     other = canary.reader(start=clock.now, content_type="text/plain")
     assert canary.end(other, clock.now, role="canary") is None
     assert not trips
+
+
+def test_llm_lane_canary_that_never_sends_a_token_trips_on_its_wait() -> None:
+    canary, stable, clock, trips, _ = lanes()
+    for _ in range(5):
+        serve(stable, clock, s.VLLM_CHAT_NO_USAGE, 0.1, "stable")
+    readers = []
+    for _ in range(5):  # headers at once, then a role chunk, then nothing
+        reader = canary.reader(start=clock.now, content_type="text/event-stream")
+        reader.feed(s.sse(s.VLLM_CHAT_NO_USAGE)[0], clock.now + 0.01)
+        readers.append(reader)
+    assert not trips and canary.window.stats().waiting == 5
+    clock.now += 1.6  # what the rollout's 100 ms tick would read
+    trip = evaluate(POLICY, canary.window.stats(slow_after=POLICY.max_ttft_p99),
+                    stable.window.stats())
+    assert trip is not None and trip.reason is LlmTripReason.TTFT
+    assert "5 still waiting for one" in trip.detail
+    for reader in readers:  # the clients give up
+        canary.cancel(reader)
+    assert canary.window.stats().waiting == 0

@@ -133,3 +133,30 @@ def test_llm_ratio_rules_need_stable_figures() -> None:
     assert evaluate(POLICY, canary, stats(n=5)) is None
     assert evaluate(POLICY, canary, stats(p99=None, tokens=None)) is None
     assert evaluate(POLICY, canary, stats(tokens=0.0, p99=0.0)) is None
+
+
+def test_llm_window_counts_a_long_wait_for_a_first_token_as_slow() -> None:
+    clock = FakeClock()
+    w = LlmWindow(10.0, clock, slots=20)  # 0.5 s slots
+    w.begin(T0)
+    clock.now = T0 + 0.6
+    w.begin(T0 + 0.6)
+    clock.now = T0 + 1.4
+    assert w.stats().waiting == 2
+    # a wait counts once its whole slot is over slow_after old: T0's slot ended at +0.5
+    assert w.stats(slow_after=1.0).slow_waiting == 0
+    clock.now = T0 + 1.6
+    st = w.stats(slow_after=1.0)
+    assert (st.ttft_count, st.slow_waiting, st.waiting, st.ttft_p99) == (1, 1, 2, 1.25)
+    assert w.stats().ttft_count == 0  # only when asked
+    clock.now = T0 + 2.1
+    assert w.stats(slow_after=1.0).slow_waiting == 2
+    w.record_ttft(1.9, T0)  # the token comes: a real first token now, no longer waiting
+    st = w.stats(slow_after=1.0)
+    assert (st.ttft_count, st.slow_waiting, st.waiting) == (2, 1, 1)
+    clock.now += 30.0  # the wait outlives the ring: still counted, at the ring's age
+    st = w.stats(slow_after=1.0)
+    assert (st.ttft_count, st.slow_waiting, st.ttft_p99) == (1, 1, 10.0)
+    w.settle(T0 + 0.6)
+    st = w.stats(slow_after=1.0)
+    assert (st.ttft_count, st.waiting, st.slow_waiting) == (0, 0, 0)

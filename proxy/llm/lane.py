@@ -7,9 +7,11 @@ The handler, on a route with ``llm.telemetry``::
     reader = lane.llm.reader(start=t_sent, content_type=..., content_encoding=...)
     ... for each body chunk, after writing it to the client: reader.feed(chunk, now())
     lane.llm.end(reader, now(), role=role, broken=..., judged=...)
+    (or lane.llm.cancel(reader) when the client went away)
 
 The owning rollout calls ``watch(callback)``; the callback runs after every first token
-and every response recorded in the window (judged requests only).
+and every response recorded in the window (judged requests only), and its tick reads
+``window.stats(slow_after=max_ttft_p99)`` to catch a canary that sends no first token.
 """
 
 from __future__ import annotations
@@ -51,16 +53,30 @@ class LlmLane:
 
     def reader(self, *, start: float, content_type: str | None,
                content_encoding: str | None = None, judged: bool = True) -> ResponseReader:
-        """A reader for one response; with ``judged``, its first token goes to the window
-        (and the watcher) the moment it arrives."""
-        return ResponseReader(start=start, content_type=content_type,
-                              content_encoding=content_encoding,
-                              on_first_token=self._first_token if judged else None)
+        """A reader for one response (its headers just arrived; ``start``: when the
+        request was sent, on the window's clock). With ``judged``, the window marks it
+        waiting for its first token, and takes that token (and tells the watcher) the
+        moment it arrives. End it with ``end``, or ``cancel`` when the client left."""
+
+        def first_token(ttft: Seconds) -> None:
+            self.window.record_ttft(ttft, start)
+            if self._watcher is not None:
+                self._watcher()
+
+        reader = ResponseReader(start=start, content_type=content_type,
+                                content_encoding=content_encoding,
+                                on_first_token=first_token if judged else None)
+        if reader.awaits_first_token:
+            self.window.begin(start)
+        return reader
 
     def end(self, reader: ResponseReader, now: float, *, role: str, broken: bool = False,
             judged: bool = True) -> Reading | None:
         """The response ended (or broke): metrics under ``role``, then, when ``judged``
-        (the same rule as ``Lane.end``: not a replay), the window and the watcher."""
+        (as given to ``reader``; the same rule as ``Lane.end``: not a replay), the window
+        and the watcher."""
+        if reader.awaits_first_token:
+            self.window.settle(reader.start)
         reading = reader.end(now, broken=broken)
         if reading is None:
             return None
@@ -71,7 +87,7 @@ class LlmLane:
                 self._watcher()
         return reading
 
-    def _first_token(self, ttft: Seconds) -> None:
-        self.window.record_ttft(ttft)
-        if self._watcher is not None:
-            self._watcher()
+    def cancel(self, reader: ResponseReader) -> None:
+        """The client went away: nothing is recorded; a wait for a first token ends."""
+        if reader.awaits_first_token:
+            self.window.settle(reader.start)

@@ -103,7 +103,8 @@ class ResponseReader:
 
     __slots__ = ("_start", "_mode", "_on_first", "_max", "_buf", "_tail", "_cr", "_pending",
                  "_error_event", "_first_at", "_last_at", "_events", "_gaps",
-                 "_prompt", "_completion", "_finish", "_done", "_fast", "_quick", "_text")
+                 "_prompt", "_completion", "_finish", "_done", "_fast", "_quick", "_text",
+                 "_armed")
 
     def __init__(self, *, start: float, content_type: str | None,
                  content_encoding: str | None = None,
@@ -128,6 +129,17 @@ class ResponseReader:
         self._fast = False  # later content events may be classified without parsing
         self._quick = False  # _fast, and at an event boundary with nothing pending
         self._text = _CHAT_TEXT  # what carries text in this stream's events
+        self._armed = on_first_token is not None and self._mode != _OFF
+
+    @property
+    def start(self) -> float:
+        return self._start
+
+    @property
+    def awaits_first_token(self) -> bool:
+        """``on_first_token`` is set, the body is readable and no token came yet: what a
+        window counts as waiting (and, past a threshold, as a slow first token)."""
+        return self._armed and self._first_at is None
 
     @property
     def active(self) -> bool:

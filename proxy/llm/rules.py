@@ -5,7 +5,9 @@ The same shape as ``proxy.rollout.rules.evaluate``: pure, cheap, fed two window 
 the rollout machine's job. Rules, in the order checked (the first that holds names it):
 
 * ``ttft``: canary TTFT p99 > ``max_ttft_p99``, once the canary has ``min_requests``
-  first tokens in the window.
+  first tokens in the window. Read the canary's window with
+  ``stats(slow_after=policy.max_ttft_p99)``: answers still waiting for their first token
+  past the limit then count as slow first tokens, so a canary that never sends one trips.
 * ``ttft_ratio``: canary TTFT p99 / stable's > ``max_ttft_ratio``, once both have
   ``min_requests`` first tokens.
 * ``tokens``: canary completion tokens per request / stable's > ``max_tokens_ratio``,
@@ -57,6 +59,8 @@ def figures_of(stats: LlmStats) -> dict[str, object]:
         "tokens_per_second": _round(stats.tokens_per_second),
         "finish_length_rate": round(stats.finish_length_rate, 3),
         "finish_errors": stats.finish_errors,
+        "waiting": stats.waiting,
+        "slow_waiting": stats.slow_waiting,
     }
 
 
@@ -69,10 +73,12 @@ def evaluate(policy: RollbackConfig, canary: LlmStats, stable: LlmStats) -> LlmT
     if canary.ttft_count >= least and p99 is not None:
         limit = policy.max_ttft_p99
         if limit is not None and p99 > limit:
+            hung = (f", {canary.slow_waiting} still waiting for one"
+                    if canary.slow_waiting else "")
             return _trip(LlmTripReason.TTFT,
                          f"canary TTFT p99 {_human(p99)} > {_human(limit)} over "
-                         f"{canary.ttft_count} first tokens (stable p99 {_human(stable_p99)})",
-                         policy, canary, stable)
+                         f"{canary.ttft_count} first tokens{hung} "
+                         f"(stable p99 {_human(stable_p99)})", policy, canary, stable)
         ratio = policy.max_ttft_ratio
         if (ratio is not None and stable_p99 and stable.ttft_count >= least
                 and p99 / stable_p99 > ratio):

@@ -4,14 +4,18 @@ The same ring of time slots as ``proxy.rollout.windows.SlidingWindow`` (``window
 slots`` wide, running totals kept as slots expire, nothing allocated per response), with
 its latency buckets and quantile rule for time to first token, and per-slot sums for the
 rest: completion tokens per response, output tokens per second, the share of answers cut
-at max_tokens. It has no in-flight marks: a response counts when the reader hands it
-over, and its first token as soon as it arrives (``record_ttft``, through the reader's
-``on_first_token``), so a slow first token is judged before the stream ends.
+at max_tokens. A response counts when the reader hands it over, and its first token as
+soon as it arrives (``record_ttft``, through the reader's ``on_first_token``), so a slow
+first token is judged before the stream ends. Responses still waiting for their first
+token are marked (``begin``) by the time their request was sent, so ``stats(slow_after)``
+counts one waiting longer than ``slow_after`` as a first token that slow already, as the
+request window does for hung requests: a canary that sends its headers at once and then
+no token trips ``max_ttft_p99`` without waiting for any token or timeout.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from operator import sub
 
@@ -27,10 +31,10 @@ class LlmStats:
     """One reading of an ``LlmWindow``; None where nothing was measured.
 
     ``ttft_p50``/``ttft_p99`` are over ``ttft_count`` first tokens (bucket upper bounds,
-    as the request windows report). ``tokens_per_request`` is the mean completion tokens
-    of the ``responses`` with a count (``estimated`` of them counted from content events),
-    ``tokens_per_second`` the mean output speed of those that had one, and
-    ``finish_length_rate`` the percent of responses cut at max_tokens.
+    as the request windows report; ``slow_waiting`` counted in). ``tokens_per_request`` is
+    the mean completion tokens of the ``responses`` with a count (``estimated`` of them
+    counted from content events), ``tokens_per_second`` the mean output speed of those
+    that had one, and ``finish_length_rate`` the percent of responses cut at max_tokens.
     """
 
     responses: int
@@ -42,13 +46,16 @@ class LlmStats:
     tokens_per_second: float | None
     finish_length_rate: Percent
     finish_errors: int
+    waiting: int = 0  # responses with no first token yet
+    slow_waiting: int = 0  # of which counted in the TTFT figures (``stats(slow_after)``)
 
 
 class LlmWindow:
     """Responses of one lane over the last ``window`` seconds (see the module doc)."""
 
     __slots__ = ("_clock", "_window", "_slots", "_inv", "_head", "_pos", "_ttft", "_ttft_n",
-                 "_slot_ttft", "_slot_ttft_n", "_n", "_slot_n", "_sums", "_slot_sums")
+                 "_slot_ttft", "_slot_ttft_n", "_n", "_slot_n", "_sums", "_slot_sums",
+                 "_slot_waiting", "_old_waiting", "_waiting")
 
     # _sums / _slot_sums fields: tokens, responses with tokens, estimated, rate sum,
     # responses with a rate, finish length, finish error
@@ -71,14 +78,41 @@ class LlmWindow:
         self._slot_n = [0] * slots
         self._sums: list[float] = [0.0] * self._FIELDS
         self._slot_sums: list[list[float]] = [[0.0] * self._FIELDS for _ in range(slots)]
+        self._slot_waiting = [0] * slots  # by the slot their request was sent in
+        self._old_waiting = 0  # sent before the ring's oldest slot
+        self._waiting = 0
 
     @property
     def window(self) -> Seconds:
         return self._window
 
-    def record_ttft(self, ttft: Seconds) -> None:
-        """A first token arrived ``ttft`` seconds after the request was sent."""
+    def begin(self, started: float) -> None:
+        """A response to a request sent at ``started`` (this window's clock) awaits its
+        first token. Every ``begin`` is matched by one ``record_ttft(..., started)`` or
+        one ``settle(started)``."""
         self._move()
+        if self._head - int(started * self._inv) < self._slots:
+            self._slot_waiting[int(started * self._inv) % self._slots] += 1
+        else:
+            self._old_waiting += 1
+        self._waiting += 1
+
+    def settle(self, started: float) -> None:
+        """The response begun at ``started`` ended (or its client left) with no token."""
+        self._move()
+        if self._head - int(started * self._inv) < self._slots:
+            self._slot_waiting[int(started * self._inv) % self._slots] -= 1
+        else:
+            self._old_waiting -= 1
+        self._waiting -= 1
+
+    def record_ttft(self, ttft: Seconds, started: float | None = None) -> None:
+        """A first token arrived ``ttft`` seconds after the request was sent; with
+        ``started``, it ends the wait ``begin(started)`` marked."""
+        if started is not None:
+            self.settle(started)
+        else:
+            self._move()
         bucket = bisect_left(BOUNDS, ttft)
         self._slot_ttft[self._pos][bucket] += 1
         self._slot_ttft_n[self._pos] += 1
@@ -119,13 +153,20 @@ class LlmWindow:
             slot[6] += 1
             sums[6] += 1
 
-    def stats(self) -> LlmStats:
+    def stats(self, slow_after: Seconds | None = None) -> LlmStats:
+        """Read the window. With ``slow_after``, a response waiting for its first token
+        for longer counts as a first token at its known age (to slot resolution, never
+        earlier than ``slow_after``), as ``SlidingWindow.stats`` counts hung requests."""
         self._move()
-        p50, p99 = quantiles(self._ttft, self._ttft_n)
+        ttft, count, slow = self._ttft, self._ttft_n, 0
+        if slow_after is not None and self._waiting:
+            ttft, slow = self._with_slow(slow_after)
+            count += slow
+        p50, p99 = quantiles(ttft, count)
         sums, n = self._sums, self._n
         return LlmStats(
             responses=n,
-            ttft_count=self._ttft_n,
+            ttft_count=count,
             ttft_p50=p50,
             ttft_p99=p99,
             tokens_per_request=sums[0] / sums[1] if sums[1] else None,
@@ -133,10 +174,13 @@ class LlmWindow:
             tokens_per_second=sums[3] / sums[4] if sums[4] else None,
             finish_length_rate=sums[5] * 100.0 / n if n else 0.0,
             finish_errors=round(sums[6]),
+            waiting=self._waiting,
+            slow_waiting=slow,
         )
 
     def reset(self) -> None:
-        """Forget everything (a new rollout starts clean)."""
+        """Forget the figures (a new rollout starts clean). Responses waiting for a first
+        token are real and will still settle, so they stay tracked."""
         for pos in range(self._slots):
             self._clear(pos)
         self._ttft[:] = _ZEROS
@@ -159,10 +203,15 @@ class LlmWindow:
     def _advance(self, idx: int) -> None:
         """Move the head to slot ``idx``, expiring the slots it passes over."""
         if idx - self._head >= self._slots:
+            self._old_waiting += sum(self._slot_waiting)
+            self._slot_waiting[:] = (0,) * self._slots
             self.reset()
         else:
             for j in range(self._head + 1, idx + 1):
                 pos = j % self._slots
+                if self._slot_waiting[pos]:
+                    self._old_waiting += self._slot_waiting[pos]
+                    self._slot_waiting[pos] = 0
                 if self._slot_ttft_n[pos]:
                     self._ttft[:] = map(sub, self._ttft, self._slot_ttft[pos])
                     self._ttft_n -= self._slot_ttft_n[pos]
@@ -174,6 +223,24 @@ class LlmWindow:
                 self._sums[:] = [0.0] * self._FIELDS  # no float residue once empty
         self._head = idx
         self._pos = idx % self._slots
+
+    def _with_slow(self, slow_after: Seconds) -> tuple[list[int], int]:
+        """The TTFT histogram plus the responses waiting longer than ``slow_after``."""
+        now = self._clock()
+        width = self._window / self._slots
+        last = int((now - slow_after) * self._inv) - 1  # slots whose waits are all slow
+        oldest = self._head - self._slots + 1
+        ttft = self._ttft.copy()
+        slow = 0
+        if self._old_waiting and oldest - 1 <= last:
+            ttft[bisect_right(BOUNDS, now - oldest * width)] += self._old_waiting
+            slow = self._old_waiting
+        for j in range(oldest, min(last, self._head) + 1):
+            n = self._slot_waiting[j % self._slots]
+            if n:
+                ttft[bisect_right(BOUNDS, now - (j + 1) * width)] += n
+                slow += n
+        return ttft, slow
 
     def _clear(self, pos: int) -> None:
         if self._slot_ttft_n[pos]:
