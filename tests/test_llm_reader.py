@@ -21,8 +21,8 @@ def at(i: int) -> float:
 
 
 def read(chunks: list[bytes], *, content_type: str = SSE, broken: bool = False,
-         **kw: object) -> Reading | None:
-    reader = ResponseReader(start=START, content_type=content_type, **kw)  # type: ignore[arg-type]
+         cls: type[ResponseReader] = ResponseReader, **kw: object) -> Reading | None:
+    reader = cls(start=START, content_type=content_type, **kw)  # type: ignore[arg-type]
     for i, chunk in enumerate(chunks):
         reader.feed(chunk, at(i))
     return reader.end(at(len(chunks) - 1), broken=broken)
@@ -231,3 +231,16 @@ def test_reader_byte_test_reads_every_fixture_as_parsing_does(events: list[str])
         fast.feed(chunk, at(i))
     assert fast._fast  # the byte test was in use
     assert fast.end(at(len(chunks))) == parsed.end(at(len(chunks)))
+
+
+@pytest.mark.parametrize("key", ["reasoning", "refusal"])
+def test_reader_byte_test_counts_every_text_key_parsing_counts(key: str) -> None:
+    def event(text: str) -> str:
+        return '{"choices":[{"index":0,"delta":{"' + key + '":"' + text + '"},' \
+            '"finish_reason":null}]}'
+
+    events = [event("a"), event("b"), event(""), event("c"),
+              '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}', "[DONE]"]
+    fast, parsed = read(s.sse(events)), read(s.sse(events), cls=_ParseEveryEvent)
+    assert fast == parsed
+    assert fast is not None and fast.content_events == 3

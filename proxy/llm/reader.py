@@ -58,7 +58,8 @@ _NO_GAPS = (0,) * (len(INTER_TOKEN_BOUNDS) + 1)
 _OFF, _SSE, _JSON = 0, 1, 2
 _NULL_FINISH = b'"finish_reason":null'
 _CHAT_TEXT = b'content":"'  # also the tail of "reasoning_content":"
-_ARGS = b'"arguments":"'
+# The other keys of a chat delta whose text counts (as _delta_has_text reads them).
+_CHAT_OTHER = (b'"arguments":"', b'"reasoning":"', b'"refusal":"')
 _LEGACY_TEXT = b'"text":"'
 _DELTA_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
 
@@ -407,19 +408,13 @@ def _byte_text(line: bytes, text: bytes) -> bool | None:
     event (it may end the answer, carry usage or an error, or be spaced JSON): parse it."""
     if line.find(_NULL_FINISH) < 0:
         return None
-    size = len(text)
-    i = line.find(text)
-    while i >= 0:
-        if not line.startswith(b'"', i + size):  # a non-empty string value
-            return True
-        i = line.find(text, i + size)
-    if text is _CHAT_TEXT:
-        size = len(_ARGS)
-        i = line.find(_ARGS)
+    for key in (text, *_CHAT_OTHER) if text is _CHAT_TEXT else (text,):
+        size = len(key)
+        i = line.find(key)
         while i >= 0:
-            if not line.startswith(b'"', i + size):
+            if not line.startswith(b'"', i + size):  # a non-empty string value
                 return True
-            i = line.find(_ARGS, i + size)
+            i = line.find(key, i + size)
     return False
 
 
