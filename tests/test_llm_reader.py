@@ -244,3 +244,16 @@ def test_reader_byte_test_counts_every_text_key_parsing_counts(key: str) -> None
     fast, parsed = read(s.sse(events)), read(s.sse(events), cls=_ParseEveryEvent)
     assert fast == parsed
     assert fast is not None and fast.content_events == 3
+
+
+def test_reader_events_with_several_choices_are_always_parsed() -> None:
+    two = ('{"choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":%s},'
+           '{"index":1,"delta":{"content":"x"},"finish_reason":null}]}')
+    events = [two.replace("%s", "a", 1).replace("%s", "null"),
+              two.replace("%s", "", 1).replace("%s", '"length"'), "[DONE]"]
+    reader = ResponseReader(start=START, content_type=SSE)
+    for i, chunk in enumerate(s.sse(events)):
+        reader.feed(chunk, at(i))
+    assert not reader._fast
+    r = reader.end(at(3))
+    assert r is not None and (r.content_events, r.finish_reason) == (2, "length")

@@ -22,9 +22,10 @@ the reader off for that response: ``end`` returns None.
 Cost: the first content event of a stream is parsed with orjson; once one has been, and
 it carried ``"finish_reason":null`` written compactly (every server we know), later events
 that carry that same marker are classified by two byte searches, without parsing: only
-events that can end the answer, carry usage or report an error are parsed. An event the
-byte test could misread (spaced JSON, several choices in one event) does not carry the
-compact marker for every choice and takes the parse. See loadtests/llm_telemetry.py.
+events that can end the answer, carry usage or report an error are parsed. Spaced JSON
+never carries the compact marker, so it is always parsed; a stream whose first content
+event holds several choices (one could finish while another goes on) is always parsed
+too. See loadtests/llm_telemetry.py.
 """
 
 from __future__ import annotations
@@ -304,8 +305,11 @@ class ResponseReader:
         if isinstance(obj, dict) and self._object(obj):
             self._content(now)
             if not self._fast and self.byte_test:
-                # Trust the byte test from now on only if it reads this very event alike.
-                self._fast = _byte_text(data, self._text) is True
+                # Trust the byte test from now on only if it reads this very event alike,
+                # and events carry one choice each (else one could finish unseen).
+                choices = obj.get("choices")
+                self._fast = (isinstance(choices, list) and len(choices) == 1
+                              and _byte_text(data, self._text) is True)
 
     def _object(self, obj: dict[str, object]) -> bool:
         """Take usage, finish reasons and errors from one parsed chunk (or a whole JSON
