@@ -11,8 +11,8 @@ cost is reported per stream and per chunk for:
   ``end``: ``LlmWindow.record`` and ``LlmSeries.record``, a watcher called twice);
 * ``split``: the same stream re-chunked at odd offsets (events split mid-line and several
   per chunk), the slow path;
-* the stream shapes of three servers: OpenAI (include_usage), vLLM (no usage), llama.cpp
-  (finish_reason first in the choice).
+* the stream shapes of four servers: OpenAI (include_usage), vLLM (no usage), llama.cpp
+  (finish_reason first in the choice), llama-cpp-python (spaced JSON).
 
 and two forwarding baselines, to put the figure against:
 
@@ -80,6 +80,14 @@ def _llamacpp(delta: str, finish: str = "null") -> str:
     return ('{"choices":[{"finish_reason":' + finish + ',"index":0,"delta":' + delta
             + '}],"created":1733390002,"id":"chatcmpl-xJ2k","model":"tiny",'
             '"system_fingerprint":"b4273-0d9a8d9e","object":"chat.completion.chunk"}')
+
+
+def _spaced(delta: str, finish: str = "null") -> str:
+    """llama-cpp-python: json.dumps with its default ", " and ": " separators."""
+    return ('{"id": "chatcmpl-f77b23f9-6a8f-4c28-be74-4e5dd1498bb0", "model": "tiny.gguf", '
+            '"created": 1796471694, "object": "chat.completion.chunk", "choices": [{"index": 0, '
+            '"delta": ' + delta.replace('":"', '": "') + ', "logprobs": null, '
+            '"finish_reason": ' + finish + '}]}')
 
 
 def stream(shape: Callable[[str, str], str], usage: bool) -> list[bytes]:
@@ -314,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
          per_stream_us(reader_run(stream(_vllm, usage=False)), args.streams), CHUNKS),
         ("reader, llama.cpp order",
          per_stream_us(reader_run(stream(_llamacpp, usage=False)), args.streams), CHUNKS),
+        ("reader, llama-cpp-python (spaced JSON)",
+         per_stream_us(reader_run(stream(_spaced, usage=False)), args.streams), CHUNKS),
         ("reader, parse every event (OpenAI)",
          per_stream_us(reader_run(openai, _ParseEveryEvent), args.streams), CHUNKS),
         ("reader + window + metrics (OpenAI)", per_stream_us(full_run(openai), args.streams),
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             got = runner.run(e2e(args.e2e_streams, args.concurrency, args.gap_ms))
         per_stream = got["cpu_us_per_stream"]
-        full = rows[5][1]
+        full = dict((name, us) for name, us, _ in rows)["reader + window + metrics (OpenAI)"]
         print(f"flipback forwarding a {CHUNKS}-chunk stream: {per_stream:.0f} µs CPU per stream "
               f"({per_stream / CHUNKS:.2f} µs per chunk; {got['streams_per_s']:.0f} streams/s, "
               f"{args.concurrency} at a time, best of 3 x {args.e2e_streams})")

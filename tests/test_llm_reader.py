@@ -4,6 +4,7 @@ chunk's timestamp, whatever the chunking."""
 from __future__ import annotations
 
 from bisect import bisect_left
+from pathlib import Path
 
 import pytest
 
@@ -257,3 +258,43 @@ def test_reader_events_with_several_choices_are_always_parsed() -> None:
     assert not reader._fast
     r = reader.end(at(3))
     assert r is not None and (r.content_events, r.finish_reason) == (2, "length")
+
+
+# Recorded from llama-cpp-python's server (tests/interop's tiny random GGUF, max_tokens 12,
+# temperature 0): spaced JSON, no usage chunk even with include_usage, and byte-fallback
+# tokens that stream as empty content deltas (6 of 12 tokens carry text).
+RECORDED = Path(__file__).resolve().parent / "recorded"
+
+
+def recorded(name: str) -> list[bytes]:
+    """A recorded SSE body as the server flushed it: one event per chunk."""
+    body = (RECORDED / name).read_bytes()
+    return [event + b"\n\n" for event in body.split(b"\n\n") if event]
+
+
+@pytest.mark.parametrize(("name", "first", "events"), [
+    ("llamacpp_python_chat_stream.sse", 1, 6),
+    ("llamacpp_python_completions_stream.sse", 1, 3),
+])
+def test_reader_recorded_llamacpp_python_streams(name: str, first: int, events: int) -> None:
+    chunks = recorded(name)
+    reader = ResponseReader(start=START, content_type=SSE)
+    for i, chunk in enumerate(chunks):
+        reader.feed(chunk, at(i))
+    assert reader._fast and reader._style.null_finish == b'"finish_reason": null'
+    r = reader.end(at(len(chunks) - 1))
+    assert r is not None
+    assert (r.ttft, r.content_events, r.completion_tokens, r.estimated, r.prompt_tokens,
+            r.finish_reason) == (FIRST + first * STEP, events, events, True, None, "length")
+    assert r == read(chunks, cls=_ParseEveryEvent)
+    whole = b"".join(chunks)
+    for cut in range(1, len(whole), 7):
+        assert figures(read([whole[:cut], whole[cut:]])) == figures(r), cut
+
+
+def test_reader_recorded_llamacpp_python_json() -> None:
+    body = (RECORDED / "llamacpp_python_chat.json").read_bytes()
+    r = read([body], content_type="application/json")
+    assert r is not None
+    assert (r.prompt_tokens, r.completion_tokens, r.finish_reason, r.streamed) == (
+        35, 12, "length", False)

@@ -20,12 +20,12 @@ Anything else (another content type, a compressed body, an over-long line or bod
 the reader off for that response: ``end`` returns None.
 
 Cost: the first content event of a stream is parsed with orjson; once one has been, and
-it carried ``"finish_reason":null`` written compactly (every server we know), later events
-that carry that same marker are classified by two byte searches, without parsing: only
-events that can end the answer, carry usage or report an error are parsed. Spaced JSON
-never carries the compact marker, so it is always parsed; a stream whose first content
-event holds several choices (one could finish while another goes on) is always parsed
-too. See loadtests/llm_telemetry.py.
+it carried ``"finish_reason":null`` (written compactly, or spaced as Python's json.dumps
+does) and the byte test reads it alike, later events that carry that same marker are
+classified by two byte searches, without parsing: only events that can end the answer,
+carry usage or report an error are parsed. A stream whose first content event holds
+several choices (one could finish while another goes on) is always parsed. See
+loadtests/llm_telemetry.py.
 """
 
 from __future__ import annotations
@@ -57,11 +57,28 @@ INTER_TOKEN_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 
                       0.5, 1.0, 2.5, 5.0, 10.0)
 _NO_GAPS = (0,) * (len(INTER_TOKEN_BOUNDS) + 1)
 _OFF, _SSE, _JSON = 0, 1, 2
-_NULL_FINISH = b'"finish_reason":null'
-_CHAT_TEXT = b'content":"'  # also the tail of "reasoning_content":"
-# The other keys of a chat delta whose text counts (as _delta_has_text reads them).
-_CHAT_OTHER = (b'"arguments":"', b'"reasoning":"', b'"refusal":"')
-_LEGACY_TEXT = b'"text":"'
+
+class _Style:
+    """The byte patterns of one way of writing JSON: compact (``"k":v``, most servers) or
+    spaced (``"k": v``, Python's json.dumps: llama-cpp-python). ``text`` is the key whose
+    non-empty string value is a token (``content":"`` also ends ``"reasoning_content":"``),
+    ``keys`` every such key: for chat, also tool call arguments, reasoning, refusal."""
+
+    __slots__ = ("null_finish", "text", "keys")
+
+    def __init__(self, sep: bytes, legacy: bool) -> None:
+        self.null_finish = b'"finish_reason"' + sep + b"null"
+        if legacy:
+            self.text = b'"text"' + sep + b'"'
+            self.keys: tuple[bytes, ...] = (self.text,)
+        else:
+            self.text = b'content"' + sep + b'"'
+            self.keys = (self.text, *(b'"' + key + b'"' + sep + b'"'
+                                      for key in (b"arguments", b"reasoning", b"refusal")))
+
+
+_STYLES = {legacy: (_Style(b":", legacy), _Style(b": ", legacy)) for legacy in (False, True)}
+_COMPACT = _STYLES[False][0]
 _DELTA_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
 
 FirstToken = Callable[[Seconds], None]
@@ -105,8 +122,8 @@ class ResponseReader:
 
     __slots__ = ("_start", "_mode", "_on_first", "_max", "_buf", "_tail", "_cr", "_pending",
                  "_error_event", "_first_at", "_last_at", "_events", "_gaps",
-                 "_prompt", "_completion", "_finish", "_done", "_fast", "_quick", "_text",
-                 "_armed")
+                 "_prompt", "_completion", "_finish", "_done", "_fast", "_quick", "_style",
+                 "_legacy", "_armed")
 
     def __init__(self, *, start: float, content_type: str | None,
                  content_encoding: str | None = None,
@@ -130,7 +147,8 @@ class ResponseReader:
         self._done = False
         self._fast = False  # later content events may be classified without parsing
         self._quick = False  # _fast, and at an event boundary with nothing pending
-        self._text = _CHAT_TEXT  # what carries text in this stream's events
+        self._style = _COMPACT  # how this stream writes its events (once _fast)
+        self._legacy = False  # text_completion events (choices[].text)
         self._armed = on_first_token is not None and self._mode != _OFF
 
     @property
@@ -157,12 +175,12 @@ class ResponseReader:
             and chunk[-1] == 0x0A
             and chunk.startswith(b"data:")
             and chunk.find(b"\r") < 0
-            and chunk.rfind(_NULL_FINISH) >= 0  # from the end: where most servers put it
+            and chunk.rfind(self._style.null_finish) >= 0  # from the end: most put it there
         ):
-            text = self._text
+            text = self._style.text
             i = chunk.rfind(text)
             # chunk[i + len(text)] exists: the chunk ends in a line break, the key does not
-            if i >= 0 and chunk[i + len(text)] != 0x22 or _byte_text(chunk, text):
+            if i >= 0 and chunk[i + len(text)] != 0x22 or _byte_text(chunk, self._style):
                 self._events += 1
                 gap = now - self._last_at
                 self._gaps[bisect_left(INTER_TOKEN_BOUNDS, gap)] += 1  # type: ignore[index]
@@ -276,7 +294,7 @@ class ResponseReader:
 
     def _classify(self, line: bytes, now: float) -> bool:
         """Read a plain content event without parsing it; False when it must be parsed."""
-        has_text = _byte_text(line, self._text)
+        has_text = _byte_text(line, self._style)
         if has_text is None:
             return False
         if has_text:
@@ -308,8 +326,11 @@ class ResponseReader:
                 # Trust the byte test from now on only if it reads this very event alike,
                 # and events carry one choice each (else one could finish unseen).
                 choices = obj.get("choices")
-                self._fast = (isinstance(choices, list) and len(choices) == 1
-                              and _byte_text(data, self._text) is True)
+                if isinstance(choices, list) and len(choices) == 1:
+                    for style in _STYLES[self._legacy]:
+                        if _byte_text(data, style) is True:
+                            self._style, self._fast = style, True
+                            break
 
     def _object(self, obj: dict[str, object]) -> bool:
         """Take usage, finish reasons and errors from one parsed chunk (or a whole JSON
@@ -326,7 +347,7 @@ class ResponseReader:
                 if isinstance(delta, dict):
                     text = text or _delta_has_text(delta)
                 elif isinstance(choice.get("text"), str):
-                    self._text = _LEGACY_TEXT
+                    self._legacy = True
                     text = text or bool(choice["text"])
                 reason = choice.get("finish_reason")
                 if isinstance(reason, str) and reason:
@@ -407,12 +428,12 @@ def _value(line: bytes) -> bytes:
     return value[1:] if value[:1] == b" " else value
 
 
-def _byte_text(line: bytes, text: bytes) -> bool | None:
-    """Does a compact event with ``"finish_reason":null`` carry text? None: not such an
-    event (it may end the answer, carry usage or an error, or be spaced JSON): parse it."""
-    if line.find(_NULL_FINISH) < 0:
+def _byte_text(line: bytes, style: _Style) -> bool | None:
+    """Does an event with ``"finish_reason":null`` (as ``style`` writes it) carry text?
+    None: not such an event (it may end the answer, carry usage or an error): parse it."""
+    if line.find(style.null_finish) < 0:
         return None
-    for key in (text, *_CHAT_OTHER) if text is _CHAT_TEXT else (text,):
+    for key in style.keys:
         size = len(key)
         i = line.find(key)
         while i >= 0:
