@@ -146,6 +146,9 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
             "in_flight": lane.in_flight.value,
             "version": lane.version,
         }
+        llm = rollout.llm_figures(lane)
+        if llm is not None:  # the route reads LLM answers (llm.telemetry)
+            upstreams[lane.upstream]["llm"] = llm
     last = runtime.events.last_for(rollout.name)
     return {
         "name": rollout.name,

@@ -23,13 +23,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy.llm.reader import FINISH_REASONS, INTER_TOKEN_BOUNDS, Reading
+from proxy.llm.rules import LlmTripReason
 from proxy.rollout.rules import TripReason
 
 OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
 OUTCOME_4XX = 2
 OUTCOME_ERROR = 4
 OUTCOME_TIMEOUT = 5
-TRIP_REASONS = tuple(reason.value for reason in TripReason)
+TRIP_REASONS = (*(reason.value for reason in TripReason),
+                *(reason.value for reason in LlmTripReason))
 JUDGE_STATES = ("passing", "failing", "inconclusive")
 ROUTE_STATES = ("stable", "canary", "waiting", "promoted", "rolled_back", "killed")
 # Seconds; wide on the right because an LLM stream can legitimately last minutes.

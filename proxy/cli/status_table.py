@@ -17,8 +17,9 @@ from proxy.cli.admin_client import Key
 from proxy.units import Seconds
 
 HEADERS = ["ROUTE", "STATE", "WEIGHT", "UPSTREAM", "VERSION", "ROLE", "HEALTHY", "REQ/S", "ERR%",
-           "P50ms", "P99ms", "INFL"]
+           "P50ms", "P99ms", "INFL", "TTFT50", "TTFT99", "TOK/REQ"]
 VERSION_COLUMN = 4  # shown only when some upstream says its version
+LLM_COLUMNS = 3  # the last three, shown only when some route reads LLM answers
 SHRINKABLE = (0, 3)  # route and upstream names give way first on a narrow terminal
 MIN_NAME = 5
 ROLE_ORDER = {"stable": 0, "canary": 1, "fallback": 2, "shadow": 3}
@@ -57,7 +58,7 @@ def render_status(routes: Sequence[Mapping[str, Any]], rates: Mapping[Key, float
             rows.append([*head, up_name, _text(up.get("version")), str(up.get("role", "-")),
                          HEALTHY.get(up.get("healthy"), "-"), _number(rate), _error_pct(up),
                          _number(up.get("p50_ms")), _number(up.get("p99_ms")),
-                         str(up.get("in_flight", "-"))])
+                         str(up.get("in_flight", "-")), *_llm_cells(up.get("llm"))])
             head = ["", "", ""]
         shadow = route.get("shadow")
         if isinstance(shadow, Mapping):  # copies have no window: rate and in flight only
@@ -65,12 +66,18 @@ def render_status(routes: Sequence[Mapping[str, Any]], rates: Mapping[Key, float
             rate = None if rates is None else rates.get((name, up_name), 0.0)
             rows.append([*head, up_name, _text(shadow.get("version")), "shadow",
                          HEALTHY.get(shadow.get("healthy"), "-"), _number(rate), "-", "-", "-",
-                         str(shadow.get("in_flight", "-"))])
+                         str(shadow.get("in_flight", "-")), *_llm_cells(None)])
         if not rows:
             rows.append([*head, "-", "", *["-"] * (len(HEADERS) - 5)])
         notes = [f"  {text}" for note in ROUTE_NOTES if (text := note(route, now)) is not None]
         blocks.append((rows, notes))
     headers = list(HEADERS)
+    if not any(isinstance(up, Mapping) and up.get("llm") is not None for route in routes
+               for up in (route.get("upstreams") or {}).values()):
+        for rows, _ in blocks:
+            for row in rows:
+                del row[-LLM_COLUMNS:]
+        del headers[-LLM_COLUMNS:]
     if not any(row[VERSION_COLUMN] for rows, _ in blocks for row in rows):
         for rows, _ in blocks:
             for row in rows:
@@ -206,6 +213,16 @@ def _number(value: Any) -> str:
     if not isinstance(value, int | float):
         return "-"
     return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def _llm_cells(llm: Any) -> list[str]:
+    """TTFT p50 and p99 (ms) and tokens per request, from an upstream's ``llm`` figures."""
+    if not isinstance(llm, Mapping):
+        return ["-"] * LLM_COLUMNS
+    tokens = _number(llm.get("tokens_per_request"))
+    if llm.get("tokens_estimated") and tokens != "-":
+        tokens = "~" + tokens  # counted chunks: the server sent no usage
+    return [_number(llm.get("ttft_p50_ms")), _number(llm.get("ttft_p99_ms")), tokens]
 
 
 def _error_pct(up: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ from proxy.metrics import OUTCOME_4XX, InFlight, Metrics, Series
 from proxy.rollout.windows import SlidingWindow
 
 if TYPE_CHECKING:
+    from proxy.llm.lane import LlmLane
     from proxy.upstream.pool import UpstreamResponse
 
 # Called as each request on a watched lane ends, with (failed, client_error, latency,
@@ -38,7 +39,7 @@ class Lane:
     """One upstream as seen from one route: what a request to it must touch on the way."""
 
     __slots__ = ("upstream", "role", "pool", "window", "in_flight", "judge", "version",
-                 "_series", "_metrics", "_route", "_use_ttfb")
+                 "llm", "_series", "_metrics", "_route", "_use_ttfb")
 
     def __init__(
         self,
@@ -61,6 +62,8 @@ class Lane:
         self._series: dict[str, Series] = {role: metrics.series(route, upstream, role)}
         self.judge: Judge | None = None  # set by the owning rollout through ``watch``
         self.version = pool.cfg.version  # the model version the upstream serves, if said
+        # LLM telemetry (route ``llm.telemetry``): set by the owning rollout, else None.
+        self.llm: LlmLane | None = None
         self._use_ttfb = use_ttfb
 
     def watch(self, judge: Judge | None) -> None:

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.config.model import RouteConfig
 from proxy.events import ACTORS, EVENT_KINDS, Event, EventLog
+from proxy.llm import rules as llm_rules
+from proxy.llm.lane import LlmLane
+from proxy.llm.window import LlmWindow
 from proxy.metrics import Metrics
 from proxy.rollout import carry, rules
 from proxy.rollout.judge import Verdict
@@ -85,17 +88,27 @@ class Rollout:
         # Every lane keeps a window (the admin API shows its figures); only a watched
         # canary is judged against it.
         def lane(upstream: str, role: str) -> Lane:
-            return Lane(route=route.name, upstream=upstream, role=role, pool=pools[upstream],
+            made = Lane(route=route.name, upstream=upstream, role=role, pool=pools[upstream],
                         window=SlidingWindow(policy.window, clock, slots=slots),
                         metrics=metrics, use_ttfb=use_ttfb)
+            if route.llm.telemetry:
+                made.llm = LlmLane(route=route.name, upstream=upstream, metrics=metrics,
+                                   window=LlmWindow(policy.window, clock, slots=slots))
+            return made
 
         self.stable = lane(route.stable, "stable")
         self.canary = lane(route.canary.upstream, "canary") if route.canary else None
         self.fallback = lane(route.fallback, "fallback") if route.fallback else None
         # The canary is judged against whichever lane takes the rest (``judging``).
         self.judgement = RouteJudge(policy, sticky=route.sticky is not None)
+        # The LLM rules (max_ttft_p99, ...) are judged only where one is set.
+        self._llm_rules = route.llm.telemetry and any(
+            x is not None for x in (policy.max_ttft_p99, policy.max_ttft_ratio,
+                                    policy.max_tokens_ratio, policy.max_finish_length_rate))
         if self.canary is not None and policy.enabled:
             self.canary.watch(self._after_canary_end)
+            if self._llm_rules and self.canary.llm is not None:
+                self.canary.llm.watch(self._after_llm)
             if policy.judge == SEQUENTIAL:
                 self.stable.watch(self._after_stable_end)
                 if self.fallback is not None:
@@ -247,6 +260,8 @@ class Rollout:
             for lane in (self.stable, self.canary):
                 if lane is not None:
                     lane.window.reset()
+                    if lane.llm is not None:
+                        lane.llm.window.reset()
         self._s = new
         self._refresh()
         self._on_change()
@@ -339,7 +354,31 @@ class Rollout:
             self._trip(trip)
         return trip
 
-    def _trip(self, trip: rules.Trip) -> None:
+    def _after_llm(self) -> None:
+        """A canary first token or LLM answer entered its window: judge the LLM rules."""
+        if self._s.latch is None and self.canary_share:
+            self.evaluate_llm()
+
+    def evaluate_llm(self) -> llm_rules.LlmTrip | None:
+        """Judge the canary's LLM figures (time to first token, tokens, cut answers)."""
+        if not self._llm_rules or self.canary is None or self._s.latch is not None:
+            return None
+        canary, base = self.canary.llm, self.base_lane.llm
+        assert canary is not None and base is not None
+        policy = self.route.rollback
+        trip = llm_rules.evaluate(policy, canary.window.stats(slow_after=policy.max_ttft_p99),
+                                  base.window.stats())
+        if trip is not None:
+            self._trip(trip)
+        return trip
+
+    def llm_figures(self, lane: Lane) -> dict[str, object] | None:
+        """A lane's LLM figures over the window (None: the route has no telemetry)."""
+        if lane.llm is None:
+            return None
+        return llm_rules.figures_of(lane.llm.window.stats(self.route.rollback.max_ttft_p99))
+
+    def _trip(self, trip: rules.Trip | llm_rules.LlmTrip) -> None:
         latch = Latch(reason=trip.reason.value, detail=trip.detail, actor="auto",
                       time=self._wall())
         verify = self.route.rollback.verify
@@ -364,6 +403,8 @@ class Rollout:
             return
         if self.canary_share:
             self.evaluate()
+            if self._llm_rules:
+                self.evaluate_llm()  # a first token that never comes ends no request
         s = self._s
         if (s.latch is None and s.step is not None and s.manual_weight is None
                 and self.canary_ready):
@@ -519,6 +560,8 @@ class Rollout:
             prev = old.lanes.get(name)
             if prev is not None and prev.role == lane.role and same_window:
                 lane.window = prev.window
+                if prev.llm is not None and lane.llm is not None:
+                    lane.llm.window = prev.llm.window
         old.retire(self)
         same = old.fingerprint() == self._fp
         if same and old.base_lane.role == self.base_lane.role:
@@ -535,7 +578,11 @@ class Rollout:
         successor's lane of the same upstream and role (or to nobody)."""
         for name, lane in self.lanes.items():
             nxt = successor.lanes.get(name)
-            lane.watch(nxt.judge if nxt is not None and nxt.role == lane.role else None)
+            same = nxt is not None and nxt.role == lane.role
+            lane.watch(nxt.judge if nxt is not None and same else None)
+            if lane.llm is not None:
+                llm = successor._after_llm if same and successor._llm_rules else None
+                lane.llm.watch(llm if lane.role == "canary" else None)
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Apply the state file's entry for this route (fields already type-checked)."""
