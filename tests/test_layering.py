@@ -36,6 +36,7 @@ PURE = (
     "proxy.events",
     "proxy.metrics",
     "proxy.shadow.compare",
+    "proxy.answer",
     "proxy.fleet.state",
     "proxy.llm.reader",
     "proxy.llm.window",

@@ -14,20 +14,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from proxy.answer import MISSING, document, fold, is_sse, lookup, same, sse_data
 from proxy.config.model import CompareConfig, ShadowConfig, UpstreamConfig
 from proxy.metrics import Metrics
 from proxy.rollout.sticky import bucket, key_hash
-from proxy.shadow.compare import (
-    MISSING,
-    PathDiff,
-    compare,
-    document,
-    fold,
-    is_sse,
-    lookup,
-    same,
-    sse_data,
-)
+from proxy.shadow.compare import PathDiff, compare
 from proxy.shadow.mirror import SESSION_BUCKETS, ShadowCopy, ShadowMirror, _Side, session_bucket
 from proxy.shadow.record import DiffRecord
 from proxy.upstream.pool import UpstreamPool

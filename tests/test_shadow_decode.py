@@ -7,8 +7,9 @@ from __future__ import annotations
 import gzip
 import zlib
 
+from proxy.answer import decoded
 from proxy.config.model import CompareConfig
-from proxy.shadow.compare import compare, decoded
+from proxy.shadow.compare import compare
 
 CFG = CompareConfig(json_paths=("outputs.0.data.0",))
 
