@@ -1,0 +1,280 @@
+"""Output drift (issue 17, guard 1): does the canary answer differently from stable?
+
+Each answer's value at ``guard.output.json_path`` (read by ``proxy.answer``) becomes a
+category (``category``: strings and integers as they are, other numbers bucketed to one
+significant digit, lists and objects by their JSON text, an absent value as
+``(missing)``). The first ``top_k`` categories seen get their own slot, later ones share
+``(other)``: the slots depend only on the past, which is all the test needs, and memory
+stays bounded however varied the answers.
+
+The test. Requests are split between the arms at random, so when both arms answer from
+the same distribution, whatever that distribution does over time, the arm of an answer
+is independent of its category: it is the canary's with one probability ``w`` (the
+canary's share of answers) in every category. Against that composite null the guard keeps
+a universal-inference e-process (Wasserman, Ramdas & Balakrishnan, PNAS 2020): the
+numerator is, per slot, the Beta(1/2, 1/2) mixture of Bernoulli(q_slot) likelihoods of
+the arms seen in that slot (Krichevsky-Trofimov), multiplied over slots; the denominator
+is the likelihood of all the arms under the best single ``w`` (the binomial maximum,
+``K log(K/N) + M log(M/N)`` for K canary and M stable answers of N). For the true ``w``
+the numerator over ``w**K (1-w)**M`` is a nonnegative martingale with mean 1, and the
+ratio is never above it, so by Ville's inequality it ever reaches ``1/alpha`` with
+probability at most ``alpha`` (the false-flip rate of a healthy canary), however often it
+is read. A changed share breaks "one ``w``": ``set_share`` banks the evidence so far and
+starts a fresh product (reinvesting the wealth keeps a supermartingale). Each answer
+updates one slot's term (three ``lgamma``) and the denominator (three ``log``).
+
+The broken classifier of the issue (90% one class, stable 50/50, 20% weight) carries
+about 0.06 nats of evidence per answer: flipped after ~30 canary answers on average.
+``verdict`` also reports the Jensen-Shannon divergence between the arms' categories, and
+``not_worse`` (the progressive gate) asks the Robbins confidence sequences
+(``judge_evidence``) of every slot's rate on both arms to agree within ``tolerance``
+percentage points.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from proxy.answer import MISSING, split_path, value_at
+from proxy.guard.evidence import CANARY, DEFAULT_ALPHA, GuardReason, evalue, pct
+from proxy.rollout import judge_evidence as ev
+from proxy.rollout.judge import JudgeState, Verdict
+from proxy.units import Percent
+
+TOP_K = 16
+OTHER = "(other)"
+ABSENT = "(missing)"
+TEXT_MAX = 64  # characters of a category kept (strings, JSON of lists and objects)
+_INT_MAX = 10**6  # integers up to this are categories as they are (class ids, counts)
+_A = 0.5  # the Beta(1/2, 1/2) prior of every slot
+_LBETA0 = math.log(math.pi)  # log B(1/2, 1/2)
+
+
+def category(value: Any) -> str:
+    """The category of one answer value (see the module docstring)."""
+    kind = type(value)
+    if kind is str:
+        return value if len(value) <= TEXT_MAX else value[:TEXT_MAX]  # type: ignore[no-any-return]
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value) if -_INT_MAX <= value <= _INT_MAX else f"~{value:.1g}"
+    if kind is float:
+        if value.is_integer() and -_INT_MAX <= value <= _INT_MAX:
+            return str(int(value))  # JSON's 1.0 is 1
+        return f"~{value:.1g}" if math.isfinite(value) else str(value)
+    if value is None:
+        return "null"
+    if value is MISSING:
+        return ABSENT
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)[:TEXT_MAX].decode(
+            "utf-8", "replace")
+    except (TypeError, orjson.JSONEncodeError):
+        return OTHER
+
+
+def _term(k: int, m: int) -> float:
+    """Log of one slot's Beta(1/2, 1/2) mixture after k canary and m stable answers."""
+    lg = math.lgamma
+    return lg(_A + k) + lg(_A + m) - lg(2 * _A + k + m) - _LBETA0
+
+
+def _xlogx(x: int) -> float:
+    return x * math.log(x) if x > 0 else 0.0
+
+
+class OutputDrift:
+    """The output drift guard of one rollout (canary against its base lane).
+
+    ``observe(arm, value)`` after each answer that ended cleanly on either arm (``arm``
+    is ``"canary"`` or anything else for the base; ``value`` from ``proxy.answer``, or
+    ``observe_body`` with the whole answer body when built with ``json_path``);
+    ``failing`` turns True on the answer that trips. ``set_share`` on a change of the
+    canary's weight. ``verdict``/``not_worse`` are for the tick (about a millisecond).
+    """
+
+    reason = GuardReason.OUTPUT_DRIFT
+
+    __slots__ = ("alpha", "tolerance", "json_path", "top_k", "share", "names", "canary",
+                 "stable", "tripped", "_path", "_slot", "_k", "_m", "_terms", "_sum",
+                 "_kk", "_mm", "_base", "_log_trip", "_log_e")
+
+    def __init__(self, *, alpha: float = DEFAULT_ALPHA, tolerance: Percent = 5.0,
+                 top_k: int = TOP_K, json_path: str | None = None,
+                 share: float | None = None) -> None:
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if top_k < 1 or tolerance < 0:
+            raise ValueError("top_k must be >= 1 and tolerance >= 0")
+        self.alpha = alpha
+        self.tolerance = tolerance
+        self.json_path = json_path
+        self.top_k = top_k
+        self.share = share  # only for figures: the test needs no share
+        self.names: list[str] = []  # slot -> category; OTHER is slot top_k
+        self.canary = [0] * (top_k + 1)  # answers per slot since the guard began
+        self.stable = [0] * (top_k + 1)
+        self.tripped = False
+        self._path = split_path(json_path) if json_path else None
+        self._slot: dict[str, int] = {}
+        self._k = [0] * (top_k + 1)  # per slot, since the segment began
+        self._m = [0] * (top_k + 1)
+        self._terms = [0.0] * (top_k + 1)
+        self._sum = 0.0  # sum of _terms
+        self._kk = 0  # canary and stable answers in the segment
+        self._mm = 0
+        self._base = 0.0  # log wealth banked by earlier segments
+        self._log_trip = -math.log(alpha)
+        self._log_e = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.tripped
+
+    def observe_body(self, arm: str, body: bytes | None) -> None:
+        """``observe`` the value at ``json_path`` in a whole answer body (JSON or SSE)."""
+        assert self._path is not None, "built without a json_path"
+        self.observe(arm, value_at(body, self._path))
+
+    def observe(self, arm: str, value: Any) -> None:
+        key = category(value)
+        slot = self._slot.get(key)
+        if slot is None:
+            slot = self._new_slot(key)
+        if arm == CANARY:
+            self.canary[slot] += 1
+            k = self._k[slot] = self._k[slot] + 1
+            m = self._m[slot]
+            self._kk += 1
+        else:
+            self.stable[slot] += 1
+            k = self._k[slot]
+            m = self._m[slot] = self._m[slot] + 1
+            self._mm += 1
+        if self.tripped:
+            return
+        term = _term(k, m)
+        self._sum += term - self._terms[slot]
+        self._terms[slot] = term
+        kk, mm = self._kk, self._mm
+        log_e = self._log_e = (self._base + self._sum - _xlogx(kk) - _xlogx(mm)
+                               + _xlogx(kk + mm))
+        if log_e >= self._log_trip:
+            self.tripped = True
+
+    def _new_slot(self, key: str) -> int:
+        slot = len(self.names)
+        if slot >= self.top_k:
+            slot = self.top_k
+            if len(self.names) == self.top_k:
+                self.names.append(OTHER)
+        else:
+            self.names.append(key)
+        if len(self._slot) < 4 * self.top_k:  # remember a few overflow keys, not all
+            self._slot[key] = slot
+        return slot
+
+    def set_share(self, share: float) -> None:
+        """The canary's weight changed: bank the evidence so far and start a new segment
+        (its arms come at the new share)."""
+        if share == self.share:
+            return
+        self.share = share
+        self._base = self.log_evalue()
+        self._k = [0] * (self.top_k + 1)
+        self._m = [0] * (self.top_k + 1)
+        self._terms = [0.0] * (self.top_k + 1)
+        self._sum = 0.0
+        self._kk = self._mm = 0
+
+    def log_evalue(self) -> float:
+        """The e-process now, as a log (trips at ``log(1/alpha)``)."""
+        return self._log_e
+
+    def divergence(self) -> float:
+        """Jensen-Shannon divergence (bits, 0 to 1) between the arms' categories so far."""
+        nc, ns = sum(self.canary), sum(self.stable)
+        if nc == 0 or ns == 0:
+            return 0.0
+        js = 0.0
+        for c, s in zip(self.canary, self.stable, strict=True):
+            p, q = c / nc, s / ns
+            mid = 0.5 * (p + q)
+            if p > 0:
+                js += 0.5 * p * math.log2(p / mid)
+            if q > 0:
+                js += 0.5 * q * math.log2(q / mid)
+        return max(0.0, js)
+
+    def not_worse(self, tolerance: Percent | None = None) -> bool:
+        """Evidence that every category's rate on the canary is within ``tolerance``
+        percentage points of stable's (None: the guard's own)? The progressive gate."""
+        if self.tripped:
+            return False
+        nc, ns = sum(self.canary), sum(self.stable)
+        used = len(self.names)
+        if nc == 0 or ns == 0 or used == 0:
+            return False
+        tol = (self.tolerance if tolerance is None else tolerance) / 100.0
+        thr = math.log(2 * used / self.alpha)  # a two-sided sequence per arm and slot
+        for c, s in zip(self.canary[:used], self.stable[:used], strict=True):
+            hi_c, lo_c = ev.upper_bound(c, nc, thr), ev.lower_bound(c, nc, thr)
+            hi_s, lo_s = ev.upper_bound(s, ns, thr), ev.lower_bound(s, ns, thr)
+            if hi_c - lo_s > tol or hi_s - lo_c > tol:
+                return False
+        return True
+
+    def verdict(self) -> Verdict:
+        log_e = self.log_evalue()
+        if self.tripped:
+            state = JudgeState.FAILING
+        elif self.not_worse():
+            state = JudgeState.PASSING
+        else:
+            state = JudgeState.INCONCLUSIVE
+        nc, ns = sum(self.canary), sum(self.stable)
+        js = round(self.divergence(), 4)
+        e, trip_at = evalue(log_e), round(1.0 / self.alpha, 3)
+        where = f" at {self.json_path}" if self.json_path else ""
+        top = self._top(3)
+        if state is JudgeState.FAILING:
+            reason: str | None = self.reason.value
+            detail = (f"canary answers{where} differ from stable's (Jensen-Shannon "
+                      f"{js:.3f} bits; {top}) over {nc} canary and {ns} stable answers: "
+                      f"e-value {e:.3g} >= {trip_at:g} (alpha {self.alpha:g})")
+        elif state is JudgeState.PASSING:
+            reason = None
+            detail = (f"canary answers{where} within {self.tolerance:g}pp of stable's in "
+                      f"every category over {nc} canary answers (Jensen-Shannon {js:.3f})")
+        else:
+            reason = None
+            detail = (f"not enough evidence yet over {nc} canary and {ns} stable answers"
+                      f"{where} (Jensen-Shannon {js:.3f}; e-value {e:.3g}, trips at "
+                      f"{trip_at:g})")
+        used = len(self.names)
+        figures: dict[str, object] = {
+            "guard": self.reason.value, "alpha": self.alpha, "json_path": self.json_path,
+            "share": self.share, "canary_answers": nc, "stable_answers": ns,
+            "categories": {name: {"canary": self.canary[i], "stable": self.stable[i]}
+                           for i, name in enumerate(self.names[:used])},
+            "js_divergence": js, "e_value": e, "trip_at": trip_at,
+        }
+        return Verdict(state=state, reason=reason, detail=detail, figures=figures)
+
+    def _top(self, n: int) -> str:
+        """The categories whose shares differ most, as text."""
+        nc, ns = max(1, sum(self.canary)), max(1, sum(self.stable))
+        rows = sorted(range(len(self.names)), key=lambda i: -abs(
+            self.canary[i] / nc - self.stable[i] / ns))[:n]
+        return ", ".join(f"{self.names[i]!r} {pct(self.canary[i], nc):.0f}% vs "
+                         f"{pct(self.stable[i], ns):.0f}%" for i in rows)
+
+    def __repr__(self) -> str:
+        state = "failing" if self.tripped else "open"
+        return (f"<OutputDrift {self.json_path or '-'} alpha={self.alpha:g} {state}: "
+                f"{sum(self.canary)} canary / {sum(self.stable)} stable answers, "
+                f"{len(self.names)} categories>")
