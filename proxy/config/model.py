@@ -159,6 +159,35 @@ class ShadowConfig:
 
 
 @dataclass(**_frozen())
+class OutputGuardConfig:
+    json_path: str  # the answer value whose distribution is compared (predictions.0)
+
+
+@dataclass(**_frozen())
+class FeedbackGuardConfig:
+    json_path: str | None = None  # the answer value a posted label is compared with
+    max_pending: int = 100_000  # answers awaiting feedback; the oldest are dropped past it
+    ttl: Seconds = 3600.0  # how long an answer awaits feedback
+    min_accuracy: float | None = None  # 0-1; null: only "canary worse than stable" trips
+
+
+@dataclass(**_frozen())
+class CompareGuardConfig:
+    json_paths: tuple[str, ...]
+    sample: Percent = 10.0  # of canary-served requests, also sent to stable
+    max_disagreement: Percent = 10.0  # (over the noise floor, with one)
+    noise_floor: bool = False  # also pair stable with itself and judge against that
+
+
+@dataclass(**_frozen())
+class GuardConfig:
+    alpha: float = 0.01  # each guard flips a healthy canary with at most this probability
+    output: OutputGuardConfig | None = None
+    feedback: FeedbackGuardConfig | None = None
+    compare: CompareGuardConfig | None = None
+
+
+@dataclass(**_frozen())
 class RollbackConfig:
     enabled: bool = True
     # "sequential": canary vs stable, request by request, false rollbacks bounded by
@@ -219,6 +248,7 @@ class RouteConfig:
     kill_switch: KillSwitchConfig = field(default_factory=KillSwitchConfig)
     override_header: str | None = None  # lower-cased
     llm: LlmConfig = field(default_factory=LlmConfig)
+    guard: GuardConfig | None = None  # quality guards (issue 17)
 
 
 @dataclass(**_frozen())

@@ -164,6 +164,8 @@ def _route_extras(route: c.RouteConfig) -> list[str]:
         extras.append(
             f"shadow {route.shadow.upstream} {route.shadow.sample:g}% by {route.shadow.by}"
         )
+    if route.guard is not None:
+        extras.append(_guard_summary(route.guard))
     if route.fallback is not None:
         extras.append(f"fallback {route.fallback}")
     if route.override_header is not None:
@@ -177,6 +179,22 @@ def _route_extras(route: c.RouteConfig) -> list[str]:
     if not route.retry_canary_on_stable and route.canary is not None:
         extras.append("no retry of canary failures")
     return extras
+
+
+def _guard_summary(g: c.GuardConfig) -> str:
+    parts = []
+    if g.output is not None:
+        parts.append(f"output drift on {g.output.json_path}")
+    if g.feedback is not None:
+        fb = g.feedback
+        floor = f", min accuracy {fb.min_accuracy:g}" if fb.min_accuracy is not None else ""
+        parts.append(f"feedback ({fb.max_pending} ids for {format_duration(fb.ttl)}{floor})")
+    if g.compare is not None:
+        cp = g.compare
+        noise = " over stable's own" if cp.noise_floor else ""
+        parts.append(f"{cp.sample:g}% paired with stable, max {cp.max_disagreement:g}% "
+                     f"disagreement{noise} on {', '.join(cp.json_paths)}")
+    return f"guards (alpha {g.alpha:g}): {'; '.join(parts)}"
 
 
 def _rollback_summary(rb: c.RollbackConfig) -> str:

@@ -125,6 +125,26 @@ _ROLLBACK = section(
 )
 # Rollback rules on figures only a route with llm.telemetry reads.
 LLM_RULES = ("max_ttft_p99", "max_ttft_ratio", "max_tokens_ratio", "max_finish_length_rate")
+_GUARD = section(
+    c.GuardConfig,
+    {
+        "alpha": scalar(v.alpha),
+        "output": nullable(section(c.OutputGuardConfig, {"json_path": v.json_path},
+                                   required=("json_path",))),
+        "feedback": nullable(section(c.FeedbackGuardConfig, {
+            "json_path": nullable(v.json_path),
+            "max_pending": integer(1),
+            "ttl": duration(),
+            "min_accuracy": nullable(scalar(v.fraction)),
+        })),
+        "compare": nullable(section(c.CompareGuardConfig, {
+            "sample": percent(),
+            "json_paths": list_of(v.json_path, min_items=1),
+            "max_disagreement": percent(),
+            "noise_floor": boolean(),
+        }, required=("json_paths",))),
+    },
+)
 _KILL_SWITCH = section(
     c.KillSwitchConfig,
     {
@@ -263,6 +283,7 @@ class Schema:
                 "kill_switch": _KILL_SWITCH,
                 "override_header": nullable(v.header_name),
                 "llm": section(c.LlmConfig, {"telemetry": boolean()}),
+                "guard": nullable(_GUARD),
             },
             required=("name", "match", "stable"),
         )
@@ -282,11 +303,12 @@ class Schema:
             else:
                 self.route_lines[name] = sec.key_line("name")
         roles: dict[str, str] = {}  # upstream name -> the role that named it first
+        # The shadow may be stable or canary (A/A runs, the guards' pairs), not the fallback.
         for role, node in (
             ("stable", sec.node("stable")),
             ("canary", child(sec.node("canary"), "upstream")),
-            ("shadow", child(sec.node("shadow"), "upstream")),
             ("fallback", sec.node("fallback")),
+            ("shadow", child(sec.node("shadow"), "upstream")),
         ):
             used = _role_value(values, role)
             if used is None or node is None:
@@ -294,12 +316,17 @@ class Schema:
             where = (
                 f"{path}.{role}" if role in ("stable", "fallback") else f"{path}.{role}.upstream"
             )
-            if used in roles:
+            if role == "shadow":
+                if roles.get(used) == "fallback":
+                    reader.error(line_of(node), where,
+                                 f"{used!r} is already this route's fallback; the shadow may "
+                                 "be the stable or the canary, not the fallback")
+            elif used in roles:
                 reader.error(
                     line_of(node),
                     where,
                     f"{used!r} is already this route's {roles[used]}; "
-                    "stable, canary, shadow and fallback must all differ",
+                    "stable, canary and fallback must all differ",
                 )
             else:
                 roles[used] = role
@@ -309,6 +336,17 @@ class Schema:
                 f"{path}.progressive",
                 "needs a canary section (the upstream it steps up)",
             )
+        guard = sec.node("guard")
+        kinds = [k for k in ("output", "feedback", "compare") if not _is_absent(child(guard, k))]
+        if not _is_absent(guard) and not kinds:
+            reader.error(sec.key_line("guard"), f"{path}.guard",
+                         "needs one of output, feedback or compare")
+        if _is_absent(sec.node("canary")):
+            for key in ("output", "compare"):  # both compare the canary with stable
+                node = child(guard, key)
+                if node is not None and not is_null(node):
+                    reader.error(line_of(node), f"{path}.guard.{key}",
+                                 "needs a canary section (it compares the canary with stable)")
         sticky, shadow = values.get("sticky"), values.get("shadow")
         _resolve_judge(sec, sticky is not None)
         if sticky is not None and not (

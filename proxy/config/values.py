@@ -146,6 +146,19 @@ def version_label(value: object) -> str:
     return text
 
 
+# Dotted: keys and list indexes (-1 the last), no empty part, no white space.
+JSON_PATH = re.compile(r"[^.\s]+(\.[^.\s]+)*")
+json_path = string(pattern=JSON_PATH, hint="expected a dotted path like 'predictions.0' "
+                   "or 'choices.0.message.content'")
+
+
+def fraction(value: object) -> float:
+    """A number from 0 to 1 (an accuracy)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise Invalid(f"expected a number from 0 to 1, got {describe(value)}")
+    return float(value)
+
+
 def alpha(value: object) -> float:
     """A false-rollback bound: a probability above 0, at most 0.5."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 0.5:
