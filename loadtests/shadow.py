@@ -189,7 +189,7 @@ async def shadow_counts(fb: Flipback) -> dict[str, float]:
         if line.startswith("flipback_shadow_total{"):
             outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
             out[outcome] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("flipback_shadow_mismatch_total{"):
+        elif line.startswith("flipback_shadow_mismatched_requests_total{"):
             out["mismatch"] = out.get("mismatch", 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 

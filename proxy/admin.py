@@ -195,6 +195,7 @@ def _shadow_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any] | None:
     cfg = mirror.cfg
     compares = cfg.compare is not None
     stats = runtime.metrics.shadow(rollout.name, compares=compares)
+    totals = stats.totals()
     return {
         "upstream": mirror.upstream,
         "version": mirror.pool.cfg.version,
@@ -204,8 +205,9 @@ def _shadow_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any] | None:
         "in_flight": mirror.in_flight,
         "copies": dict(zip(SHADOW_OUTCOMES, stats.outcomes, strict=True)),
         "compared": sum(stats.delta.counts) if compares else None,
-        "mismatches": dict(zip(MISMATCH_KINDS, stats.mismatches, strict=True))
-        if compares else None,
+        "mismatches": dict(zip(MISMATCH_KINDS, totals, strict=False)) if compares else None,
+        # requests with any mismatch (status and body together count once)
+        "mismatched": totals[-1] if compares else None,
     }
 
 

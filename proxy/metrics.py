@@ -127,15 +127,39 @@ class LlmSeries:
 
 class ShadowStats:
     """Shadow figures of one route: copies by outcome (``SHADOW_OUTCOMES``), mismatches
-    by kind (``MISMATCH_KINDS``) and the latency delta; the last two only with compare."""
+    by the primary upstream that answered the client (per kind, ``MISMATCH_KINDS``, and
+    requests with any mismatch: a pair differing in status and body is one request) and
+    the latency delta; the last two only with compare."""
 
     __slots__ = ("outcomes", "mismatches", "delta", "compares")
 
     def __init__(self) -> None:
         self.outcomes = [0] * len(SHADOW_OUTCOMES)
-        self.mismatches = [0] * len(MISMATCH_KINDS)
+        # primary upstream -> [status, body, requests with any mismatch]
+        self.mismatches: dict[str, list[int]] = {}
         self.delta = Histogram(DELTA_BUCKETS)
         self.compares = False  # set once a config compares: then its series are shown
+
+    def declare(self, primaries: Iterable[str]) -> None:
+        """Show the mismatch series of these primaries at 0 from the start."""
+        for name in primaries:
+            self.mismatches.setdefault(name, [0] * (len(MISMATCH_KINDS) + 1))
+
+    def count_mismatch(self, primary: str, status: bool, body: bool) -> None:
+        row = self.mismatches.get(primary)
+        if row is None:
+            row = self.mismatches[primary] = [0] * (len(MISMATCH_KINDS) + 1)
+        row[0] += status
+        row[1] += body
+        row[2] += 1
+
+    def totals(self) -> list[int]:
+        """Mismatches over every primary: by kind, then requests."""
+        out = [0] * (len(MISMATCH_KINDS) + 1)
+        for row in list(self.mismatches.values()):
+            for i, n in enumerate(row):
+                out[i] += n
+        return out
 
 
 class InFlight:
@@ -248,12 +272,15 @@ class Metrics:
             found = self._llm[key] = LlmSeries()
         return found
 
-    def shadow(self, route: str, compares: bool) -> ShadowStats:
-        """The shadow figures of ``route``, shared by the mirrors a reload replaces."""
+    def shadow(self, route: str, compares: bool, primaries: Iterable[str] = ()) -> ShadowStats:
+        """The shadow figures of ``route``, shared by the mirrors a reload replaces;
+        ``primaries`` (the route's stable and canary) get mismatch series at 0."""
         found = self._shadow.get(route)
         if found is None:
             found = self._shadow[route] = ShadowStats()
         found.compares = found.compares or compares
+        if compares:
+            found.declare(primaries)
         return found
 
     def in_flight(self, route: str, upstream: str) -> InFlight:
@@ -407,8 +434,12 @@ class _Collector(Collector):
 def _shadow_families(stats: dict[str, ShadowStats]) -> Iterator[Metric]:
     total = CounterMetricFamily("flipback_shadow", "Shadow copies by outcome",
                                 labels=["route", "outcome"])
-    mismatch = CounterMetricFamily("flipback_shadow_mismatch", "Shadow disagreements",
-                                   labels=["route", "kind"])
+    mismatch = CounterMetricFamily(
+        "flipback_shadow_mismatch", "Shadow disagreements by kind and by the primary upstream "
+        "that answered the client", labels=["route", "kind", "primary"])
+    mismatched = CounterMetricFamily(
+        "flipback_shadow_mismatched_requests", "Shadow copies whose answer differed from the "
+        "primary's in any way (status or body), by primary upstream", labels=["route", "primary"])
     # Built by hand: HistogramMetricFamily leaves out _count and _sum when a bucket is
     # negative, and these buckets must be (either side can be the faster).
     hist = "flipback_shadow_latency_delta_seconds"
@@ -418,8 +449,10 @@ def _shadow_families(stats: dict[str, ShadowStats]) -> Iterator[Metric]:
         for outcome, count in zip(SHADOW_OUTCOMES, s.outcomes, strict=True):
             total.add_metric([route, outcome], count)
         if s.compares:
-            for kind, count in zip(MISMATCH_KINDS, s.mismatches, strict=True):
-                mismatch.add_metric([route, kind], count)
+            for primary, row in sorted(s.mismatches.items()):
+                for kind, count in zip(MISMATCH_KINDS, row, strict=False):
+                    mismatch.add_metric([route, kind, primary], count)
+                mismatched.add_metric([route, primary], row[-1])
             buckets = s.delta.buckets()
             for le, running in buckets:
                 delta.add_sample(f"{hist}_bucket", {"route": route, "le": le}, running)
@@ -427,6 +460,7 @@ def _shadow_families(stats: dict[str, ShadowStats]) -> Iterator[Metric]:
             delta.add_sample(f"{hist}_sum", {"route": route}, s.delta.total)
     yield total
     yield mismatch
+    yield mismatched
     yield delta
 
 

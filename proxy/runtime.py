@@ -146,7 +146,9 @@ class Runtime:
                 and old.shadow.pool is pool):
             mirror: ShadowMirror = old.shadow
             return mirror
-        return ShadowMirror(route=route.name, cfg=cfg, pool=pool, metrics=self.metrics)
+        primaries = (route.stable, *((route.canary.upstream,) if route.canary else ()))
+        return ShadowMirror(route=route.name, cfg=cfg, pool=pool, metrics=self.metrics,
+                            primaries=primaries)
 
     def apply(self, config: ProxyConfig) -> ReloadResult:
         """Swap in a validated config between requests (SPEC §7). Requests already under

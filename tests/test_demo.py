@@ -123,8 +123,12 @@ def test_demo_reads_shadow_agreement_from_metrics():
         'flipback_shadow_total{route="chat",outcome="dropped"} 2.0',
         'flipback_shadow_total{route="other",outcome="sent"} 7.0',
         "# TYPE flipback_shadow_mismatch_total counter",
-        'flipback_shadow_mismatch_total{route="chat",kind="body"} 19.0',
-        'flipback_shadow_mismatch_total{route="chat",kind="status"} 1.0',
+        'flipback_shadow_mismatch_total{route="chat",kind="body",primary="v1"} 15.0',
+        'flipback_shadow_mismatch_total{route="chat",kind="status",primary="v1"} 1.0',
+        'flipback_shadow_mismatch_total{route="chat",kind="body",primary="v2"} 4.0',
+        "# TYPE flipback_shadow_mismatched_requests_total counter",
+        'flipback_shadow_mismatched_requests_total{route="chat",primary="v1"} 15.0',
+        'flipback_shadow_mismatched_requests_total{route="chat",primary="v2"} 4.0',
         "# TYPE flipback_shadow_latency_delta_seconds histogram",
         'flipback_shadow_latency_delta_seconds_bucket{route="chat",le="+Inf"} 98.0',
         'flipback_shadow_latency_delta_seconds_count{route="chat"} 98.0',
@@ -133,11 +137,14 @@ def test_demo_reads_shadow_agreement_from_metrics():
         "",
     ])
     scrape = parse_metrics(text, "chat")
-    # A pair can count under both kinds: the larger count, not the sum, is the pairs.
+    # A pair can count under both kinds: the requests counter, not the sum of kinds.
     assert scrape.shadow == ShadowFigures(sent=100, dropped=2, compared=98, differed=19)
     assert scrape.shadow.agreement == pytest.approx(100 * 79 / 98)
     assert scrape.counts == {("chat", "llm-v3"): 100.0}
     assert ShadowFigures().agreement is None
+    # From a flipback without the requests counter: the larger kind, over every primary.
+    older = "\n".join(line for line in text.splitlines() if "mismatched_requests" not in line)
+    assert parse_metrics(older + "\n", "chat").shadow.differed == 19
 
 
 @pytest.mark.parametrize("argv", [["--duration-scale", "0"], ["--duration-scale", "x"],

@@ -56,9 +56,16 @@ def count(fb: Any, outcome: str) -> float:
     return value or 0.0
 
 
-def mismatches(fb: Any, kind: str) -> float:
+def mismatches(fb: Any, kind: str, primary: str = "v1") -> float:
     value = fb.runtime.metrics.registry.get_sample_value(
-        "flipback_shadow_mismatch_total", {"route": "chat", "kind": kind})
+        "flipback_shadow_mismatch_total", {"route": "chat", "kind": kind, "primary": primary})
+    return value or 0.0
+
+
+def mismatched(fb: Any, primary: str = "v1") -> float:
+    """Requests with any mismatch (a pair differing in status and body counts once)."""
+    value = fb.runtime.metrics.registry.get_sample_value(
+        "flipback_shadow_mismatched_requests_total", {"route": "chat", "primary": primary})
     return value or 0.0
 
 
@@ -233,6 +240,9 @@ async def test_bodies_are_recorded_only_when_asked(model, flipback, tmp_path):
     assert orjson.loads(line["bodies"]["primary"])["model"] == "v1"
     assert line["mismatch"] == ["status", "body"]
     assert line["paths"][0]["shadow"] is None and line["paths"][0]["missing"] == ["shadow"]
+    # Two kinds, one request: the alert's rate (requests / copies sent) stays <= 100%.
+    await wait_until(lambda: mismatches(fb, "body") == 1)
+    assert mismatched(fb) == 1 == count(fb, "sent")
 
 
 async def test_paths_are_not_compared_past_inspect_body(model, flipback, tmp_path):
@@ -558,3 +568,38 @@ async def test_reload_keeps_an_unchanged_mirror_and_closes_a_replaced_one(model,
         assert first.pool.in_flight == 0  # the hung copy's connection was aborted
     finally:
         await app.aclose()
+
+
+AA_ROUTES = """
+server: {{listen: "127.0.0.1:0"}}
+upstreams:
+  v1: {{url: "{v1}"}}
+  v2: {{url: "{v2}"}}
+routes:
+  - name: chat
+    match: {{path_prefix: "/"}}
+    stable: v1
+    canary: {{upstream: v2, weight: {weight}}}
+    shadow: {{upstream: {shadow}, sample: 100, compare: {{json_paths: [model], record: null}}}}
+"""
+
+
+@pytest.mark.parametrize("shadow", ["v1", "v2"])
+async def test_shadow_may_be_the_stable_or_the_canary_and_mismatches_name_the_primary(
+        model, flipback, shadow):
+    # Issue 17: an A/A shadow (the stable's own upstream) and a canary shadowing stable's
+    # answers, each counted by the primary that answered the client.
+    v1, v2 = await model("v1"), await model("v2")
+    fb = await flipback(AA_ROUTES, v1=v1.url, v2=v2.url, weight=0, shadow=shadow)
+    for _ in range(3):
+        assert (await post(fb, "/x"))[0] == 200
+    await wait_until(lambda: compared(fb) == 3)
+    copies = [s for s in (v1 if shadow == "v1" else v2).seen if "x-flipback-shadow" in s.headers]
+    assert len(copies) == 3
+    differs = 0 if shadow == "v1" else 3  # the fake answers {"model": its name}
+    assert mismatches(fb, "body", primary="v1") == differs == mismatched(fb, primary="v1")
+    assert mismatches(fb, "status", primary="v1") == 0
+    # The canary's series are there at 0 before it answers anything.
+    assert mismatched(fb, primary="v2") == 0
+    assert fb.runtime.metrics.registry.get_sample_value(
+        "flipback_shadow_mismatched_requests_total", {"route": "chat", "primary": "v2"}) == 0

@@ -103,8 +103,9 @@ class ShadowFigures:
     """One route's shadow traffic, from flipback's counters: copies ``sent`` (answered),
     ``dropped`` (in-flight cap), ``failed`` (error, timeout); ``compared`` pairs (the count
     of ``flipback_shadow_latency_delta_seconds``, observed once per judged pair) and how many
-    ``differed``: the larger of ``flipback_shadow_mismatch_total``'s two kinds, since a pair
-    can count in both (exact when one kind differs, as in the demo: bodies only)."""
+    ``differed``: ``flipback_shadow_mismatched_requests_total`` over every primary (a pair
+    differing in status and body counts once), or, from a flipback without it, the larger
+    of ``flipback_shadow_mismatch_total``'s two kinds."""
 
     sent: int = 0
     dropped: int = 0
@@ -130,6 +131,7 @@ def parse_metrics(text: str, route: str) -> Scrape:
     """The figures the demo shows, from flipback's Prometheus text (ValueError if bad)."""
     families = list(text_string_to_metric_families(text))
     shadow: dict[str, float] = {}
+    kinds: dict[str, float] = {}  # mismatches by kind, summed over primaries
     for family in families:
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
@@ -138,8 +140,11 @@ def parse_metrics(text: str, route: str) -> Scrape:
             if name == "flipback_shadow_total":
                 outcome = labels.get("outcome", "")
                 shadow[outcome] = shadow.get(outcome, 0.0) + value
-            elif name == "flipback_shadow_mismatch_total":  # by kind: status, body
-                shadow["differed"] = max(shadow.get("differed", 0.0), value)
+            elif name == "flipback_shadow_mismatched_requests_total":  # by primary
+                shadow["requests"] = shadow.get("requests", 0.0) + value
+            elif name == "flipback_shadow_mismatch_total":  # by kind and primary
+                kind = labels.get("kind", "")
+                kinds[kind] = kinds.get(kind, 0.0) + value
             elif name == "flipback_shadow_latency_delta_seconds_count":
                 shadow["compared"] = value
     figures = ShadowFigures(
@@ -147,7 +152,8 @@ def parse_metrics(text: str, route: str) -> Scrape:
         dropped=int(shadow.get("dropped", 0)),
         failed=int(shadow.get("error", 0) + shadow.get("timeout", 0)),
         compared=int(shadow.get("compared", 0)),
-        differed=int(shadow.get("differed", 0)),
+        differed=int(shadow["requests"] if "requests" in shadow
+                     else max(kinds.values(), default=0.0)),
     )
     return Scrape(request_counts_in(families), figures)
 

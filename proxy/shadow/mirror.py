@@ -30,7 +30,6 @@ from proxy.config.model import CompareConfig, ShadowConfig
 from proxy.errors import StreamBroken, UpstreamError
 from proxy.events import rfc3339_now
 from proxy.metrics import (
-    MISMATCH_KINDS,
     OUTCOME_ERROR,
     OUTCOME_TIMEOUT,
     SHADOW_OUTCOMES,
@@ -59,7 +58,6 @@ SESSION_BUCKETS = 10_000
 _PERSON = b"flipback-shadow"
 SENT, DROPPED, SKIPPED, ERROR, TIMEOUT = (SHADOW_OUTCOMES.index(o) for o in (
     "sent", "dropped", "skipped_body", "error", "timeout"))
-STATUS, BODY = MISMATCH_KINDS.index("status"), MISMATCH_KINDS.index("body")
 # Bodies up to this size (both together) are compared on the event loop (well under a
 # millisecond); longer ones in a worker thread, at most JUDGES at a time per route.
 INLINE_COMPARE = 64 * 1024
@@ -202,7 +200,8 @@ class ShadowMirror:
     the rest unjudged, and flushes the record."""
 
     def __init__(self, *, route: str, cfg: ShadowConfig, pool: UpstreamPool,
-                 metrics: Metrics, rng: random.Random | None = None) -> None:
+                 metrics: Metrics, rng: random.Random | None = None,
+                 primaries: tuple[str, ...] = ()) -> None:
         self.route = route
         self.cfg = cfg
         self.upstream = cfg.upstream
@@ -219,7 +218,9 @@ class ShadowMirror:
         self._judges = TaskSet(f"shadow-compare-{route}", limit=JUDGES)
         self._loop: asyncio.AbstractEventLoop | None = None  # taken at the first offer
         self._now = time.monotonic  # the loop's clock, once there is a loop
-        self._stats = metrics.shadow(route, compares=cfg.compare is not None)
+        # primaries: the route's stable and canary, whose mismatch series start at 0
+        self._stats = metrics.shadow(route, compares=cfg.compare is not None,
+                                     primaries=primaries)
         self._outcomes = self._stats.outcomes
         self._series = metrics.series(route, cfg.upstream, "shadow")
         self._in_flight = metrics.in_flight(route, cfg.upstream)
@@ -360,11 +361,7 @@ class ShadowMirror:
                   cfg: CompareConfig, skipped: str) -> None:
         if not verdict.status_differs and not verdict.paths:
             return
-        mismatches = self._stats.mismatches
-        if verdict.status_differs:
-            mismatches[STATUS] += 1
-        if verdict.paths:
-            mismatches[BODY] += 1
+        self._stats.count_mismatch(p.upstream, verdict.status_differs, bool(verdict.paths))
         if self._record is not None:
             self._record.append(self._entry(pair, p, s, verdict, cfg, skipped))
 
