@@ -8,20 +8,22 @@ significant digit, lists and objects by their JSON text, an absent value as
 stays bounded however varied the answers.
 
 The test. Requests are split between the arms at random, so when both arms answer from
-the same distribution, whatever that distribution does over time, the arm of an answer
-is independent of its category: it is the canary's with one probability ``w`` (the
-canary's share of answers) in every category. Against that composite null the guard keeps
-a universal-inference e-process (Wasserman, Ramdas & Balakrishnan, PNAS 2020): the
-numerator is, per slot, the Beta(1/2, 1/2) mixture of Bernoulli(q_slot) likelihoods of
-the arms seen in that slot (Krichevsky-Trofimov), multiplied over slots; the denominator
-is the likelihood of all the arms under the best single ``w`` (the binomial maximum,
-``K log(K/N) + M log(M/N)`` for K canary and M stable answers of N). For the true ``w``
-the numerator over ``w**K (1-w)**M`` is a nonnegative martingale with mean 1, and the
-ratio is never above it, so by Ville's inequality it ever reaches ``1/alpha`` with
+the same distribution, whatever that distribution does over time, an answer's arm is
+independent of its category: it is the canary's with one probability ``w_s`` (the
+canary's share of answers while the weight is unchanged, segment ``s``) in every
+category. Against that composite null the guard keeps a universal-inference e-process
+(Wasserman, Ramdas & Balakrishnan, PNAS 2020, the running-MLE form): the numerator is the
+probability a predictable plug-in model gave each answer's arm, ``q = w p_c / (w p_c +
+(1-w) p_s)`` with the category's frequency ``p_c`` among the canary's past answers and
+``p_s`` among stable's (add-1/2 smoothed; these do not depend on the weight) and ``w``
+the segment's past canary share; the denominator is the likelihood of all the arms under
+the best ``w_s`` per segment (``K log(K/N) + M log(M/N)`` for K canary and M stable
+answers of N in it). For the true ``w_s`` the numerator over the null likelihood is a
+nonnegative martingale with mean 1 (a ratio of two probability models of the arms), and
+the e-process is never above it, so by Ville's inequality it ever reaches ``1/alpha`` with
 probability at most ``alpha`` (the false-flip rate of a healthy canary), however often it
-is read. A changed share breaks "one ``w``": ``set_share`` banks the evidence so far and
-starts a fresh product (reinvesting the wealth keeps a supermartingale). Each answer
-updates one slot's term (three ``lgamma``) and the denominator (three ``log``).
+is read. ``set_share`` starts a segment; the evidence about ``p_c`` against ``p_s``
+carries over. Each answer costs two divisions and two logs.
 
 The broken classifier of the issue (90% one class, stable 50/50, 20% weight) carries
 about 0.06 nats of evidence per answer: flipped after ~30 canary answers on average.
@@ -49,8 +51,8 @@ OTHER = "(other)"
 ABSENT = "(missing)"
 TEXT_MAX = 64  # characters of a category kept (strings, JSON of lists and objects)
 _INT_MAX = 10**6  # integers up to this are categories as they are (class ids, counts)
-_A = 0.5  # the Beta(1/2, 1/2) prior of every slot
-_LBETA0 = math.log(math.pi)  # log B(1/2, 1/2)
+_A = 0.5  # add-1/2 (Krichevsky-Trofimov) smoothing of each arm's category frequencies
+_PRIOR = 2.0  # pseudo-answers at the configured share that start each segment's w
 
 
 def category(value: Any) -> str:
@@ -77,12 +79,6 @@ def category(value: Any) -> str:
         return OTHER
 
 
-def _term(k: int, m: int) -> float:
-    """Log of one slot's Beta(1/2, 1/2) mixture after k canary and m stable answers."""
-    lg = math.lgamma
-    return lg(_A + k) + lg(_A + m) - lg(2 * _A + k + m) - _LBETA0
-
-
 def _xlogx(x: int) -> float:
     return x * math.log(x) if x > 0 else 0.0
 
@@ -100,8 +96,8 @@ class OutputDrift:
     reason = GuardReason.OUTPUT_DRIFT
 
     __slots__ = ("alpha", "tolerance", "json_path", "top_k", "share", "names", "canary",
-                 "stable", "tripped", "_path", "_slot", "_k", "_m", "_terms", "_sum",
-                 "_kk", "_mm", "_base", "_log_trip", "_log_e")
+                 "stable", "tripped", "_path", "_slot", "_nc", "_ns", "_kk", "_mm", "_num",
+                 "_banked", "_log_trip", "_log_e")
 
     def __init__(self, *, alpha: float = DEFAULT_ALPHA, tolerance: Percent = 5.0,
                  top_k: int = TOP_K, json_path: str | None = None,
@@ -114,20 +110,19 @@ class OutputDrift:
         self.tolerance = tolerance
         self.json_path = json_path
         self.top_k = top_k
-        self.share = share  # only for figures: the test needs no share
+        self.share = share  # the canary's weight (0-1) when known: seeds w
         self.names: list[str] = []  # slot -> category; OTHER is slot top_k
         self.canary = [0] * (top_k + 1)  # answers per slot since the guard began
         self.stable = [0] * (top_k + 1)
         self.tripped = False
         self._path = split_path(json_path) if json_path else None
         self._slot: dict[str, int] = {}
-        self._k = [0] * (top_k + 1)  # per slot, since the segment began
-        self._m = [0] * (top_k + 1)
-        self._terms = [0.0] * (top_k + 1)
-        self._sum = 0.0  # sum of _terms
+        self._nc = 0  # canary and stable answers since the guard began
+        self._ns = 0
         self._kk = 0  # canary and stable answers in the segment
         self._mm = 0
-        self._base = 0.0  # log wealth banked by earlier segments
+        self._num = 0.0  # log of the plug-in probabilities of the arms seen
+        self._banked = 0.0  # log null likelihood of the finished segments
         self._log_trip = -math.log(alpha)
         self._log_e = 0.0
 
@@ -145,23 +140,29 @@ class OutputDrift:
         slot = self._slot.get(key)
         if slot is None:
             slot = self._new_slot(key)
-        if arm == CANARY:
+        canary = arm == CANARY
+        if not self.tripped:
+            # The arm's probability from the past only (then this answer is counted).
+            half = _A * len(self.names)
+            p_c = (self.canary[slot] + _A) / (self._nc + half)
+            p_s = (self.stable[slot] + _A) / (self._ns + half)
+            kk, mm = self._kk, self._mm
+            w = (kk + _PRIOR * (self.share if self.share is not None else 0.5)) / (kk + mm + _PRIOR)
+            q = w * p_c / (w * p_c + (1.0 - w) * p_s)
+            self._num += math.log(q) if canary else math.log1p(-q)
+        if canary:
             self.canary[slot] += 1
-            k = self._k[slot] = self._k[slot] + 1
-            m = self._m[slot]
-            self._kk += 1
+            self._nc += 1
+            kk = self._kk = self._kk + 1
+            mm = self._mm
         else:
             self.stable[slot] += 1
-            k = self._k[slot]
-            m = self._m[slot] = self._m[slot] + 1
-            self._mm += 1
+            self._ns += 1
+            kk = self._kk
+            mm = self._mm = self._mm + 1
         if self.tripped:
             return
-        term = _term(k, m)
-        self._sum += term - self._terms[slot]
-        self._terms[slot] = term
-        kk, mm = self._kk, self._mm
-        log_e = self._log_e = (self._base + self._sum - _xlogx(kk) - _xlogx(mm)
+        log_e = self._log_e = (self._num - self._banked - _xlogx(kk) - _xlogx(mm)
                                + _xlogx(kk + mm))
         if log_e >= self._log_trip:
             self.tripped = True
@@ -179,16 +180,14 @@ class OutputDrift:
         return slot
 
     def set_share(self, share: float) -> None:
-        """The canary's weight changed: bank the evidence so far and start a new segment
-        (its arms come at the new share)."""
+        """The canary's weight changed (``share`` 0-1): later answers start a new segment,
+        whose canary share is judged afresh; what was learnt of the arms' categories
+        carries over."""
         if share == self.share:
             return
         self.share = share
-        self._base = self.log_evalue()
-        self._k = [0] * (self.top_k + 1)
-        self._m = [0] * (self.top_k + 1)
-        self._terms = [0.0] * (self.top_k + 1)
-        self._sum = 0.0
+        kk, mm = self._kk, self._mm
+        self._banked += _xlogx(kk) + _xlogx(mm) - _xlogx(kk + mm)
         self._kk = self._mm = 0
 
     def log_evalue(self) -> float:
@@ -215,7 +214,7 @@ class OutputDrift:
         percentage points of stable's (None: the guard's own)? The progressive gate."""
         if self.tripped:
             return False
-        nc, ns = sum(self.canary), sum(self.stable)
+        nc, ns = self._nc, self._ns
         used = len(self.names)
         if nc == 0 or ns == 0 or used == 0:
             return False
