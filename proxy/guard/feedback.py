@@ -50,6 +50,7 @@ from proxy.units import Percent, Seconds
 ID_MAX = 256  # characters of a request id
 _SHAPES = ("correct", "score", "label")
 _SMALL = 256  # answer strings up to this are kept as they are, longer ones as a digest
+_TRUE, _FALSE = object(), object()
 
 
 class FeedbackOutcome(StrEnum):
@@ -95,7 +96,7 @@ def value_key(value: Any) -> object:
     and structures are kept as a 16-byte digest."""
     kind = type(value)
     if kind is bool:
-        return value
+        return _TRUE if value else _FALSE  # True == 1.0 in Python, not in JSON
     if kind is int or kind is float:
         return float(value)
     if kind is str:
@@ -220,7 +221,7 @@ class FeedbackStore:
                 break
             del pending[oldest]
             self.dropped["expired"] += 1
-            self._bury(oldest, FeedbackOutcome.EXPIRED, at)
+            self._bury(oldest, FeedbackOutcome.EXPIRED, now)
         gone = self._gone
         while gone:  # a tombstone lasts another ttl, then the id is simply unknown
             oldest = next(iter(gone))
