@@ -116,6 +116,28 @@ def test_guard_drift_trips_on_a_class_stable_never_answers() -> None:
     assert n // 5 <= 15
 
 
+def test_guard_drift_reads_three_stable_answers_per_canary_answer() -> None:
+    rng = random.Random(4)
+    guard = OutputDrift(share=0.1)
+    read = {"canary": 0, "stable": 0}
+    for _ in range(100_000):
+        arm = "canary" if rng.random() < 0.1 else "stable"
+        read[arm] += guard.wants(arm, rng.random())
+    assert 9_500 < read["canary"] < 10_500 and abs(read["stable"] - 3 * read["canary"]) < 900
+    assert OutputDrift(share=0.5).wants("stable", 0.99)  # past 25%: every answer
+    assert OutputDrift().wants("stable", 0.99) and not OutputDrift(share=1.0).wants("stable", 0)
+    # Sampled that way, the broken classifier still flips within 100 canary answers.
+    for seed in range(40):
+        rng = random.Random(seed)
+        guard, canary = OutputDrift(share=0.2), 0
+        while not guard.failing:
+            arm = "canary" if rng.random() < 0.2 else "stable"
+            canary += arm == "canary"
+            if guard.wants(arm, rng.random()):
+                guard.observe(arm, classifier(rng, 0.9 if arm == "canary" else 0.5))
+        assert canary <= 100
+
+
 def test_guard_drift_keeps_top_k_categories_and_bounded_memory() -> None:
     guard = OutputDrift(top_k=4)
     for i in range(1000):
