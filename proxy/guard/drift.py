@@ -103,7 +103,7 @@ class OutputDrift:
                  "stable", "tripped", "_path", "_slot", "_nc", "_ns", "_kk", "_mm", "_num",
                  "_banked", "_log_trip", "_log_e")
 
-    def __init__(self, *, alpha: float = DEFAULT_ALPHA, tolerance: Percent = 5.0,
+    def __init__(self, *, alpha: float = DEFAULT_ALPHA, tolerance: Percent = 10.0,
                  top_k: int = TOP_K, json_path: str | None = None,
                  share: float | None = None) -> None:
         if not 0.0 < alpha < 1.0:

@@ -27,6 +27,7 @@ Assumption, for whoever wires it: ratings of the two arms are equally likely to 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -155,10 +156,12 @@ class FeedbackStore:
         self.dropped = {"expired": 0, "evicted": 0}
         self.outcomes = dict.fromkeys(FeedbackOutcome, 0)
         self._clock = clock
+        # Ordered dicts, not dicts: a dict emptied from the front keeps its dead slots
+        # until it resizes, so finding its oldest entry costs a scan over them.
         # request id -> (role, fingerprint, value key, time), oldest first
-        self._pending: dict[str, tuple[str, str, object, float]] = {}
+        self._pending: OrderedDict[str, tuple[str, str, object, float]] = OrderedDict()
         # ids rated or dropped lately -> (outcome a repeat gets, time), oldest first
-        self._gone: dict[str, tuple[FeedbackOutcome, float]] = {}
+        self._gone: OrderedDict[str, tuple[FeedbackOutcome, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -172,8 +175,7 @@ class FeedbackStore:
         if request_id in pending:  # a client reusing its id: the latest answer counts
             del pending[request_id]
         elif len(pending) >= self.max_pending:
-            oldest = next(iter(pending))
-            del pending[oldest]
+            oldest, _ = pending.popitem(last=False)
             self.dropped["evicted"] += 1
             self._bury(oldest, FeedbackOutcome.EXPIRED, now)
         pending[request_id] = (role, fingerprint, value_key(value), now)
@@ -233,7 +235,7 @@ class FeedbackStore:
         gone = self._gone
         gone.pop(rid, None)
         if len(gone) >= self.max_pending:
-            del gone[next(iter(gone))]
+            gone.popitem(last=False)
         gone[rid] = (outcome, at)
 
     def __repr__(self) -> str:
