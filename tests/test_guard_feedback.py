@@ -79,6 +79,14 @@ def test_guard_feedback_shapes_score_the_answer() -> None:
     assert s.outcomes[FO.RECORDED] == 7 and len(s) == 0
 
 
+def test_guard_feedback_label_without_a_json_path_is_malformed() -> None:
+    s = FeedbackStore(max_pending=10, ttl=60.0, clock=Clock(), labels=False)
+    s.remember("a", role="canary", fingerprint="f", value=MISSING)
+    result = s.submit(body("a", label="x"), fingerprint="f")
+    assert result.status == 400 and "json_path" in result.message
+    assert s.submit(body("a", correct=False), fingerprint="f").outcome is FO.RECORDED
+
+
 def test_guard_feedback_value_key_keeps_long_answers_small() -> None:
     long = "word " * 1000
     assert value_key(long) == value_key("word " * 1000) and len(value_key(long)) == 16  # type: ignore[arg-type]

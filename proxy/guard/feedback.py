@@ -1,9 +1,10 @@
 """Feedback (issue 17, guard 2): labels and ratings that arrive after the answer.
 
-Three owners. ``FeedbackStore`` remembers, per request id the client got back
+Two owners. ``FeedbackStore`` remembers, per request id the client got back
 (``x-request-id``), which arm answered, under which rollout (its fingerprint) and the
 answer's value at ``guard.feedback.json_path``, bounded by ``max_pending`` ids for
-``ttl`` (dropped ids are counted: ``expired`` by age, ``evicted`` by the bound). Its
+``ttl`` (dropped ids are counted: ``expired`` by age, ``evicted`` by the bound; without a
+json_path it is built with ``labels=False`` and a label is malformed). Its
 ``submit`` reads a ``POST /feedback`` body, one of::
 
     {"request_id": "...", "correct": true}
@@ -146,13 +147,16 @@ class FeedbackStore:
     runs on the request path (a dict insert, O(1) amortized expiry); ``submit`` on
     ``POST /feedback``. ``clock`` is monotonic seconds."""
 
-    __slots__ = ("max_pending", "ttl", "dropped", "outcomes", "_clock", "_pending", "_gone")
+    __slots__ = ("max_pending", "ttl", "labels", "dropped", "outcomes", "_clock", "_pending",
+                 "_gone")
 
-    def __init__(self, *, max_pending: int, ttl: Seconds, clock: Callable[[], float]) -> None:
+    def __init__(self, *, max_pending: int, ttl: Seconds, clock: Callable[[], float],
+                 labels: bool = True) -> None:
         if max_pending < 1 or not ttl > 0:
             raise ValueError("max_pending must be >= 1 and ttl > 0")
         self.max_pending = max_pending
         self.ttl = ttl
+        self.labels = labels  # False without guard.feedback.json_path: a label is a 400
         self.dropped = {"expired": 0, "evicted": 0}
         self.outcomes = dict.fromkeys(FeedbackOutcome, 0)
         self._clock = clock
@@ -193,6 +197,11 @@ class FeedbackStore:
         if isinstance(parsed, str):
             return FeedbackResult(outcome=FeedbackOutcome.MALFORMED, message=parsed)
         rid, shape, value = parsed
+        if shape == "label" and not self.labels:
+            return FeedbackResult(outcome=FeedbackOutcome.MALFORMED, request_id=rid,
+                                  message="this route reads no answer value to compare a "
+                                  "label with (guard.feedback.json_path); send correct or "
+                                  "score")
         now = self._clock()
         self._expire(now)
         entry = self._pending.pop(rid, None)
