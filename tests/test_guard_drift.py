@@ -188,6 +188,16 @@ def test_guard_drift_reads_json_and_sse_answers() -> None:
     assert value_at(b'{"predictions": [1, 0]}', "predictions.-1") == 0
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_guard_drift_survives_a_share_of_0_or_100_percent(share: float) -> None:
+    guard = OutputDrift(share=share)
+    for arm in ("stable", "canary", "stable"):  # stragglers from before the change
+        guard.observe(arm, "a")
+    guard.set_share(1.0 - share)
+    guard.observe("canary" if share else "stable", "b")
+    assert math.isfinite(guard.log_evalue()) and not guard.failing
+
+
 def test_guard_drift_refuses_bad_parameters() -> None:
     with pytest.raises(ValueError):
         OutputDrift(alpha=1.0)

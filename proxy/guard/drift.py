@@ -82,6 +82,12 @@ def category(value: Any) -> str:
         return OTHER
 
 
+def _seed_share(share: float | None) -> float:
+    """The share a segment's w starts from: kept off 0 and 1, where one answer of the
+    other arm would be impossible (a promoted canary still sees stragglers)."""
+    return 0.5 if share is None else min(max(share, 0.01), 0.99)
+
+
 def _xlogx(x: int) -> float:
     return x * math.log(x) if x > 0 else 0.0
 
@@ -101,7 +107,7 @@ class OutputDrift:
 
     __slots__ = ("alpha", "tolerance", "json_path", "top_k", "share", "names", "canary",
                  "stable", "tripped", "_path", "_slot", "_nc", "_ns", "_kk", "_mm", "_num",
-                 "_banked", "_log_trip", "_log_e")
+                 "_banked", "_log_trip", "_log_e", "_seed")
 
     def __init__(self, *, alpha: float = DEFAULT_ALPHA, tolerance: Percent = 10.0,
                  top_k: int = TOP_K, json_path: str | None = None,
@@ -129,6 +135,7 @@ class OutputDrift:
         self._banked = 0.0  # log null likelihood of the finished segments
         self._log_trip = -math.log(alpha)
         self._log_e = 0.0
+        self._seed = _PRIOR * _seed_share(share)  # pseudo canary answers of a segment
 
     @property
     def failing(self) -> bool:
@@ -163,7 +170,7 @@ class OutputDrift:
             p_c = (self.canary[slot] + _A) / (self._nc + half)
             p_s = (self.stable[slot] + _A) / (self._ns + half)
             kk, mm = self._kk, self._mm
-            w = (kk + _PRIOR * (self.share if self.share is not None else 0.5)) / (kk + mm + _PRIOR)
+            w = (kk + self._seed) / (kk + mm + _PRIOR)
             q = w * p_c / (w * p_c + (1.0 - w) * p_s)
             self._num += math.log(q) if canary else math.log1p(-q)
         if canary:
@@ -202,6 +209,7 @@ class OutputDrift:
         if share == self.share:
             return
         self.share = share
+        self._seed = _PRIOR * _seed_share(share)
         kk, mm = self._kk, self._mm
         self._banked += _xlogx(kk) + _xlogx(mm) - _xlogx(kk + mm)
         self._kk = self._mm = 0
