@@ -83,7 +83,8 @@ def test_config_guard_feedback_needs_no_canary() -> None:
     ("    guard: {output: {json_path: ''}}",
      "f.yaml:9: routes[0].guard.output.json_path: must not be empty"),
     ("    guard: {alpha: 0, output: {json_path: x}}",
-     "f.yaml:9: routes[0].guard.alpha: expected a probability above 0 and at most 0.5 (like 0.01), got 0"),
+     "f.yaml:9: routes[0].guard.alpha: expected a probability above 0 and at most 0.5 "
+     "(like 0.01), got 0"),
     ("    guard: {feedback: {min_accuracy: true}}",
      "f.yaml:9: routes[0].guard.feedback.min_accuracy: expected a number from 0 to 1, got true"),
     ("    guard: {compare: {json_paths: [x], max_disagreement: 100.5}}",
