@@ -41,6 +41,7 @@ PURE = (
     "proxy.guard.drift",
     "proxy.guard.feedback",
     "proxy.guard.disagreement",
+    "proxy.guard.route",
     "proxy.fleet.state",
     "proxy.llm.reader",
     "proxy.llm.window",
