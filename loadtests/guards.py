@@ -39,9 +39,11 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.answer import split_path, value_at  # noqa: E402
+from proxy.config.model import GuardConfig, OutputGuardConfig  # noqa: E402
 from proxy.guard.disagreement import NOISE, Disagreement  # noqa: E402
 from proxy.guard.drift import OutputDrift  # noqa: E402
 from proxy.guard.feedback import FeedbackGuard, FeedbackStore  # noqa: E402
+from proxy.guard.route import RouteGuards  # noqa: E402
 
 CANARY = "canary"
 
@@ -225,6 +227,18 @@ def bench() -> None:
         lambda: (i := next(it), drift.observe_body(arms[i % 1000], answers[i % 997])), 20_000)))
     assert not drift.failing, drift
     costs.append(("OutputDrift.verdict()", best(drift.verdict, 50)))
+    route = RouteGuards(GuardConfig(output=OutputGuardConfig(json_path="predictions.0")),
+                        share=0.1, clock=time.monotonic)
+    route.drift = warm_drift()
+
+    def per_request() -> None:
+        i = next(it)
+        arm, draw = arms[i % 1000], rng.random()
+        body = answers[i % 997] if route.wants_answer(arm, draw) else None
+        route.answered(arm, body, draw=draw, request_id=None, fingerprint="f")
+
+    costs.append(("RouteGuards, output drift only: wants_answer + answered, per request "
+                  "(90/10, MLflow answers)", best(per_request, 20_000)))
     costs.append(("OutputDrift.not_worse()", best(drift.not_worse, 50)))
     clock_now = [0.0]
 

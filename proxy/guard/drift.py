@@ -25,6 +25,10 @@ probability at most ``alpha`` (the false-flip rate of a healthy canary), however
 is read. ``set_share`` starts a segment; the evidence about ``p_c`` against ``p_s``
 carries over. Each answer costs two divisions and two logs.
 
+Assumption, for whoever wires it (the judge's): each request is split at random. On a
+sticky route a session is one unit, and one long conversation pinned to the canary can
+look like drift; feed such a route one answer per session, or expect more false flips.
+
 The broken classifier of the issue (90% one class, stable 50/50, 20% weight) carries
 about 0.06 nats of evidence per answer: flipped after ~30 canary answers on average.
 ``verdict`` also reports the Jensen-Shannon divergence between the arms' categories, and
