@@ -104,3 +104,48 @@ def test_promtool_accepts_the_rules_and_the_limit_alert_fires_per_upstream(tmp_p
     unit = subprocess.run([PROMTOOL, "test", "rules", str(tests)], capture_output=True,
                           text=True, timeout=60)
     assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+# Every copy differs in status and body: the kinds add up to 200% of the copies, the
+# requests with any mismatch to 100% (the alert's figure), split over two primaries.
+MISMATCH_TESTS = """
+rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'flipback_shadow_total{{route="chat",outcome="sent"}}'
+        values: '0+100x30'
+      - series: 'flipback_shadow_mismatch_total{{route="chat",kind="status",primary="v1"}}'
+        values: '0+90x30'
+      - series: 'flipback_shadow_mismatch_total{{route="chat",kind="body",primary="v1"}}'
+        values: '0+90x30'
+      - series: 'flipback_shadow_mismatch_total{{route="chat",kind="status",primary="v2"}}'
+        values: '0+10x30'
+      - series: 'flipback_shadow_mismatch_total{{route="chat",kind="body",primary="v2"}}'
+        values: '0+10x30'
+      - series: 'flipback_shadow_mismatched_requests_total{{route="chat",primary="v1"}}'
+        values: '0+90x30'
+      - series: 'flipback_shadow_mismatched_requests_total{{route="chat",primary="v2"}}'
+        values: '0+10x30'
+    alert_rule_test:
+      - eval_time: 25m
+        alertname: FlipbackShadowMismatchRate
+        exp_alerts:
+          - exp_labels: {{severity: warning, route: chat}}
+            exp_annotations:
+              summary: "Shadow of route chat disagrees on 100% of requests"
+              description: "{description}"
+"""
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
+def test_promtool_shadow_mismatch_rate_counts_requests_so_it_stays_at_most_100(tmp_path):
+    assert PROMTOOL is not None
+    (rule,) = [r for r in rules() if r["alert"] == "FlipbackShadowMismatchRate"]
+    description = " ".join(str(rule["annotations"]["description"]).split())  # type: ignore[index]
+    tests = tmp_path / "mismatch_test.yaml"
+    tests.write_text(MISMATCH_TESTS.format(rules=ALERTS, description=description))
+    unit = subprocess.run([PROMTOOL, "test", "rules", str(tests)], capture_output=True,
+                          text=True, timeout=60)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
