@@ -146,6 +146,7 @@ class ShadowStats:
             self.mismatches.setdefault(name, [0] * (len(MISMATCH_KINDS) + 1))
 
     def count_mismatch(self, primary: str, status: bool, body: bool) -> None:
+        """One pair that differs (``MISMATCH_KINDS`` order: status, body)."""
         row = self.mismatches.get(primary)
         if row is None:
             row = self.mismatches[primary] = [0] * (len(MISMATCH_KINDS) + 1)
