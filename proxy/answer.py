@@ -47,17 +47,18 @@ def sse_data(body: bytes) -> list[str]:
     trailing event without one is incomplete and left out)."""
     events: list[str] = []
     data: list[bytes] = []
-    lines = _LINES.split(body)
+    # Most servers end lines with \n alone: a plain split is several times the regex's speed.
+    lines = body.split(b"\n") if b"\r" not in body else _LINES.split(body)
     lines.pop()  # after the last line break: an unterminated line is incomplete
     for line in lines:
         if not line:
             if data:
                 events.append(b"\n".join(data).decode("utf-8", "replace"))
                 data = []
-            continue
-        name, _, value = line.partition(b":")
-        if name == b"data":  # a bare "data" line is data too, empty
-            data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line == b"data":  # a bare "data" line is data too, empty
+            data.append(b"")
     return events
 
 
@@ -80,7 +81,20 @@ def fold(payloads: list[str]) -> Any:
 def _merge(old: Any, new: Any, key: str | None) -> Any:
     if isinstance(old, dict) and isinstance(new, dict):
         for k, v in new.items():
-            old[k] = _merge(old[k], v, k) if k in old else v
+            if k not in old:
+                old[k] = v
+                continue
+            kind = type(v)
+            # What _merge would do, without the call, for the scalars that fill a chunk.
+            if v is None:
+                continue
+            if kind is str:
+                before = old[k]
+                old[k] = before + v if k in CONCAT_KEYS and type(before) is str else v
+            elif kind is int or kind is float or kind is bool:
+                old[k] = v
+            else:
+                old[k] = _merge(old[k], v, k)
         return old
     if isinstance(old, list) and isinstance(new, list):
         return _merge_list(old, new)
@@ -91,15 +105,22 @@ def _merge(old: Any, new: Any, key: str | None) -> Any:
     return new
 
 
-def _indexed(items: list[Any]) -> bool:
-    return all(
-        isinstance(x, dict) and type(x.get("index")) is int and 0 <= x["index"] < 1024
-        for x in items
-    )
+def _indexed(items: list[Any], holes: bool = False) -> bool:
+    """Whether every item is an object with an ``index`` 0-1023 (``holes``: None items,
+    the gaps a merge by index leaves, are skipped). A loop: this runs once per chunk."""
+    for x in items:
+        if x is None and holes:
+            continue
+        if not isinstance(x, dict):
+            return False
+        i = x.get("index")
+        if type(i) is not int or not 0 <= i < 1024:
+            return False
+    return True
 
 
 def _merge_list(old: list[Any], new: list[Any]) -> list[Any]:
-    if new and _indexed(new) and _indexed([x for x in old if x is not None]):
+    if new and _indexed(new) and _indexed(old, holes=True):
         for item in new:  # OpenAI chunks: choice ``index`` n may sit at list position 0
             at = item["index"]
             while len(old) <= at:
