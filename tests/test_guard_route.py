@@ -139,5 +139,11 @@ def test_guard_route_carry_restart_and_follow() -> None:
     assert new.drift is not old.drift and new.store is store  # ids outlive the evidence
     new.follow(0.25)
     assert new.share == 0.25 and new.drift is not None and new.drift.share == 0.25
-    result, _ = new.rated(b'{"request_id": "kept", "correct": true}', fingerprint="f2")
-    assert result.outcome is FeedbackOutcome.STALE
+    result, _ = new.rated(b'{"request_id": "kept", "correct": true}', fingerprint="f")
+    assert result.outcome is FeedbackOutcome.STALE  # answered before the restart
+    new.answered("stable", answer("a"), draw=0.0, request_id="now", fingerprint="f")
+    result, _ = new.rated(b'{"request_id": "now", "correct": true}', fingerprint="f2")
+    assert result.outcome is FeedbackOutcome.STALE  # a new rollout since
+    new.answered("stable", answer("a"), draw=0.0, request_id="ok", fingerprint="f")
+    result, _ = new.rated(b'{"request_id": "ok", "correct": true}', fingerprint="f")
+    assert result.outcome is FeedbackOutcome.RECORDED

@@ -32,12 +32,15 @@ from proxy.rollout.judge import Verdict
 class RouteGuards:
     """The configured guards of one route (see the module docstring)."""
 
-    __slots__ = ("cfg", "share", "drift", "feedback", "disagreement", "store", "_drift_path",
-                 "_feedback_path")
+    __slots__ = ("cfg", "share", "epoch", "drift", "feedback", "disagreement", "store",
+                 "_drift_path", "_feedback_path", "_stamped")
 
     def __init__(self, cfg: GuardConfig, *, share: float, clock: Callable[[], float]) -> None:
         self.cfg = cfg
         self.share = share
+        self.epoch = 0  # restarts so far: answers from before a restart are stale feedback
+        # (fingerprint, its stamp at this epoch), built once, not per answer
+        self._stamped: tuple[str | None, str] = (None, "")
         self.drift: OutputDrift | None = None
         self.feedback: FeedbackGuard | None = None
         self.disagreement: Disagreement | None = None
@@ -49,6 +52,14 @@ class RouteGuards:
             self.store = FeedbackStore(max_pending=fb.max_pending, ttl=fb.ttl, clock=clock,
                                        labels=fb.json_path is not None)
         self.restart()
+
+    def _stamp(self, fingerprint: str) -> str:
+        """The rollout as the feedback store records it: fingerprint and epoch."""
+        seen, stamp = self._stamped
+        if seen != fingerprint:
+            stamp = f"{fingerprint}#{self.epoch}"
+            self._stamped = (fingerprint, stamp)
+        return stamp
 
     @property
     def guards(self) -> list[Guard]:
@@ -62,7 +73,10 @@ class RouteGuards:
 
     # -- over the rollout's life ---------------------------------------------------------
     def restart(self) -> None:
-        """Fresh evidence: a resume, a new canary. The feedback store is kept."""
+        """Fresh evidence: a resume, a new canary. The feedback store is kept; feedback for
+        answers from before is stale."""
+        self.epoch += 1
+        self._stamped = (None, "")
         cfg = self.cfg
         if cfg.output is not None:
             self.drift = OutputDrift(alpha=cfg.alpha, json_path=cfg.output.json_path,
@@ -85,6 +99,8 @@ class RouteGuards:
         """A reload that kept the rollout: keep the evidence of guards configured alike,
         and the feedback store when its bounds are the same."""
         new, prev = self.cfg, old.cfg
+        self.epoch = old.epoch
+        self._stamped = (None, "")
         if new.alpha == prev.alpha:
             if new.output == prev.output and old.drift is not None:
                 self.drift = old.drift
@@ -125,7 +141,8 @@ class RouteGuards:
         if remember:
             assert store is not None and request_id is not None
             value = lookup(doc, path) if path is not None else MISSING
-            store.remember(request_id, role=arm, fingerprint=fingerprint, value=value)
+            store.remember(request_id, role=arm, fingerprint=self._stamp(fingerprint),
+                           value=value)
         if sampled:
             assert guard is not None and self._drift_path is not None
             guard.observe(arm, lookup(doc, self._drift_path))
@@ -161,7 +178,7 @@ class RouteGuards:
         if store is None or guard is None:
             return FeedbackResult(outcome=FeedbackOutcome.UNKNOWN,
                                   message="this route takes no feedback"), None
-        result = store.submit(body, fingerprint=fingerprint)
+        result = store.submit(body, fingerprint=self._stamp(fingerprint))
         if (result.outcome is FeedbackOutcome.RECORDED and result.role in ("canary", "stable")
                 and result.score is not None and not guard.failing):
             guard.observe(result.role, result.score)
