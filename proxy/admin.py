@@ -162,6 +162,9 @@ def route_view(rollout: Rollout, runtime: Runtime) -> dict[str, Any]:
         "shadow": _shadow_view(rollout, runtime),
         "progressive": _progressive_view(rollout),
         "judge": _judge_view(rollout),
+        "guards": {name: {"state": v.state.value, "reason": v.reason, "detail": v.detail,
+                          "figures": v.figures}
+                   for name, v in rollout.guard_verdicts().items()} or None,
     }
 
 

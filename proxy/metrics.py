@@ -182,6 +182,7 @@ class RouteGauges:
     sticky_sessions: int
     judge: str | None = None  # "sequential" or "threshold"; None: nothing to judge
     judge_state: str | None = None  # one of JUDGE_STATES
+    guards: tuple[tuple[str, str], ...] = ()  # (guard, one of JUDGE_STATES)
 
 
 class Metrics:
@@ -369,7 +370,14 @@ class _Collector(Collector):
             "flipback_judge_state", "1 for the state of the route's canary judge",
             labels=["route", "judge", "state"],
         )
+        guard = GaugeMetricFamily(
+            "flipback_guard_state", "1 for the state of each quality guard of the route",
+            labels=["route", "guard", "state"],
+        )
         for g in m._route_gauges():
+            for name, now in g.guards:
+                for label in JUDGE_STATES:
+                    guard.add_metric([g.route, name, label], 1.0 if now == label else 0.0)
             weight.add_metric([g.route], g.canary_weight)
             for name in ROUTE_STATES:
                 state.add_metric([g.route, name], 1.0 if g.state == name else 0.0)
@@ -382,6 +390,7 @@ class _Collector(Collector):
         yield state
         yield sticky
         yield judge
+        yield guard
         healthy = GaugeMetricFamily(
             "flipback_upstream_healthy", "1 healthy, 0 unhealthy (only probed upstreams)",
             labels=["upstream"],

@@ -321,7 +321,9 @@ class Runtime:
             yield RouteGauges(route=r.name, state=r.state, canary_weight=r.effective_weight,
                               sticky_sessions=r.sticky_sessions,
                               judge=r.judgement.kind if verdict is not None else None,
-                              judge_state=verdict.state.value if verdict is not None else None)
+                              judge_state=verdict.state.value if verdict is not None else None,
+                              guards=tuple((name, v.state.value)
+                                           for name, v in r.guard_verdicts().items()))
 
     def _upstream_info(self) -> Iterator[tuple[str, str | None, int]]:
         for name, cfg in self.snapshot.config.upstreams.items():

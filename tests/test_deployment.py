@@ -57,6 +57,7 @@ SPEC_METRICS: dict[str, tuple[str, set[str]]] = {
 EXTENSION_METRICS: dict[str, tuple[str, set[str]]] = {
     "flipback_upstream_max_connections": ("gauge", {"upstream"}),
     "flipback_judge_state": ("gauge", {"route", "judge", "state"}),
+    "flipback_guard_state": ("gauge", {"route", "guard", "state"}),
     "flipback_shadow_mismatched_requests_total": ("counter", {"route", "primary"}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

@@ -208,6 +208,9 @@ def test_trip_reason_values_are_metric_labels() -> None:
         "manual",
         "failure_rate",
         "client_error_rate",
+        "output_drift",
+        "feedback",
+        "disagreement",
     ]
     assert TripReason("latency_ratio") is TripReason.LATENCY_RATIO
 

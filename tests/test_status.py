@@ -238,7 +238,7 @@ def test_render_status_shadow_row_and_notes_versions_and_a_refused_reload():
     assert lines[6].startswith("config: reload refused 2m00s ago, the previous config still "
                                "serves: cfg.yaml:3:")
     assert lines[7].startswith("  ") and max(map(len, lines)) <= 100
-    assert len(ROUTE_NOTES) == 4  # last event, judge, shadow, progressive: guards go next
+    assert len(ROUTE_NOTES) == 5  # last event, judge, guards, shadow, progressive
     # without versions the column goes; without compare the shadow says so
     route["upstreams"]["a"]["version"] = None
     route["shadow"] |= {"compared": None, "mismatches": None}

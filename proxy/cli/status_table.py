@@ -143,6 +143,19 @@ def _judge_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None:
     return f"judge ({judge.get('kind', '?')}): {judge.get('state', '?')}: {judge.get('detail', '')}"
 
 
+def _guards_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None:
+    """The quality guards' states, and the line of any that is not passing."""
+    guards = route.get("guards")
+    if not isinstance(guards, Mapping) or not guards:
+        return None
+    parts = []
+    for name, g in guards.items():
+        state = g.get("state", "?") if isinstance(g, Mapping) else "?"
+        detail = g.get("detail", "") if isinstance(g, Mapping) else ""
+        parts.append(f"{name} {state}" + (f" ({detail})" if state != "passing" else ""))
+    return "guards: " + "; ".join(parts)
+
+
 def _progressive_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None:
     """A plan held at a step for want of evidence (see the step_stalled event)."""
     prog = route.get("progressive")
@@ -161,9 +174,9 @@ def _progressive_note(route: Mapping[str, Any], now: datetime.datetime) -> str |
 
 
 # The lines under a route's rows, in order; each says None when it has nothing to show.
-# Guard state, once ROUTE carries it, is one more entry here.
 RouteNote = Callable[[Mapping[str, Any], datetime.datetime], str | None]
-ROUTE_NOTES: tuple[RouteNote, ...] = (_last_note, _judge_note, _shadow_note, _progressive_note)
+ROUTE_NOTES: tuple[RouteNote, ...] = (_last_note, _judge_note, _guards_note, _shadow_note,
+                                      _progressive_note)
 
 
 def _row(cells: list[str], widths: list[int], width: int, sep: int, right: frozenset[int],

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.config.model import RouteConfig
 from proxy.events import ACTORS, EVENT_KINDS, Event, EventLog
+from proxy.guard.evidence import Guard
+from proxy.guard.feedback import FeedbackResult
+from proxy.guard.route import RouteGuards
 from proxy.llm import rules as llm_rules
 from proxy.llm.lane import LlmLane
 from proxy.llm.window import LlmWindow
@@ -99,8 +102,12 @@ class Rollout:
         self.stable = lane(route.stable, "stable")
         self.canary = lane(route.canary.upstream, "canary") if route.canary else None
         self.fallback = lane(route.fallback, "fallback") if route.fallback else None
-        # The canary is judged against whichever lane takes the rest (``judging``).
+        # The canary is judged against whichever lane takes the rest (``judging``), and
+        # on the quality of its answers by the route's guards (``guard:``), if any.
         self.judgement = RouteJudge(policy, sticky=route.sticky is not None)
+        self.guards = (RouteGuards(route.guard, clock=clock,
+                                   share=min(max(route.canary.weight / 100.0, 0.01), 0.99))
+                       if route.guard is not None and route.canary is not None else None)
         # The LLM rules (max_ttft_p99, ...) are judged only where one is set.
         self._llm_rules = route.llm.telemetry and any(
             x is not None for x in (policy.max_ttft_p99, policy.max_ttft_ratio,
@@ -255,6 +262,8 @@ class Rollout:
             self.pins.unpin_canary()
         if effect & Effect.RESET:
             self.judgement.restart()
+            if self.guards is not None:
+                self.guards.restart()
             if self.pins is not None:
                 self.pins.clear()  # a fresh start: new sessions split by the weight again
             for lane in (self.stable, self.canary):
@@ -274,6 +283,10 @@ class Rollout:
             self.canary_share = min(max(self.weight, 0.0), 100.0) / 100.0
         self.base_lane = self.fallback if (self.stable_down and self.fallback) else self.stable
         self.judgement.follow(self.canary_share, self.base_lane)
+        guards = self.guards
+        if guards is not None and 0.0 < self.canary_share < 1.0 and (
+                guards.share != self.canary_share):
+            guards.follow(self.canary_share)
 
     def override_ignored(self) -> None:
         """An override header named no upstream of this route (counted, then ignored)."""
@@ -334,6 +347,49 @@ class Rollout:
                             sampled: bool) -> None:
         if sampled and self.base_lane is self.fallback:
             self.judgement.base(failed, client_error, latency)
+
+    # -- the quality guards (``guard:``) -------------------------------------------------
+    def answered(self, arm: str, body: bytes | None, *, draw: float, request_id: str) -> None:
+        """An answer of the canary or the base lane reached its client whole (``body``
+        when ``guards.wants_answer(arm, draw)`` asked for it): output drift and the
+        feedback store read it."""
+        guards = self.guards
+        if guards is None:
+            return
+        tripped = guards.answered(arm, body, draw=draw, request_id=request_id,
+                                  fingerprint=self._fp)
+        if tripped is not None:
+            self._guard_trip(tripped)
+
+    def paired(self, kind: str, *, primary_status: int, copy_status: int,
+               primary_body: bytes | None, copy_body: bytes | None) -> None:
+        """A paired copy (``guard.compare``) came back next to its primary answer."""
+        guards = self.guards
+        if guards is not None:
+            tripped = guards.paired(kind, primary_status=primary_status,
+                                    copy_status=copy_status, primary_body=primary_body,
+                                    copy_body=copy_body)
+            if tripped is not None:
+                self._guard_trip(tripped)
+
+    def rated(self, body: bytes) -> FeedbackResult:
+        """A ``POST /feedback`` body for an answer of this route."""
+        assert self.guards is not None
+        result, tripped = self.guards.rated(body, fingerprint=self._fp)
+        if tripped is not None:
+            self._guard_trip(tripped)
+        return result
+
+    def _guard_trip(self, guard: Guard) -> None:
+        if self._s.latch is None and self.canary_share:
+            v = guard.verdict()
+            self._trip(rules.Trip(reason=rules.TripReason(guard.reason.value),
+                                  detail=f"{guard.reason.value}: {v.detail}",
+                                  figures=dict(v.figures)))
+
+    def guard_verdicts(self) -> dict[str, Verdict]:
+        """Each configured guard's state, by reason label (tens of µs: the admin API)."""
+        return self.guards.verdicts() if self.guards is not None else {}
 
     def judge_verdict(self) -> Verdict | None:
         """The judge's state (passing, failing, inconclusive) with its figures; None for a
@@ -436,7 +492,8 @@ class Rollout:
         if now - s.step_since < prog.interval:
             return
         stats = self.window_stats(self.canary)
-        if not self.judgement.gate(stats):  # not enough evidence yet: wait, do not step blind
+        if not (self.judgement.gate(stats) and (self.guards is None or self.guards.gate())):
+            # not enough evidence yet: wait, do not step blind
             if self.stalled_at != s.step and now - s.step_since >= 2 * prog.interval:
                 self.stalled_at = s.step  # said once per step
                 self.emit(kind="step_stalled", actor="auto", reason=(
@@ -457,6 +514,10 @@ class Rollout:
 
     def _wanting(self, stats: WindowStats) -> str:
         """What a held step waits for, and what would shorten the wait."""
+        if self.judgement.gate(stats) and self.guards is not None:
+            waiting = [f"{name}: {v.detail}" for name, v in self.guard_verdicts().items()
+                       if v.state.value != "passing"]
+            return "the guards have not cleared the canary: " + "; ".join(waiting)
         policy = self.route.rollback
         if self.judgement.kind != SEQUENTIAL:
             return (f"{stats.requests} canary requests in the {policy.window:g}s window, "
@@ -566,6 +627,8 @@ class Rollout:
         same = old.fingerprint() == self._fp
         if same and old.base_lane.role == self.base_lane.role:
             self.judgement.carry(old.judgement, self.base_lane)
+        if same and self.guards is not None and old.guards is not None:
+            self.guards.carry(old.guards)
         if same and old.pins is not None and self.pins is not None and (
                 old.route.sticky == self.route.sticky):
             self.pins = old.pins

@@ -48,6 +48,10 @@ class TripReason(StrEnum):
     # trips as LATENCY: either way the canary is too slow.
     FAILURE_RATE = "failure_rate"
     CLIENT_ERROR_RATE = "client_error_rate"
+    # The quality guards (proxy.guard.evidence.GuardReason).
+    OUTPUT_DRIFT = "output_drift"
+    FEEDBACK = "feedback"
+    DISAGREEMENT = "disagreement"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
