@@ -333,6 +333,12 @@ def _do_kill(rollout: Rollout, data: dict[str, Any]) -> None:
     rollout.kill(enabled)
 
 
+async def feedback(request: web.Request) -> web.Response:
+    """A rating or label for an answer, by its request id (the guard.feedback guard)."""
+    status, answer = request.app[RUNTIME].feedback(await request.read())
+    return _json(answer, status)
+
+
 async def reload(request: web.Request) -> web.Response:
     if RELOAD not in request.app:
         return _error(503, "reload is not available")
@@ -357,4 +363,5 @@ def create_admin_app(runtime: Runtime, *, token: str, loopback_only: bool) -> we
     app.router.add_post("/routes/{name}/resume", _action(lambda r, d: r.resume()))
     app.router.add_post("/routes/{name}/kill", _action(_do_kill))
     app.router.add_post("/reload", reload)
+    app.router.add_post("/feedback", feedback)
     return app

@@ -17,6 +17,7 @@ from typing import Any
 from proxy.config.model import NotifyConfig, ProxyConfig, RouteConfig
 from proxy.events import Event, EventLog
 from proxy.fleet.link import FleetLink
+from proxy.guard.feedback import parse_feedback
 from proxy.metrics import Metrics, RouteGauges
 from proxy.notify import Notifier
 from proxy.rollout.machine import Rollout
@@ -314,6 +315,26 @@ class Runtime:
     # -- views ----------------------------------------------------------------------------
     def rollout(self, name: str) -> Rollout | None:
         return self.snapshot.rollouts.get(name)
+
+    def feedback(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """``POST /feedback`` (data listener and admin API): the rating goes to the route
+        whose guard remembers the answer with that request id; (status, JSON answer)."""
+        parsed = parse_feedback(body)
+        if isinstance(parsed, str):
+            return 400, {"error": parsed}
+        rid = parsed[0]
+        for rollout in self.snapshot.rollouts.values():
+            store = rollout.guards.store if rollout.guards is not None else None
+            if store is not None and store.knows(rid):
+                result = rollout.rated(body)
+                answer: dict[str, Any] = {"request_id": rid, "route": rollout.name,
+                                          "outcome": result.outcome.value}
+                if result.message:
+                    answer["error"] = result.message
+                return result.status, answer
+        return 404, {"request_id": rid, "outcome": "unknown",
+                     "error": "no route awaits feedback for this request id (unknown, or "
+                              "expired long ago)"}
 
     def _route_gauges(self) -> Iterator[RouteGauges]:
         for r in self.snapshot.rollouts.values():

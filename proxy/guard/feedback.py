@@ -170,6 +170,11 @@ class FeedbackStore:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def knows(self, request_id: str) -> bool:
+        """Does this store hold (or remember rating or dropping) the answer to this id?
+        Which route's store to hand a feedback body to, when the body names no route."""
+        return request_id in self._pending or request_id in self._gone
+
     def remember(self, request_id: str, *, role: str, fingerprint: str, value: Any) -> None:
         """An answer went to the client: ``value`` is its value at the guard's json_path
         (``proxy.answer.value_at``; MISSING when absent)."""
