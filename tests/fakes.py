@@ -29,6 +29,7 @@ class Behaviour:
     delay: float = 0.0  # before the response headers
     events: int = 3  # SSE events
     event_gap: float = 0.0
+    first_gap: float = 0.0  # sse chunks: a pause after the first chunk only
     body: bytes | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
     chunks: list[bytes] | None = None  # sse: write exactly these chunks instead
@@ -111,8 +112,10 @@ class FakeModel:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if b.chunks is not None:
-            for chunk in b.chunks:
+            for n, chunk in enumerate(b.chunks):
                 await resp.write(chunk)
+                if b.first_gap and n == 0:
+                    await asyncio.sleep(b.first_gap)  # not a wait: a slow first token
                 if b.event_gap:
                     await asyncio.sleep(b.event_gap)
             await resp.write_eof()
