@@ -29,6 +29,9 @@ from proxy.guard.feedback import FeedbackGuard, FeedbackOutcome, FeedbackResult,
 from proxy.rollout.judge import Verdict
 
 
+JUDGED = ("canary", "stable")  # the arms whose answers are evidence
+
+
 class RouteGuards:
     """The configured guards of one route (see the module docstring)."""
 
@@ -118,7 +121,7 @@ class RouteGuards:
         ``answered``: for output drift's sample, or for feedback on every answer."""
         if self.store is not None and self._feedback_path is not None:
             return True
-        return self.drift is not None and self.drift.wants(arm, draw)
+        return arm in JUDGED and self.drift is not None and self.drift.wants(arm, draw)
 
     def answered(self, arm: str, body: bytes | None, *, draw: float,
                  request_id: str | None, fingerprint: str) -> Guard | None:
@@ -128,8 +131,10 @@ class RouteGuards:
         ``draw``, the request id the client got. Returns the guard that tripped now."""
         guard = self.drift
         # An answer not kept whole says nothing about its value (absent in a whole answer
-        # does: that is a category).
-        sampled = (guard is not None and not guard.failing and self._drift_path is not None
+        # does: that is a category). A replay (``arm`` "replay": stable answering what the
+        # canary failed) is no random sample: it is remembered for feedback, not judged.
+        sampled = (arm in JUDGED and guard is not None and not guard.failing
+                   and self._drift_path is not None
                    and body is not None and guard.wants(arm, draw))
         store, path = self.store, self._feedback_path
         remember = store is not None and request_id is not None
