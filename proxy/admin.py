@@ -346,11 +346,18 @@ async def reload(request: web.Request) -> web.Response:
     return _json(result, 200 if result.get("ok") else 400)
 
 
-def create_admin_app(runtime: Runtime, *, token: str, loopback_only: bool) -> web.Application:
+def guarded_app(*, token: str, loopback_only: bool) -> web.Application:
+    """An admin application whose actions pass ``_refusal`` (also the parent's of
+    ``run --workers``)."""
     app = web.Application(middlewares=[_guard])
-    app[RUNTIME] = runtime
     app[TOKEN] = token
     app[LOOPBACK_ONLY] = loopback_only
+    return app
+
+
+def create_admin_app(runtime: Runtime, *, token: str, loopback_only: bool) -> web.Application:
+    app = guarded_app(token=token, loopback_only=loopback_only)
+    app[RUNTIME] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

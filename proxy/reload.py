@@ -13,11 +13,12 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import replace
+from typing import Protocol
 
 from proxy.config.model import ProxyConfig
 from proxy.config.parser import parse_config
 from proxy.errors import ConfigError, describe
-from proxy.runtime import ReloadResult, Runtime
+from proxy.runtime import ReloadResult
 from proxy.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,27 @@ def _with_hash(cfg: ProxyConfig, digest: str) -> ProxyConfig:
     return replace(cfg, sha256=digest)
 
 
+class _HasConfig(Protocol):
+    @property
+    def config(self) -> ProxyConfig: ...
+
+
+class ReloadTarget(Protocol):
+    """What a watcher reloads: a ``Runtime``, or the parent of ``run --workers``."""
+
+    @property
+    def snapshot(self) -> _HasConfig: ...
+
+    def apply(self, config: ProxyConfig) -> ReloadResult: ...
+
+    def refuse(self, errors: list[str]) -> ReloadResult: ...
+
+
 class ConfigWatcher:
     """Polls one config file and applies or refuses what it finds there."""
 
-    def __init__(self, path: str, runtime: Runtime, interval: float = POLL_INTERVAL) -> None:
+    def __init__(self, path: str, runtime: ReloadTarget,
+                 interval: float = POLL_INTERVAL) -> None:
         self._path = path
         self._runtime = runtime
         self._interval = interval

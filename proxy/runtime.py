@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,9 @@ from proxy.upstream.health import HealthChecker
 from proxy.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
+
+# Builds a fleet link from the live rollouts (``proxy.workers.link.WorkerLink``).
+LinkFactory = Callable[[Callable[[], Mapping[str, Rollout]]], FleetLink]
 
 TICK = 0.1  # seconds between hung-canary checks and progressive steps
 RETIRE_GRACE = 2.0  # seconds a replaced pool keeps taking requests after a reload
@@ -82,11 +85,16 @@ class Snapshot:
 class Runtime:
     """Owns pools, rollouts, events, metrics and the state file for one proxy process."""
 
-    def __init__(self, config: ProxyConfig, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: ProxyConfig, *, metrics: Metrics | None = None,
+                 link: LinkFactory | None = None, writes_state: bool = True) -> None:
+        """``link`` (a worker of ``run --workers``, no ``state.redis``): the link to the
+        parent's hub, in FleetLink's place. ``writes_state`` False: the state file is read
+        at start but written by another process (one writer per file)."""
         self.events = EventLog()
         self.metrics = metrics or Metrics()
         self.draining = False
-        self._writer = StateWriter(config.state.file, self.state_dict)
+        self._writer = StateWriter(config.state.file if writes_state else None,
+                                   self.state_dict)
         self._started = False
         self._ticks = TaskSet("rollout-tick", limit=1)
         self._background = TaskSet("runtime")
@@ -103,6 +111,9 @@ class Runtime:
             self.fleet = FleetLink(config.state.redis, rollouts=lambda: self.snapshot.rollouts)
             self.fleet.attach(self.snapshot.rollouts)
             self.metrics.set_redis_source(self.fleet.gauges)
+        elif link is not None:
+            self.fleet = link(lambda: self.snapshot.rollouts)
+            self.fleet.attach(self.snapshot.rollouts)
         self.events.subscribe(_log_event)
         self.notifier: Notifier | None = None
         self.events.subscribe(self._notify)

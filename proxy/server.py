@@ -29,9 +29,11 @@ class App:
     """A running flipback: data plane and admin listener over one ``Runtime``. With
     ``config_path``, the file is watched and hot reloaded (SPEC §7)."""
 
-    def __init__(self, config: ProxyConfig, config_path: str | None = None) -> None:
+    def __init__(self, config: ProxyConfig, config_path: str | None = None, *,
+                 runtime: Runtime | None = None, reuse_port: bool = False) -> None:
         self.config = config
-        self.runtime = Runtime(config)
+        self.runtime = runtime or Runtime(config)
+        self.reuse_port = reuse_port  # one listener shared by the workers of run --workers
         self.watcher = ConfigWatcher(config_path, self.runtime) if config_path else None
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
@@ -84,7 +86,8 @@ class App:
         host, port = split_listen(cfg.server.listen)
         try:
             self._data_site = web.TCPSite(data_runner, host, port, backlog=1024,
-                                          reuse_address=True)
+                                          reuse_address=True,
+                                          reuse_port=self.reuse_port or None)
             await self._data_site.start()
             admin_site = web.TCPSite(admin_runner, admin_host, admin_port, reuse_address=True)
             await admin_site.start()
@@ -158,10 +161,12 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     on_started: Callable[[App], None] | None = None,
     config_path: str | None = None,
+    runtime: Runtime | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Run until ``shutdown_trigger`` completes (default: SIGTERM or SIGINT), then drain.
     A second signal during the drain exits at once."""
-    app = App(config, config_path)
+    app = App(config, config_path, runtime=runtime, reuse_port=reuse_port)
     await app.start()
     if on_started is not None:
         on_started(app)

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="serve")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.add_argument("--workers", type=_workers, default=1, metavar="N",
+                     help="worker processes on one listener (default 1; auto: one per core)")
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True)
     demo = sub.add_parser("demo", help="watch a bad canary get flipped back (self-contained)")
@@ -70,6 +72,15 @@ def _percent(text: str) -> float:
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError(f"must be between 0 and 100: {text!r}")
     return value
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to 256, or auto: {text!r}")
+    return int(text)
 
 
 def _duration(text: str) -> float:
@@ -129,7 +140,7 @@ def cmd_check(path: str) -> int:
     return EXIT_OK
 
 
-def cmd_run(path: str) -> int:
+def cmd_run(path: str, workers: int = 1) -> int:
     from proxy.server import serve
 
     cfg = _load(path)
@@ -139,7 +150,12 @@ def cmd_run(path: str) -> int:
     try:
         import uvloop
 
-        uvloop.run(serve(cfg, config_path=path))
+        if workers > 1:
+            from proxy.workers.supervisor import run_supervisor
+
+            uvloop.run(run_supervisor(cfg, path, workers))
+        else:
+            uvloop.run(serve(cfg, config_path=path))
     except ProxyError as exc:
         print(f"flipback: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -155,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args.config)
         if args.command == "run":
-            return cmd_run(args.config)
+            return cmd_run(args.config, args.workers)
         if args.command == "demo":
             from proxy.demo.main import run_demo
 

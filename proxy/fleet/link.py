@@ -95,15 +95,24 @@ class FleetLink:
                 retry=Retry(NoBackoff(), 0), protocol=2)
         except (TypeError, ValueError) as exc:  # a query option the client cannot read
             raise ProxyError(f"state.redis: {exc}") from None
-        self.client = aioredis.Redis(connection_pool=self._pool)
-        self._seed = self.client.register_script(_SEED)
+        client = aioredis.Redis(connection_pool=self._pool)
+        self._init_link(client, client.register_script(_SEED), rollouts,
+                        FleetWriter(client, is_up=lambda: self.up, failed=self.failed))
+
+    def _init_link(self, client: Any, seed: Any, rollouts: Callable[[], Mapping[str, Rollout]],
+                   writer: FleetWriter) -> None:
+        """The state every link keeps, whatever carries it: ``client`` answers ``hgetall``
+        and ``getex`` (Redis, or the local hub of ``proxy.workers``), ``seed`` is the
+        seed-if-absent script, ``writer`` sends actions and pin writes."""
+        self.client = client
+        self._seed = seed
         self._rollouts = rollouts
         self.up = False
         self.errors: dict[str, int] = {"lookup": 0, "pin_write": 0, "publish": 0, "connection": 0}
         self._told_down = False
         self._slow_lookups = 0  # lookups in a row that timed out
         self._routes: dict[str, SharedPins] = {}
-        self._writer = FleetWriter(self.client, is_up=lambda: self.up, failed=self.failed)
+        self._writer = writer
         self._resync = asyncio.Event()
         self._started = asyncio.Event()
         self._tasks = TaskSet("fleet")
