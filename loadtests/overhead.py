@@ -2,7 +2,8 @@
 
 Two fast toy upstreams (stable, canary) serve every target; the targets are
   direct    the stable upstream itself (the floor),
-  flipback  `python -m proxy run` with a 90/10 canary split (skipped if it does not come up),
+  flipback  `python -m proxy run` with a 90/10 canary split (skipped if it does not come up);
+            with `--workers 1,2` also `flipback-w2` (`run --workers 2`), in the same rounds,
   minimal   loadtests/minimal_proxy.py: aiohttp + uvloop with no features (Python's floor),
   nginx     one worker, split_clients 90/10, keep-alive upstreams (skipped if not installed).
 Each round measures every target, in an order rotated per round, twice:
@@ -17,6 +18,7 @@ Prints a markdown table; raw results go to loadtests/out/overhead-*.json.
 
     python loadtests/overhead.py                      # 3 rounds, ~4 minutes
     python loadtests/overhead.py --quick --only direct,minimal
+    python loadtests/overhead.py --workers 1,2        # flipback with 1 and 2 workers
 """
 
 from __future__ import annotations
@@ -99,6 +101,19 @@ class Settings:
     noise_limit: float = 0.25  # cores other programs may use for a run to count as quiet
     ready_timeout: float = 15.0
     use_wrk: bool = True
+    workers: list[int] = field(default_factory=lambda: [1])  # flipback run --workers
+
+
+def flipback_name(workers: int) -> str:
+    return "flipback" if workers == 1 else f"flipback-w{workers}"
+
+
+def target_names(s: Settings) -> list[str]:
+    """TARGETS with flipback once per ``--workers`` value, in that order."""
+    out: list[str] = []
+    for name in TARGETS:
+        out += [flipback_name(n) for n in s.workers] if name == "flipback" else [name]
+    return out
 
 
 @dataclass
@@ -167,11 +182,13 @@ async def start_nginx_target(group: ChildGroup, stable: str, canary: str, weight
 
 async def start_flipback(
     group: ChildGroup, stable: str, canary: str, weight: float, ready_within: float,
-    judge: str = "sequential",
+    judge: str = "sequential", workers: int = 1,
 ) -> Target:
-    """`python -m proxy run -c CONFIG`, ready when the admin /readyz answers 200."""
+    """`python -m proxy run -c CONFIG [--workers N]`, ready when the admin /readyz answers
+    200 (with workers: every worker serving). The CPU counted is the process tree's."""
     port, admin_port = free_port(), free_port()
-    work = group.logs / "flipback"
+    name = flipback_name(workers)
+    work = group.logs / name
     work.mkdir(exist_ok=True)
     config = work / "flipback.yaml"
     config.write_text(
@@ -185,7 +202,8 @@ async def start_flipback(
             judge=judge,
         )
     )
-    child = group.start_python("flipback", ["-m", "proxy", "run", "-c", str(config)], cwd=REPO)
+    child = group.start_python(name, ["-m", "proxy", "run", "-c", str(config),
+                                      "--workers", str(workers)], cwd=REPO)
     url = f"http://127.0.0.1:{port}{PATH}"
     try:
         await wait_http(f"http://127.0.0.1:{admin_port}/readyz", child=child, within=ready_within)
@@ -193,7 +211,8 @@ async def start_flipback(
     except NotReady as exc:
         group.stop(child)
         raise Skip(f"`python -m proxy run` did not come up: {exc} (log: {child.log})") from exc
-    return Target("flipback", url, [child.pid], child, {"config": config.read_text()})
+    return Target(name, url, [child.pid], child,
+                  {"config": config.read_text(), "workers": workers})
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
@@ -402,7 +421,7 @@ def render_table(summary: dict[str, dict[str, Any]], skipped: dict[str, str], s:
         "| quiet runs used (sat. / lat.) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in TARGETS:
+    for name in target_names(s):
         if name in summary:
             m = summary[name]
             added = (
@@ -446,14 +465,14 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
         if "direct" in s.only:
             targets["direct"] = Target("direct", stable_url + PATH, [stable.pid], stable)
         starters: dict[str, Callable[[], Awaitable[Target]]] = {
-            "flipback": lambda: start_flipback(
-                group, stable_url, canary_url, s.weight, s.ready_timeout, s.judge
-            ),
+            **{flipback_name(n): (lambda n=n: start_flipback(
+                group, stable_url, canary_url, s.weight, s.ready_timeout, s.judge, n))
+               for n in s.workers},
             "minimal": lambda: start_minimal(group, stable_url, canary_url, s.weight),
             "nginx": lambda: start_nginx_target(group, stable_url, canary_url, s.weight),
         }
         for name, start in starters.items():
-            if name not in s.only:
+            if name.split("-w")[0] not in s.only:
                 continue
             try:
                 target = targets[name] = await start()
@@ -461,7 +480,7 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
             except Skip as exc:
                 skipped[name] = str(exc)
                 print(f"# {name}: SKIPPED: {exc}", file=sys.stderr, flush=True)
-        names = [n for n in TARGETS if n in targets]
+        names = [n for n in target_names(s) if n in targets]
         for name in names:
             split = targets[name].info["split_check"] = await check_split(targets[name].url)
             print(f"# {name}: split over 400 requests {split}", flush=True)
@@ -534,6 +553,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--weight", type=float, default=10.0, help="canary percent")
     parser.add_argument("--judge", choices=("sequential", "threshold"), default="sequential",
                         help="flipback's rollback.judge")
+    parser.add_argument("--workers", default="1",
+                        help="flipback run --workers, one target per value: e.g. 1,2")
     parser.add_argument("--no-wrk", action="store_true", help="use the closed-loop generator")
     parser.add_argument(
         "--settle",
@@ -552,7 +573,14 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     unknown = set(only) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    try:
+        workers = sorted({int(n) for n in args.workers.split(",") if n.strip()})
+    except ValueError:
+        parser.error(f"--workers: not a list of numbers: {args.workers!r}")
+    if not workers or not all(1 <= n <= 64 for n in workers):
+        parser.error("--workers: numbers from 1 to 64")
     s = Settings(
+        workers=workers,
         only=only,
         rate=args.rate,
         sat_connections=args.connections,
