@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 # Builds a fleet link from the live rollouts (``proxy.workers.link.WorkerLink``).
 LinkFactory = Callable[[Callable[[], Mapping[str, Rollout]]], FleetLink]
 
+# Events every worker of ``run --workers`` has alike (each applies the config and probes
+# the upstreams itself): notified by the primary alone.
+PRIMARY_NOTIFIES = frozenset({"reload", "reload_refused", "canary_unhealthy", "canary_healthy"})
+
 TICK = 0.1  # seconds between hung-canary checks and progressive steps
 RETIRE_GRACE = 2.0  # seconds a replaced pool keeps taking requests after a reload
 
@@ -86,15 +90,16 @@ class Runtime:
     """Owns pools, rollouts, events, metrics and the state file for one proxy process."""
 
     def __init__(self, config: ProxyConfig, *, metrics: Metrics | None = None,
-                 link: LinkFactory | None = None, writes_state: bool = True) -> None:
+                 link: LinkFactory | None = None, primary: bool = True) -> None:
         """``link`` (a worker of ``run --workers``, no ``state.redis``): the link to the
-        parent's hub, in FleetLink's place. ``writes_state`` False: the state file is read
-        at start but written by another process (one writer per file)."""
+        parent's hub, in FleetLink's place. Not ``primary`` (the other workers): the state
+        file is read at start but written by the primary alone, and config events (every
+        worker has them) are notified by the primary alone."""
         self.events = EventLog()
         self.metrics = metrics or Metrics()
         self.draining = False
-        self._writer = StateWriter(config.state.file if writes_state else None,
-                                   self.state_dict)
+        self._primary = primary
+        self._writer = StateWriter(config.state.file if primary else None, self.state_dict)
         self._started = False
         self._ticks = TaskSet("rollout-tick", limit=1)
         self._background = TaskSet("runtime")
@@ -262,7 +267,9 @@ class Runtime:
 
     def _notify(self, event: Event) -> None:
         # A change received through Redis was notified by the replica that made it.
-        if self.notifier is not None and event.figures.get("via") != "redis":
+        if self.notifier is None or event.figures.get("via") == "redis":
+            return
+        if self._primary or event.kind not in PRIMARY_NOTIFIES:
             self.notifier.offer(event)
 
     def _secrets(self) -> Iterator[str]:

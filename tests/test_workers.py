@@ -20,7 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import config_text
 from tests.fakes import Behaviour
+from tests.test_fleet import needs_redis, redis_server
+from tests.test_notify import receiver
 from tests.waiting import wait_until
+
+__all__ = ["receiver", "redis_server"]  # fixtures
 
 CONFIG = """
 server: {{listen: "127.0.0.1:{port}", drain_timeout: 5s}}
@@ -28,6 +32,7 @@ admin: {{listen: "127.0.0.1:{admin}"}}
 upstreams:
   v1: {{url: "{v1}"}}
   v2: {{url: "{v2}"}}
+{extra}
 routes:
   - name: chat
     match: {{path_prefix: /}}
@@ -100,14 +105,15 @@ async def _ready(admin: str, serving: int = 2) -> bool:
 async def start(model: Any, tmp_path: Path) -> AsyncIterator[Any]:
     procs: list[Any] = []
 
-    async def run(weight: float = 50, v2_behaviour: Behaviour | None = None) -> Any:
+    async def run(weight: float = 50, v2_behaviour: Behaviour | None = None,
+                  extra: str = "") -> Any:
         v1, v2 = await model("v1"), await model("v2")
         if v2_behaviour is not None:
             v2.behaviour = v2_behaviour
         port, admin = _free_port(), _free_port()
         cfg = tmp_path / "fb.yaml"
         cfg.write_text(config_text(CONFIG, tmp_path, port=port, admin=admin, v1=v1.url,
-                                   v2=v2.url, weight=weight))
+                                   v2=v2.url, weight=weight, extra=extra))
         env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
         env.pop("FLIPBACK_ADMIN_TOKEN", None)
         proc = await asyncio.create_subprocess_exec(
@@ -243,3 +249,37 @@ async def test_a_dead_worker_is_restarted_and_sigterm_drains_every_worker(
 async def _restarted(fb: Flipback) -> bool:
     m = await fb.metrics()
     return sum(v for (name, _), v in m.items() if name == "flipback_worker_restarts_total") == 1
+
+
+async def test_each_event_is_notified_once_whatever_the_number_of_workers(
+        start: Any, receiver: Any) -> None:
+    hook = await receiver()
+    fb, _, _ = await start(weight=50, extra=f'notify: {{webhook: "{hook.url}", '
+                                            'kinds: [rollback, reload, reload_refused]}')
+    await fb.admin_json("/routes/chat/rollback", "POST", {"reason": "by hand"})
+    await wait_until(lambda: _states_are(fb, ["rolled_back"] * 2), timeout=2)
+    fb.cfg.write_text(fb.cfg.read_text().replace("weight: 50", "weight: 20"))
+    assert (await fb.admin_json("/reload", "POST", {}))["ok"] is True
+    fb.cfg.write_text(fb.cfg.read_text().replace("stable: v1", "stable: nope"))
+    assert (await fb.admin_json("/reload", "POST", {}))["ok"] is False
+    await hook.wait(3)
+    # Not a wait: time for a duplicate from the other worker to arrive, were it sent.
+    await asyncio.sleep(0.5)
+    assert sorted(hook.kinds) == ["reload", "reload_refused", "rollback"]
+
+
+@needs_redis
+async def test_with_state_redis_the_workers_share_state_through_redis(
+        start: Any, redis_server: Any, tmp_path: Path) -> None:
+    fb, _, _ = await start(
+        weight=50, v2_behaviour=Behaviour(status=500),
+        extra=f'state: {{file: "{tmp_path / "state.json"}", redis: "{redis_server.url}"}}')
+    ready = await fb.admin_json("/readyz")
+    assert ready["redis"]["connected"] is True
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+        for i in range(40):  # one connection: one worker sees the canary fail
+            async with s.get(fb.url + f"/x/{i}") as r:
+                await r.read()
+            if "rolled_back" in await fb.workers_states():
+                break
+    await wait_until(lambda: _states_are(fb, ["rolled_back"] * 2), timeout=1)

@@ -9,7 +9,7 @@ recomputed from them; a merged p50/p99 is the largest worker's (an upper bound: 
 windows cannot be merged into one quantile); the state is the first worker's, and
 ``workers`` lists each worker's state and weight. ``/events``: each worker's own events,
 without the copies it received from the others and without its reload events (the
-parent's stand for them), newest first.
+parent's stand for them), health events from the first worker alone, newest first.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ SUMMED_GAUGES = frozenset({"flipback_in_flight", "flipback_client_connections"})
 PARENT_OWNED = frozenset({"flipback_config_reloads"})  # counted once, in the parent
 ADDITIVE = ("requests", "failures", "in_flight")
 CONFIG_KINDS = frozenset({"reload", "reload_refused"})
+# Each worker probes the upstreams itself: their health events come from the first alone.
+HEALTH_KINDS = frozenset({"canary_unhealthy", "canary_healthy"})
 
 
 def merge_metrics(texts: Sequence[str], extra: Iterable[Metric] = ()) -> bytes:
@@ -130,8 +132,9 @@ def merge_events(parent: list[dict[str, Any]], per_worker: Sequence[list[dict[st
                  limit: int) -> list[dict[str, Any]]:
     """``/events``: the parent's (config) events and each worker's own, newest first."""
     found = list(parent)
-    for events in per_worker:
-        found += [e for e in events if e.get("kind") not in CONFIG_KINDS
+    for i, events in enumerate(per_worker):
+        left_out = CONFIG_KINDS | HEALTH_KINDS if i else CONFIG_KINDS
+        found += [e for e in events if e.get("kind") not in left_out
                   and "via" not in (e.get("figures") or {})]
     found.sort(key=lambda e: str(e.get("time", "")), reverse=True)
     return found[:limit]

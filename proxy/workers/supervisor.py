@@ -4,7 +4,9 @@ workers and restarts one that dies, validates each config once and sends it to e
 worker, serves the one admin API, and drains all workers on SIGTERM.
 
 Without ``state.redis`` it is also the single writer of route state and pins (``hub``).
-The state file is written by worker 0 alone, which follows every action like the others.
+Worker 0 is the primary: it alone writes the state file (it follows every action like
+the others) and notifies config events (``notify``); a refused config reaches it only
+for that.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class Supervisor:
     # -- the channel -----------------------------------------------------------------------
     def _welcome(self, index: int) -> Frame:
         return {"t": "welcome", "config": encode_config(self.config), "listen": self.listen,
-                "writes_state": index == 0}
+                "primary": index == 0}
 
     def _on_frame(self, index: int, frame: Frame) -> None:
         if frame.get("t") == "ready" and 0 <= index < len(self.workers):
@@ -151,6 +153,7 @@ class Supervisor:
     def refuse(self, errors: list[str]) -> ReloadResult:
         """An invalid config: refused here, once; the workers never see it."""
         self.reloads["refused"] += 1
+        self.hub.send(0, {"t": "refused", "errors": errors})  # the primary notifies it
         reason = errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
         self.events.emit(route=None, kind="reload_refused", actor="config", reason=reason,
                          figures={"errors": errors})

@@ -50,14 +50,17 @@ async def run_worker(channel_path: str, worker: int) -> None:
     if not config.state.redis:
         def link(rollouts: Any) -> WorkerLink:
             return WorkerLink(channel, worker=worker, rollouts=rollouts)
-    runtime = Runtime(config, link=link, writes_state=bool(welcome.get("writes_state")))
+    runtime = Runtime(config, link=link, primary=bool(welcome.get("primary")))
 
     def on_frame(frame: Frame) -> None:
-        if frame.get("t") == "reload":
+        kind = frame.get("t")
+        if kind == "reload":
             try:
                 runtime.apply(_decode_config(frame))
             except Exception:  # the parent validated it; a failure here is a bug, logged
                 logger.exception("worker %d: applying the parent's config failed", worker)
+        elif kind == "refused":  # the primary notifies it (the webhook's reload_refused)
+            runtime.refuse([str(e) for e in frame.get("errors", [])])
 
     channel.on_frame = on_frame
     channel.start()
