@@ -283,3 +283,22 @@ async def test_with_state_redis_the_workers_share_state_through_redis(
             if "rolled_back" in await fb.workers_states():
                 break
     await wait_until(lambda: _states_are(fb, ["rolled_back"] * 2), timeout=1)
+
+
+async def test_workers_drain_and_exit_when_the_parent_is_gone(start: Any) -> None:
+    fb, _, _ = await start(weight=0)
+    workers = fb.children()
+    assert len(workers) == 2
+    fb.proc.kill()
+    await fb.proc.wait()
+    await wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10,
+                     what="the orphaned workers to exit")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited orphan is reaped by init, so it disappears)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
