@@ -302,3 +302,31 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+async def test_a_data_port_in_use_fails_the_start_once_with_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "fb.yaml"
+        cfg.write_text(config_text("""
+server: {{listen: "127.0.0.1:{port}"}}
+upstreams: {{v1: {{url: "http://127.0.0.1:9"}}}}
+routes: [{{name: r, match: {{path_prefix: /}}, stable: v1}}]
+""", tmp_path, port=port))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "cannot listen" in err.decode()
+
+
+async def test_workers_flag_refuses_nonsense() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--workers", "0",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "--workers" in err.decode()

@@ -57,6 +57,7 @@ class WorkerProc:
         self.proc: asyncio.subprocess.Process | None = None
         self.admin_port = 0
         self.ready = asyncio.Event()
+        self.exited = asyncio.Event()  # its first process ended (before serving, at start)
         self.restarts = 0
 
     @property
@@ -95,14 +96,17 @@ class Supervisor:
         self.draining = False
         self.hub = Hub(self._welcome, self._on_frame, self._on_gone)
         self.watcher = ConfigWatcher(config_path, self) if config_path else None
-        self._dir = tempfile.mkdtemp(prefix="flipback-workers-")  # mode 0700
-        self._channel = os.path.join(self._dir, "channel.sock")
+        self._dir = ""  # a private directory (mode 0700) for the channel's socket
         self._listener: socket.socket | None = None
         self.listen = config.server.listen
         self._keepers = TaskSet("workers")
         self._admin: web.AppRunner | None = None
         self.admin_port = 0
         self.data_port = 0
+
+    @property
+    def _channel(self) -> str:
+        return os.path.join(self._dir, "channel.sock")
 
     @property
     def config(self) -> ProxyConfig:
@@ -173,10 +177,11 @@ class Supervisor:
             raise ProxyError(f"admin.listen {refused}")
         self._listener, self.listen = reserve_listener(self.config.server.listen)
         self.data_port = self._listener.getsockname()[1]
-        await self.hub.start(self._channel)
-        for slot in self.workers:
-            self._keepers.spawn(self._keep(slot), name=f"worker-{slot.index}")
+        self._dir = tempfile.mkdtemp(prefix="flipback-workers-")
         try:
+            await self.hub.start(self._channel)
+            for slot in self.workers:
+                self._keepers.spawn(self._keep(slot), name=f"worker-{slot.index}")
             try:
                 async with asyncio.timeout(START_TIMEOUT):
                     await asyncio.gather(*(self._first_start(w) for w in self.workers))
@@ -192,13 +197,17 @@ class Supervisor:
                     len(self.workers), self.config.admin.listen)
 
     async def _first_start(self, slot: WorkerProc) -> None:
-        while not slot.ready.is_set():
-            if slot.restarts:
-                raise ProxyError(f"worker {slot.index} exited during startup "
-                                 f"(see its log above)")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.1):
-                    await slot.ready.wait()
+        """Wait for the worker's first process to serve; one that ends first fails the
+        start (a bad listener, an import error: the same for every worker)."""
+        ready = asyncio.ensure_future(slot.ready.wait())
+        exited = asyncio.ensure_future(slot.exited.wait())
+        try:
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if not slot.ready.is_set():
+            raise ProxyError(f"worker {slot.index} exited during startup (see its log above)")
 
     async def _keep(self, slot: WorkerProc) -> None:
         """Run one worker slot: start it, and start it again when it dies (backoff
@@ -212,6 +221,7 @@ class Supervisor:
                 "--worker", str(slot.index))
             code = await slot.proc.wait()
             slot.ready.clear()
+            slot.exited.set()
             if self.draining:
                 return
             slot.restarts += 1
@@ -251,7 +261,8 @@ class Supervisor:
         await self.hub.aclose()
         if self._listener is not None:
             self._listener.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 async def run_supervisor(config: ProxyConfig, config_path: str | None, workers: int) -> None:
