@@ -1,7 +1,8 @@
 """The one admin API of ``run --workers`` (SPEC §8), in the parent. Reads fan out to
 every worker's private admin (an ephemeral loopback port) and are merged
 (``proxy.workers.merge``); an action goes to one worker, which announces it like any
-action, so every worker applies it; ``/reload`` is the parent's own (validated once)."""
+action, so every worker applies it; ``/reload`` is the parent's own (validated once);
+``/feedback`` goes to the worker that served the rated request."""
 
 from __future__ import annotations
 
@@ -143,6 +144,21 @@ async def action(request: web.Request) -> web.StreamResponse:
     return web.Response(status=status, body=body, content_type=JSON)
 
 
+async def feedback(request: web.Request) -> web.StreamResponse:
+    """A rating for an answer: the worker that served the request knows its id; the
+    others answer 404 (unknown), so the first other answer is the one."""
+    slots = request.app[SUPERVISOR].ready_workers()
+    if not slots:
+        return _unavailable()
+    body = await request.read()
+    status, answer = 404, b'{"error": "unknown request id"}'
+    for slot in slots:
+        status, answer = await _fetch(request, slot, request.path, "POST", body)
+        if status != 404:
+            break
+    return web.Response(status=status, body=answer, content_type=JSON)
+
+
 async def reload(request: web.Request) -> web.Response:
     result = await request.app[SUPERVISOR].reload_now()
     return _json(result, 200 if result.get("ok") else 400)
@@ -170,6 +186,7 @@ async def start_admin(sup: Supervisor) -> tuple[web.AppRunner, int]:
     app.router.add_get("/events", events)
     app.router.add_post("/routes/{name}/{verb:rollback|promote|weight|resume|kill}", action)
     app.router.add_post("/reload", reload)
+    app.router.add_post("/feedback", feedback)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
