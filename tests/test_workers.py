@@ -128,8 +128,12 @@ async def start(model: Any, tmp_path: Path) -> AsyncIterator[Any]:
     yield run
     for proc in procs:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            proc.terminate()  # the workers drain with it (a kill would orphan them)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 async def test_workers_share_the_listener_and_one_admin_sums_them(start: Any) -> None:
@@ -193,6 +197,10 @@ async def test_admin_actions_and_reloads_apply_to_every_worker(start: Any) -> No
     assert [e["kind"] for e in events] == ["reload_refused", "reload"]
     assert await _weights_are(fb, [20.0, 20.0])
     assert all(status == 200 for status, _ in [await fb.get("/ok") for _ in range(6)])
+    # Feedback goes to the worker whose guard knows the id; no worker knows this one.
+    async with aiohttp.ClientSession() as s, s.post(
+            fb.admin + "/feedback", json={"request_id": "nobody", "correct": True}) as r:
+        assert (r.status, (await r.json())["outcome"]) == (404, "unknown")
 
 
 async def _states_are(fb: Flipback, states: list[str]) -> bool:
