@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import model as c
 from proxy.config.parser import load_config
+from proxy.workers.admin import parent_families
+from proxy.workers.merge import render
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -85,6 +87,9 @@ async def test_readme_lists_every_metric_with_its_labels(model, flipback):
         assert resp.status == 200
     async with fb.session.get(fb.admin + "/metrics") as resp:
         exposition = await resp.text()
+    # `run --workers N`: the parent's own families beside the workers' merged ones
+    exposition += render(parent_families({"ok": 0}, serving=2, restarts={0: 0},
+                                         requests={0: 1.0})).decode()
     labels: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(exposition):
         if family.name.endswith("_created"):  # the client library's, per counter

@@ -82,23 +82,32 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _parent_families(sup: Supervisor, answers: list[tuple[WorkerProc, str]]) -> list[Metric]:
-    reloads = CounterMetricFamily("flipback_config_reloads", "Config reloads by result",
-                                  labels=["result"])
-    for result, count in sup.reloads.items():
-        reloads.add_metric([result], count)
-    serving = GaugeMetricFamily("flipback_workers", "Worker processes serving (run --workers)",
-                                value=len(sup.ready_workers()))
-    restarts = CounterMetricFamily("flipback_worker_restarts",
-                                   "Worker processes started again after they died",
-                                   labels=["worker"])
-    per_worker = CounterMetricFamily("flipback_worker_requests",
-                                     "Proxied requests by the worker that served them",
-                                     labels=["worker"])
-    for slot in sup.workers:
-        restarts.add_metric([str(slot.index)], slot.restarts)
-    for slot, text in answers:
-        per_worker.add_metric([str(slot.index)], merge.requests_per_worker(text))
-    return [reloads, serving, restarts, per_worker]
+    return parent_families(
+        sup.reloads, serving=len(sup.ready_workers()),
+        restarts={slot.index: slot.restarts for slot in sup.workers},
+        requests={slot.index: merge.requests_per_worker(text) for slot, text in answers})
+
+
+def parent_families(reloads: dict[str, int], *, serving: int, restarts: dict[int, int],
+                    requests: dict[int, float]) -> list[Metric]:
+    """The parent's own metrics: config reloads (counted once, here) and the workers."""
+    reloaded = CounterMetricFamily("flipback_config_reloads", "Config reloads by result",
+                                   labels=["result"])
+    for result, count in reloads.items():
+        reloaded.add_metric([result], count)
+    workers = GaugeMetricFamily("flipback_workers", "Worker processes serving (run --workers)",
+                                value=serving)
+    restarted = CounterMetricFamily("flipback_worker_restarts",
+                                    "Worker processes started again after they died",
+                                    labels=["worker"])
+    for index, count in restarts.items():
+        restarted.add_metric([str(index)], count)
+    served = CounterMetricFamily("flipback_worker_requests",
+                                 "Proxied requests by the worker that served them",
+                                 labels=["worker"])
+    for index, total in requests.items():
+        served.add_metric([str(index)], total)
+    return [reloaded, workers, restarted, served]
 
 
 async def list_routes(request: web.Request) -> web.Response:
