@@ -236,12 +236,15 @@ async def test_a_sticky_session_stays_on_its_version_whichever_worker_serves_it(
 
 async def test_a_dead_worker_is_restarted_and_sigterm_drains_every_worker(
         start: Any) -> None:
-    fb, v1, _ = await start(weight=0)
+    fb, v1, _ = await start(weight=50, extra="state: {file: null}")  # the parent's alone
+    await fb.admin_json("/routes/chat/rollback", "POST", {"reason": "before the crash"})
+    await wait_until(lambda: _states_are(fb, ["rolled_back"] * 2), timeout=2)
     victim = fb.children()[0]
     os.kill(victim, signal.SIGKILL)
     await wait_until(lambda: _restarted(fb), timeout=15, what="a worker restarted")
     await wait_until(lambda: _ready(fb.admin), timeout=15)
     assert victim not in fb.children() and len(fb.children()) == 2
+    assert await _states_are(fb, ["rolled_back"] * 2)  # the new one caught up
     v1.behaviour = Behaviour(delay=0.5)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         slow = [asyncio.ensure_future(s.get(fb.url + f"/slow/{i}")) for i in range(8)]

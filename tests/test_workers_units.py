@@ -86,6 +86,9 @@ flipback_canary_weight{route="chat"} 5.0
 # HELP flipback_config_reloads_total Config reloads
 # TYPE flipback_config_reloads_total counter
 flipback_config_reloads_total{result="ok"} 1.0
+# HELP flipback_config_reloads_created Config reloads
+# TYPE flipback_config_reloads_created gauge
+flipback_config_reloads_created{result="ok"} 1.7e+09
 """
 WORKER_1 = WORKER_0.replace("} 3.0", "} 4.0").replace("} 2.0", "} 1.0")
 

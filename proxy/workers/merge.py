@@ -36,7 +36,7 @@ def merge_metrics(texts: Sequence[str], extra: Iterable[Metric] = ()) -> bytes:
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
         for fam in text_string_to_metric_families(text):
-            if fam.name in PARENT_OWNED:
+            if fam.name.removesuffix("_created") in PARENT_OWNED:
                 continue
             if fam.name not in families:
                 families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
