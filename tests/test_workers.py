@@ -41,6 +41,7 @@ routes:
     sticky: {{header: x-session-id}}
     rollback: {{min_requests: 5, consecutive_failures: 3, judge: threshold}}
     retry_canary_on_stable: false
+    {route_extra}
 """
 
 
@@ -106,14 +107,15 @@ async def start(model: Any, tmp_path: Path) -> AsyncIterator[Any]:
     procs: list[Any] = []
 
     async def run(weight: float = 50, v2_behaviour: Behaviour | None = None,
-                  extra: str = "") -> Any:
+                  extra: str = "", route_extra: str = "") -> Any:
         v1, v2 = await model("v1"), await model("v2")
         if v2_behaviour is not None:
             v2.behaviour = v2_behaviour
         port, admin = _free_port(), _free_port()
         cfg = tmp_path / "fb.yaml"
         cfg.write_text(config_text(CONFIG, tmp_path, port=port, admin=admin, v1=v1.url,
-                                   v2=v2.url, weight=weight, extra=extra))
+                                   v2=v2.url, weight=weight, extra=extra,
+                                   route_extra=route_extra))
         env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
         env.pop("FLIPBACK_ADMIN_TOKEN", None)
         proc = await asyncio.create_subprocess_exec(
@@ -169,6 +171,33 @@ async def test_a_trip_in_one_worker_flips_every_worker_within_100ms(start: Any) 
     events = (await fb.admin_json("/events?kind=rollback"))["events"]
     assert len(events) == 1 and events[0]["actor"] == "auto"  # one trip, not one per worker
     assert [await fb.get("/after") for _ in range(10)] == [(200, "v1")] * 10
+
+
+async def test_a_progressive_step_in_one_worker_steps_every_worker_within_100ms(
+        start: Any) -> None:
+    fb, _, _ = await start(weight=10,
+                           route_extra="progressive: {steps: [10, 50, 100], interval: 1s}")
+    assert await _weights_are(fb, [10.0, 10.0])
+    loop = asyncio.get_running_loop()
+    stepped = None
+    # One keep-alive connection: one worker gathers the evidence and steps; the other,
+    # with no traffic, can only follow its sibling.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+        deadline = loop.time() + 15
+        while loop.time() < deadline:
+            async with s.get(fb.url + "/step") as r:
+                await r.read()
+            weights = [w["effective_weight"] for w in
+                       (await fb.admin_json("/routes/chat"))["workers"]]
+            if stepped is None and 50.0 in weights:
+                stepped = loop.time()
+            if stepped is not None:
+                if weights == [50.0, 50.0]:
+                    break
+                assert loop.time() - stepped < 0.1, weights
+    assert stepped is not None, "no worker stepped"
+    events = (await fb.admin_json("/events?kind=step"))["events"]
+    assert len(events) == 1 and events[0]["actor"] == "auto"
 
 
 async def test_admin_actions_and_reloads_apply_to_every_worker(start: Any) -> None:
