@@ -6,6 +6,7 @@ the workers; a test that needs one worker only uses one keep-alive connection.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -326,13 +327,37 @@ async def test_with_state_redis_the_workers_share_state_through_redis(
 
 
 async def test_workers_drain_and_exit_when_the_parent_is_gone(start: Any) -> None:
-    fb, _, _ = await start(weight=0)
+    fb, _, _ = await start(weight=50)
     workers = fb.children()
     assert len(workers) == 2
-    fb.proc.kill()
-    await fb.proc.wait()
-    await wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10,
-                     what="the orphaned workers to exit")
+    channel = _channel_dir(workers[0])
+
+    async def new_sessions() -> None:  # each one a pin lookup the parent cannot answer
+        for i in range(100_000):
+            with contextlib.suppress(aiohttp.ClientError):
+                await fb.get("/chat", {"x-session-id": f"new-{i}"})
+
+    traffic = asyncio.ensure_future(new_sessions())
+    try:
+        await fb.get("/chat", {"x-session-id": "first"})
+        fb.proc.kill()
+        await fb.proc.wait()
+        await wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10,
+                         what="the orphaned workers to exit")
+        assert not _exists(channel)  # nor is the parent's private directory left
+    finally:
+        traffic.cancel()
+
+
+def _channel_dir(worker: int) -> str:
+    """The parent's private directory, from a worker's ``--channel`` argument."""
+    with open(f"/proc/{worker}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    return os.path.dirname(argv[argv.index(b"--channel") + 1].decode())
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 def _alive(pid: int) -> bool:

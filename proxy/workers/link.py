@@ -26,6 +26,9 @@ from proxy.workers.channel import Frame, read_frame, write_frame
 logger = logging.getLogger(__name__)
 
 
+RETRY = 0.2  # seconds before catching up again after the hub failed to answer
+
+
 class HubError(Exception):
     """The parent could not answer a call (or the channel is gone)."""
 
@@ -164,6 +167,7 @@ class WorkerLink(FleetLink):
                  rollouts: Callable[[], Mapping[str, Rollout]]) -> None:
         self.url = "parent"
         self.replica = f"worker-{worker}"
+        self._channel = channel
         client = HubClient(channel)
         self._init_link(client, client.register_script(_SEED), rollouts,
                         HubWriter(client, is_up=lambda: self.up, failed=self.failed))
@@ -187,18 +191,23 @@ class WorkerLink(FleetLink):
         await self._tasks.aclose(0)
 
     async def _run(self) -> None:
-        """Catch up with the hub, then again whenever a reload asks (``resync``)."""
-        while True:
+        """Catch up with the hub, then again whenever a reload or a failed call asks
+        (``resync``); after a failure, again in ``RETRY`` seconds. Ends with the channel."""
+        while not self._channel.closed.is_set():
             self._resync.clear()
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT * 5):
                     await self._sync()
-            except Exception as exc:  # noqa: BLE001 - the parent is gone: we are ending
+            except Exception as exc:  # noqa: BLE001 - a slow or gone parent: local for now
                 self.failed("connection", exc)
             else:
                 if not self.up:
                     self.up = True
+                    self._told_down = False
                     self._writer.resume()
             finally:
                 self._started.set()
-            await self._resync.wait()
+            if self.up:
+                await self._resync.wait()
+            else:
+                await asyncio.sleep(RETRY)

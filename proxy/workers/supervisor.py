@@ -34,7 +34,7 @@ from proxy.runtime import ReloadResult, describe_diff
 from proxy.tasks import TaskSet
 from proxy.workers.channel import Frame
 from proxy.workers.hub import Hub
-from proxy.workers.worker import encode_config
+from proxy.workers.worker import PRIVATE_DIR_PREFIX, encode_config
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Supervisor:
             raise ProxyError(f"admin.listen {refused}")
         self._listener, self.listen = reserve_listener(self.config.server.listen)
         self.data_port = self._listener.getsockname()[1]
-        self._dir = tempfile.mkdtemp(prefix="flipback-workers-")
+        self._dir = tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIX)
         try:
             await self.hub.start(self._channel)
             for slot in self.workers:

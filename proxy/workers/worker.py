@@ -12,6 +12,7 @@ import base64
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 from dataclasses import replace
@@ -27,6 +28,7 @@ from proxy.workers.link import WorkerChannel, WorkerLink
 logger = logging.getLogger(__name__)
 
 PRIVATE_ADMIN = "127.0.0.1:0"
+PRIVATE_DIR_PREFIX = "flipback-workers-"  # the parent's directory for the channel
 
 
 def encode_config(config: ProxyConfig) -> str:
@@ -82,12 +84,20 @@ async def run_worker(channel_path: str, worker: int) -> None:
             task.cancel()
         if channel.closed.is_set() and not stop.is_set():
             logger.warning("worker %d: the parent is gone; draining", worker)
+            _remove_private_dir(channel_path)  # a killed parent could not
 
     try:
         await serve(config, shutdown_trigger=shutdown_trigger, on_started=started,
                     runtime=runtime, reuse_port=True)
     finally:
         await channel.aclose()
+
+
+def _remove_private_dir(channel_path: str) -> None:
+    """The channel's directory (``flipback-workers-*``, made by the parent), if it is one."""
+    folder = os.path.dirname(channel_path)
+    if os.path.basename(folder).startswith(PRIVATE_DIR_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
