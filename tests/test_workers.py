@@ -108,7 +108,7 @@ async def start(model: Any, tmp_path: Path) -> AsyncIterator[Any]:
     procs: list[Any] = []
 
     async def run(weight: float = 50, v2_behaviour: Behaviour | None = None,
-                  extra: str = "", route_extra: str = "") -> Any:
+                  extra: str = "", route_extra: str = "", token: str = "") -> Any:
         v1, v2 = await model("v1"), await model("v2")
         if v2_behaviour is not None:
             v2.behaviour = v2_behaviour
@@ -119,6 +119,8 @@ async def start(model: Any, tmp_path: Path) -> AsyncIterator[Any]:
                                    route_extra=route_extra))
         env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
         env.pop("FLIPBACK_ADMIN_TOKEN", None)
+        if token:
+            env["FLIPBACK_ADMIN_TOKEN"] = token
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2",
             stdout=asyncio.subprocess.DEVNULL, env=env)
@@ -231,6 +233,17 @@ async def test_admin_actions_and_reloads_apply_to_every_worker(start: Any) -> No
     async with aiohttp.ClientSession() as s, s.post(
             fb.admin + "/feedback", json={"request_id": "nobody", "correct": True}) as r:
         assert (r.status, (await r.json())["outcome"]) == (404, "unknown")
+
+
+async def test_with_an_admin_token_the_parent_checks_it_and_passes_it_on(start: Any) -> None:
+    fb, _, _ = await start(weight=50, token="s3cret")
+    url = fb.admin + "/routes/chat/rollback"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={}) as r:
+            assert r.status == 401
+        async with s.post(url, json={}, headers={"Authorization": "Bearer s3cret"}) as r:
+            assert r.status == 200
+    await wait_until(lambda: _states_are(fb, ["rolled_back"] * 2), timeout=2)
 
 
 async def _states_are(fb: Flipback, states: list[str]) -> bool:
