@@ -28,7 +28,6 @@ from proxy.guard.evidence import Guard
 from proxy.guard.feedback import FeedbackGuard, FeedbackOutcome, FeedbackResult, FeedbackStore
 from proxy.rollout.judge import Verdict
 
-
 JUDGED = ("canary", "stable")  # the arms whose answers are evidence
 
 
