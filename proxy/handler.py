@@ -14,10 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import orjson
-from aiohttp import HttpVersion, web
-from aiohttp.streams import StreamReader
 
-from proxy.client_conn import ClientConnection, Limits
 from proxy.config.model import ProxyConfig
 from proxy.errors import (
     BodyTooLarge,
@@ -28,7 +25,10 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.headers import RequestHeaders, downstream_headers
+from proxy.headers import RequestHeaders, downstream_head
+from proxy.http1.protocol import Limits
+from proxy.http1.request import Request, RequestBody
+from proxy.http1.response import Reply, header_lines, json_error
 from proxy.killswitch import kill_response
 from proxy.metrics import OUTCOME_ERROR, OUTCOME_TIMEOUT, outcome_index
 from proxy.rollout import pick
@@ -37,15 +37,11 @@ from proxy.rollout.machine import Rollout
 from proxy.rollout.sticky import session_key
 from proxy.runtime import Runtime
 from proxy.shadow.mirror import ShadowCopy
-from proxy.units import format_size
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("proxy.access")
 
-_JSON = "application/json"
 _NO_BODY_STATUSES = frozenset({204, 304})
-_HTTP11 = HttpVersion(1, 1)
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SCHEMES = ("http://", "https://")
 
 
@@ -67,7 +63,7 @@ class _Body:
 
     __slots__ = ("_content", "_limit", "_prefix", "fault")
 
-    def __init__(self, content: StreamReader, limit: int, prefix: bytes = b"") -> None:
+    def __init__(self, content: RequestBody, limit: int, prefix: bytes = b"") -> None:
         self._content = content
         self._limit = limit
         self._prefix = prefix
@@ -127,20 +123,37 @@ class Proxy:
         self.access_log = config.log.access
         self.headers = RequestHeaders(config.server)
         self.id_header = self.headers.id_name
+        self._id_line = self.id_header.encode() + b": "
+        self._lane_cache: dict[tuple[str, str | None], bytes] = {}
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _lane_lines(self, lane: Lane) -> bytes:
+        """The ``x-flipback-upstream`` (and ``-version``) lines of a lane, encoded once."""
+        key = (lane.upstream, lane.version)
+        lines = self._lane_cache.get(key)
+        if lines is None:
+            pairs = [("x-flipback-upstream", lane.upstream)]
+            if lane.version is not None:
+                pairs.append(("x-flipback-version", lane.version))
+            lines = self._lane_cache[key] = header_lines(pairs)
+        return lines
+
+    async def handle(self, request: Request) -> None:
+        """Answer one request; the connection calls it, one request at a time."""
         try:
-            return await self._handle(request)
+            await self._handle(request)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except ClientRequestError as exc:  # a limit the client ran into, at any step
-            return self.refuse(exc, self.request_id(request))
+            self.refuse(request, exc, self.request_id(request))
         except Exception:
-            logger.exception("unexpected error on %s %s", request.method, request.raw_path)
+            logger.exception("unexpected error on %s %s", request.method, request.target)
+            if request.response_started:
+                request.abort()
+                return
             rid = self.request_id(request, new=False)
-            return json_error(502, "internal proxy error", rid, self.id_header)
+            send(request, json_error(502, "internal proxy error", rid, self.id_header))
 
-    def request_id(self, request: web.BaseRequest, new: bool = True) -> str:
+    def request_id(self, request: Request, new: bool = True) -> str:
         """The client's request id when it is a plain one (printable ASCII, at most 200
         characters: it goes into logs, events and JSON), else a new one (or none)."""
         rid = request.headers.get(self.id_header)
@@ -148,27 +161,24 @@ class Proxy:
             return rid
         return self.headers.new_id() if new else ""
 
-    def refuse(self, exc: ClientRequestError, rid: str) -> web.Response:
+    def refuse(self, request: Request, exc: ClientRequestError, rid: str) -> None:
         """A client-side error: the 4xx it names, and the connection closes (what is left
         of the request on it cannot be trusted to frame the next one)."""
         self.limits.count(exc.reason)
-        resp = json_error(exc.status, str(exc), rid, self.id_header)
-        resp.force_close()
-        return resp
+        if request.response_started:  # too late for a status: the answer is cut
+            request.abort()
+            return
+        send(request, json_error(exc.status, str(exc), rid, self.id_header), close=True)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: Request) -> None:
         snap = self.runtime.snapshot
-        raw_path = request.raw_path
+        raw_path = request.target
         if raw_path[:1] != "/":
             raw_path = origin_form(raw_path)
         rid = self.request_id(request)
         if "#" in raw_path:  # RFC 9112 3.2: no fragment in a request target (as Envoy)
             raise ClientRequestError(400, "fragment ('#') in the request target",
                                      reason="bad_target")
-        protocol = request.protocol
-        if isinstance(protocol, ClientConnection) and protocol.head_over:
-            protocol.head_over = False
-            self._check_head(request)
         content_length = request.content_length
         if content_length is None and request.body_exists:
             te = ", ".join(request.headers.getall("transfer-encoding", ()))
@@ -178,17 +188,20 @@ class Proxy:
         path = raw_path.partition("?")[0]
         rollout = snap.table.match(request.method, path, request.headers)
         if rollout is None:
-            return json_error(404, f"no route for {request.method} {path}", rid, self.id_header)
+            send(request, json_error(404, f"no route for {request.method} {path}", rid,
+                                     self.id_header))
+            return
         if rollout.killed:
-            return await self._killed(request, rollout, rid)
+            await self._killed(request, rollout, rid)
+            return
         if content_length is not None and content_length > self.max_body:
             raise BodyTooLarge(f"request body over {self.max_body} bytes")
-        if request.body_exists and request.version >= _HTTP11:
-            expect = request.headers.get("expect")
-            if expect is not None and expect.lower() == "100-continue":
+        if request.body_exists and request.version == "1.1":
+            expect = request.headers.get_bytes(b"expect")
+            if expect is not None and expect.lower() == b"100-continue":
                 # The client holds its body back until told to send it (curl does, for
-                # bodies over 1 KiB); the low-level server leaves this answer to us.
-                await request.writer.write(_CONTINUE)
+                # bodies over 1 KiB); only a request that is routed and fits gets it.
+                request.send_continue()
 
         body: bytes | _Body | None = None
         if rollout.wants_body_first and request.body_exists:
@@ -215,32 +228,33 @@ class Proxy:
             # A copy or a retry needs the body in memory (up to inspect_body); else it
             # streams through, unless it is already here whole.
             keep = shadow is not None or self._next_lane(rollout, lane) is not None
-            body = _whole_body(request.content, self.inspect_body if keep else self.max_body)
+            content = request.body
+            assert content is not None
+            body = _whole_body(content, self.inspect_body if keep else self.max_body)
             if body is None:
                 if keep:
                     body = await self._buffer(request, content_length)
                     replayable = not isinstance(body, _Body)
                 else:
-                    body = _Body(request.content, self.max_body)
+                    body = _Body(content, self.max_body)
                     replayable = False
         if not replayable and self._next_lane(rollout, lane) is not None:
             self.runtime.metrics.body_not_replayable_total.labels(route=rollout.name).inc()
-        peer = request.transport.get_extra_info("peername") if request.transport else None
         headers = self.headers.upstream(
             request.raw_headers,
-            client_ip=peer[0] if peer else "unknown",
+            client_ip=request.client_ip,
             proto=b"http",
             request_id=rid,
         )
         # The copy is only scheduled here: it runs once the primary below is on its way.
         tap = (shadow.offer(request.method, raw_path, headers, body, request_id=rid,
                             inspect_body=self.inspect_body) if shadow is not None else None)
-        return await self._forward(request, rollout, lane, role, raw_path, headers, body,
-                                   replayable, rid, tap)
+        await self._forward(request, rollout, lane, role, raw_path, headers, body,
+                            replayable, rid, tap)
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         rollout: Rollout,
         lane: Lane,
         role: str,
@@ -250,7 +264,7 @@ class Proxy:
         replayable: bool,
         rid: str,
         tap: ShadowCopy | None = None,
-    ) -> web.StreamResponse:
+    ) -> None:
         now = self._loop_time
         failure_statuses = rollout.route.rollback.failure_statuses
         method = request.method
@@ -274,7 +288,8 @@ class Proxy:
                     text = str(exc)  # the pool's own messages name the upstream already
                     if not text.startswith("upstream "):
                         text = f"upstream {lane.upstream}: {text}"
-                    return json_error(exc.status, text, rid, self.id_header)
+                    send(request, json_error(exc.status, text, rid, self.id_header))
+                    return
                 retried_from = self._retried(rollout, lane, nxt, exc, retried_from)
                 lane = nxt
                 role = nxt.role
@@ -320,26 +335,21 @@ class Proxy:
                         raise
             break
 
-        resp = web.StreamResponse(status=status, reason=up.reason,
-                                  headers=downstream_headers(up.headers))
-        resp.headers["x-flipback-upstream"] = lane.upstream
-        if lane.version is not None:
-            resp.headers["x-flipback-version"] = lane.version
+        head = downstream_head(up.headers) + self._lane_lines(lane)
         if retried_from is not None:
-            resp.headers["x-flipback-retried-from"] = ", ".join(retried_from)
+            head += b"x-flipback-retried-from: %s\r\n" % ", ".join(retried_from).encode()
         if rid:
-            resp.headers[self.id_header] = rid
-        if up.content_length is not None and status not in _NO_BODY_STATUSES:
-            resp.content_length = up.content_length
-        if first or up.body_ready:
-            # The body came with the headers (most JSON answers), or was waited for: aiohttp
-            # then sends the headers with the first body bytes, one write instead of two.
-            # An answer still on its way (a stream's first token) gets its headers at once.
-            resp._send_headers_immediately = False
+            head += self._id_line + rid.encode() + b"\r\n"
         try:
-            await resp.prepare(request)
+            # The body came with the headers (most JSON answers), or was waited for: the
+            # head then leaves with the first body bytes, one write instead of two. An
+            # answer still on its way (a stream's first token) gets its head at once.
+            request.start_response(
+                status, up.reason, head,
+                up.content_length if status not in _NO_BODY_STATUSES else None,
+                defer=bool(first) or up.body_ready)
             read = up.read
-            write = resp.write
+            write = request.write
             if tap is None or not tap.wants_body:
                 if first:
                     await write(first)
@@ -353,7 +363,7 @@ class Proxy:
                 while chunk := await read():
                     await write(chunk)
                     keep(chunk)
-            await resp.write_eof()
+            request.end()
         except UpstreamError as exc:
             # Broke after the client got headers: the client must see a broken response,
             # never a clean end of stream (a cut SSE stream must not look complete).
@@ -361,10 +371,9 @@ class Proxy:
             lane.end(started, not retried_from,
                      role=role, outcome=_outcome_of(exc), failed=True, ttfb=ttfb,
                      total=now() - t0)
-            if request.transport is not None:
-                request.transport.abort()
+            request.abort()
             self._log(request, rollout.name, lane.upstream, role, 0, now() - t0, rid)
-            return resp
+            return
         except BaseException:
             up.release()
             lane.cancel(started)
@@ -378,7 +387,6 @@ class Proxy:
             tap.primary_done(lane.upstream, status, ttfb, total)
         if self.access_log:
             self._log(request, rollout.name, lane.upstream, role, status, total, rid)
-        return resp
 
     @staticmethod
     def _next_lane(rollout: Rollout, lane: Lane) -> Lane | None:
@@ -412,21 +420,12 @@ class Proxy:
             cause=_retry_cause(exc)).inc()
         return [failed.upstream] if so_far is None else [*so_far, failed.upstream]
 
-    def _check_head(self, request: web.BaseRequest) -> None:
-        """The exact size of a header block whose read came in over the cap (the read may
-        have held body bytes too): request line plus each ``name: value``."""
-        size = len(request.raw_path) + 16 + sum(len(n) + len(v) + 4
-                                                for n, v in request.raw_headers)
-        limit = self.limits.max_header_bytes
-        if size > limit:
-            raise ClientRequestError(431, f"request headers over {format_size(limit)}",
-                                     reason="header_too_large")
-
-    async def _buffer(self, request: web.BaseRequest, length: int | None) -> bytes | _Body:
+    async def _buffer(self, request: Request, length: int | None) -> bytes | _Body:
         """Read the body into memory when it fits ``inspect_body``, so it can be replayed;
         a larger one streams through (what was read so far goes first)."""
         limit = self.inspect_body
-        content = request.content
+        content = request.body
+        assert content is not None
         whole = _whole_body(content, limit)
         if whole is not None:
             return whole
@@ -443,34 +442,32 @@ class Proxy:
                 return _Body(content, self.max_body, prefix=b"".join(parts))
         return b"".join(parts)
 
-    async def _killed(self, request: web.BaseRequest, rollout: Rollout,
-                      rid: str) -> web.StreamResponse:
+    async def _killed(self, request: Request, rollout: Rollout, rid: str) -> None:
         t0 = self._loop_time()
         body = b""
         if rollout.route.kill_switch.openai_message is not None and request.body_exists:
             got = await self._buffer(request, request.content_length)
             body = got if isinstance(got, bytes) else b""
-        resp = kill_response(rollout.route.kill_switch, body, rid, self.id_header)
-        status = resp.status
+        reply = kill_response(rollout.route.kill_switch, body, rid, self.id_header)
+        send(request, reply)
         series = self.runtime.metrics.series(rollout.name, "kill_switch", "static")
-        series.observe(outcome_index(status), None, self._loop_time() - t0)
-        return resp
+        series.observe(outcome_index(reply.status), None, self._loop_time() - t0)
 
-    def _log(self, request: web.BaseRequest, route: str, upstream: str, role: str,
+    def _log(self, request: Request, route: str, upstream: str, role: str,
              status: int, seconds: float, rid: str) -> None:
         if not self.access_log:
             return
         access_logger.info(orjson.dumps({
-            "request_id": rid, "method": request.method, "path": request.raw_path,
+            "request_id": rid, "method": request.method, "path": request.target,
             "route": route, "upstream": upstream, "role": role, "status": status,
             "ms": round(seconds * 1000, 3),
         }).decode())
 
 
-def _whole_body(content: StreamReader, limit: int) -> bytes | None:
+def _whole_body(content: RequestBody, limit: int) -> bytes | None:
     """The request body when all of it arrived with the headers (most API calls) and
     fits ``limit``: bytes at once, sent in the same write as the upstream headers."""
-    if content.is_eof() and content.total_bytes <= limit:
+    if content.complete and content.total_bytes <= limit:
         return content.read_nowait()
     return None
 
@@ -479,12 +476,6 @@ def _outcome_of(exc: UpstreamError) -> int:
     return OUTCOME_TIMEOUT if exc.kind == "timeout" else OUTCOME_ERROR
 
 
-def json_error(status: int, message: str, request_id: str,
-               id_header: str = "x-request-id") -> web.Response:
-    """Errors the proxy makes itself (SPEC §4)."""
-    return web.Response(
-        status=status,
-        body=orjson.dumps({"error": message, "request_id": request_id}),
-        content_type=_JSON,
-        headers={id_header: request_id} if request_id else None,
-    )
+def send(request: Request, reply: Reply, *, close: bool = False) -> None:
+    """A response the proxy makes itself, head and body in one write."""
+    request.respond(reply.status, header_lines(reply.headers), reply.body, close=close)

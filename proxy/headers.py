@@ -83,7 +83,7 @@ class RequestHeaders:
 
     def upstream(
         self,
-        raw: tuple[tuple[bytes, bytes], ...],
+        raw: tuple[tuple[bytes, bytes], ...] | RawHeaders,
         *,
         client_ip: str,
         proto: bytes,
@@ -135,17 +135,18 @@ class RequestHeaders:
         return out
 
 
-def downstream_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """Upstream response headers -> headers for the client (hop-by-hop removed)."""
+def downstream_head(raw: list[tuple[bytes, bytes]]) -> bytes:
+    """Upstream response headers -> the client's header lines (hop-by-hop removed), as
+    bytes: llhttp already refused CR and LF in them, so they pass as they came."""
     listed: frozenset[bytes] = frozenset()
     for name, _ in raw:
         if name.lower() == b"connection":
             listed = _connection_listed(raw)
             break
-    out: list[tuple[str, str]] = []
+    out: list[bytes] = []
     for name, value in raw:
         lname = name.lower()
         if lname in _NOT_FORWARDED_DOWN or lname in listed:
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
-    return out
+        out += (name, b": ", value, b"\r\n")
+    return b"".join(out)

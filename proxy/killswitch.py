@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from proxy.config.model import KillSwitchConfig
+from proxy.http1.response import Reply
 
 
 def _wants_stream(body: bytes) -> tuple[bool, str]:
@@ -27,14 +27,14 @@ def _wants_stream(body: bytes) -> tuple[bool, str]:
 
 
 def kill_response(cfg: KillSwitchConfig, request_body: bytes, request_id: str,
-                  id_header: str = "x-request-id") -> web.Response:
-    headers = {"x-flipback-upstream": "kill_switch"}
+                  id_header: str = "x-request-id") -> Reply:
+    headers: tuple[tuple[str, str], ...] = (("x-flipback-upstream", "kill_switch"),)
     if request_id:
-        headers[id_header] = request_id
+        headers += ((id_header, request_id),)
     message = cfg.openai_message
     if message is None:
-        return web.Response(status=cfg.status, body=cfg.body.encode(),
-                            headers={**headers, "Content-Type": cfg.content_type})
+        return Reply(status=cfg.status, body=cfg.body.encode(),
+                     headers=(*headers, ("Content-Type", cfg.content_type)))
     stream, model = _wants_stream(request_body)
     created = int(time.time())
     ident = f"chatcmpl-flipback-{request_id}"
@@ -51,8 +51,8 @@ def kill_response(cfg: KillSwitchConfig, request_body: bytes, request_id: str,
             }],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
-        return web.Response(status=200, body=orjson.dumps(completion),
-                            headers={**headers, "Content-Type": "application/json"})
+        return Reply(status=200, body=orjson.dumps(completion),
+                     headers=(*headers, ("Content-Type", "application/json")))
 
     def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
         event = {
@@ -66,5 +66,5 @@ def kill_response(cfg: KillSwitchConfig, request_body: bytes, request_id: str,
 
     sse = (chunk({"role": "assistant", "content": message}, None)
            + chunk({}, "stop") + b"data: [DONE]\n\n")
-    return web.Response(status=200, body=sse, headers={
-        **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    return Reply(status=200, body=sse, headers=(
+        *headers, ("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")))

@@ -13,11 +13,12 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin import RELOAD, admin_token, create_admin_app
-from proxy.client_conn import DataPlaneServer, Limits
 from proxy.config.model import ProxyConfig, ServerConfig
 from proxy.config.preflight import admin_exposed, is_loopback, split_listen
 from proxy.errors import ProxyError
 from proxy.handler import Proxy
+from proxy.http1.listener import DataPlane
+from proxy.http1.protocol import Limits
 from proxy.reload import ConfigWatcher
 from proxy.runtime import Runtime
 from proxy.tasks import TaskSet
@@ -38,8 +39,7 @@ class App:
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
         self.admin_port = 0
-        self._server: DataPlaneServer | None = None
-        self._data_site: web.TCPSite | None = None
+        self._server: DataPlane | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -51,26 +51,14 @@ class App:
             raise ProxyError(f"admin.listen {refused}")
         await self.runtime.start()
         limits = Limits(cfg.server.header_timeout, cfg.server.body_timeout,
-                        cfg.server.max_header_bytes)
+                        cfg.server.max_header_bytes, cfg.server.keepalive_timeout)
         proxy = Proxy(self.runtime, limits)
         self.runtime.on_apply(self._applied)
-        self._server = server = DataPlaneServer(
-            proxy.handle,
-            limits=limits,
-            handler_cancellation=True,
-            access_log=None,
-            max_field_size=16384,
-            keepalive_timeout=cfg.server.keepalive_timeout,
-            # Request bodies pass byte for byte, Content-Encoding and all: the upstream
-            # decodes them, and max_body counts the bytes on the wire.
-            auto_decompress=False,
-        )
+        # Request bodies pass byte for byte, Content-Encoding and all: the upstream
+        # decodes them, and max_body counts the bytes on the wire.
+        self._server = server = DataPlane(proxy.handle, limits)
         self.runtime.metrics.set_client_sources(lambda: len(server.connections),
                                                 lambda: limits.rejected)
-        # The drain (below) waits and cuts by itself; cleanup after it only closes.
-        data_runner = web.ServerRunner(self._server, handle_signals=False,
-                                       shutdown_timeout=0.5)
-        await data_runner.setup()
         admin_app = create_admin_app(self.runtime, token=token, loopback_only=loopback)
         if self.watcher is not None:
             watcher = self.watcher
@@ -82,13 +70,10 @@ class App:
         admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None,
                                      shutdown_timeout=1.0)
         await admin_runner.setup()
-        self._runners = [data_runner, admin_runner]
+        self._runners = [admin_runner]
         host, port = split_listen(cfg.server.listen)
         try:
-            self._data_site = web.TCPSite(data_runner, host, port, backlog=1024,
-                                          reuse_address=True,
-                                          reuse_port=self.reuse_port or None)
-            await self._data_site.start()
+            self.data_port = await server.listen(host, port, reuse_port=self.reuse_port)
             admin_site = web.TCPSite(admin_runner, admin_host, admin_port, reuse_address=True)
             await admin_site.start()
         except OSError as exc:
@@ -96,7 +81,6 @@ class App:
             raise ProxyError(f"cannot listen: {exc.strerror or exc}") from None
         if self.watcher is not None:
             self.watcher.start()
-        self.data_port = _bound_port(data_runner)
         self.admin_port = _bound_port(admin_runner)
         logger.info("flipback serving on %s:%d, admin on %s:%d", host, self.data_port,
                     admin_host, self.admin_port)
@@ -115,14 +99,13 @@ class App:
         """Readiness 503, stop accepting, finish in-flight up to drain_timeout, close."""
         self.runtime.draining = True
         timeout = self.config.server.drain_timeout
-        if self._data_site is not None:
-            await self._data_site.stop()
         server = self._server
         if server is not None:
+            server.stop_accepting()
             server.pre_shutdown()  # close idle keep-alive connections now
             try:
                 async with asyncio.timeout(timeout):
-                    await server.shutdown(None)  # each connection: its handler finishes
+                    await server.shutdown()  # each connection: its handler finishes
             except TimeoutError:
                 logger.warning("drain timeout: %d requests cut", server.cut())
                 await self.aclose(upstream_grace=0.5)  # cut ones free their upstreams
@@ -134,18 +117,20 @@ class App:
         open (shadow copies) get ``upstream_grace`` seconds."""
         if self.watcher is not None:
             await self.watcher.aclose()
+        if self._server is not None:
+            await self._server.aclose()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
         await self.runtime.aclose(upstream_grace)
 
 
-def _set_limits(server: DataPlaneServer, cfg: ServerConfig) -> None:
+def _set_limits(server: DataPlane, cfg: ServerConfig) -> None:
     limits = server.limits
     limits.header_timeout = cfg.header_timeout
     limits.body_timeout = cfg.body_timeout
     limits.max_header_bytes = cfg.max_header_bytes
-    server.set_keepalive_timeout(cfg.keepalive_timeout)
+    limits.keepalive_timeout = cfg.keepalive_timeout
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -1,0 +1,559 @@
+"""One client connection of the data plane: bytes in to llhttp, requests out to the handler
+in order, response bytes back.
+
+The structure is uvicorn's httptools protocol (parser callbacks build the request; one
+handler task per request; pipelined requests wait their turn with reading paused), with
+the limits flipback adds at the edge:
+
+- a header clock (slowloris guard): a head must be complete ``header_timeout`` after its
+  first byte (after the connection opened, for the first request);
+- a header block cap: ``max_header_bytes``, request line and headers (-> 431);
+- a body clock: while a request body is incomplete and the proxy waits on the client,
+  ``body_timeout`` without a byte fails the body with ``BodyTimeout`` (-> 408, close);
+- a keep-alive clock: an idle connection closes after ``keepalive_timeout``.
+
+llhttp is strict: CL with TE, a bad Content-Length, obs-fold, bare LF and the like are
+refused with 400 before anything reaches the handler. One timer per connection serves
+every clock, re-armed lazily: a request that arrives whole and is answered at once arms
+none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from proxy.errors import BodyTimeout, ClientRequestError
+from proxy.http1 import response as r
+from proxy.http1.request import RawHeaders, Request, RequestBody
+from proxy.units import format_size
+
+if TYPE_CHECKING:
+    from proxy.http1.listener import DataPlane
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[None]]
+
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
+_NO_BODY = frozenset({204, 304})
+_NEVER = float("inf")
+
+
+class Limits:
+    """The ``server`` settings every connection reads; one mutable instance per server, so a
+    reload reaches open connections too."""
+
+    __slots__ = ("header_timeout", "body_timeout", "keepalive_timeout", "max_header_bytes",
+                 "rejected")
+
+    def __init__(self, header_timeout: float, body_timeout: float, max_header_bytes: int,
+                 keepalive_timeout: float = 75.0) -> None:
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_header_bytes = max_header_bytes
+        self.rejected: dict[str, int] = {}  # reason -> count, read by the metrics collector
+
+    def count(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer ``status``."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection; answers its requests one at a time, in order."""
+
+    __slots__ = (
+        "_plane", "_limits", "_loop", "_parser", "transport", "client_ip", "_in_head",
+        "_url", "_headers", "_head_raw", "_head_since", "_parsing", "_active", "_task",
+        "_queue", "_closing", "_input_done", "_idle_since", "_watch", "_body_rx", "_timer",
+        "_timer_due", "_read_paused", "_body_paused", "_write_paused", "_drain_waiter",
+        "_pending", "_chunked", "_no_body", "_started", "_done", "_keep", "_fed",
+    )
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+        self._limits = plane.limits
+        self._loop = plane.loop
+        self._parser = HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = "unknown"
+        self._in_head = False
+        self._url = b""
+        self._headers: RawHeaders = []
+        self._head_raw = 0  # bytes read while a head is incomplete (an upper bound)
+        self._fed = 0  # size of the read being parsed
+        self._head_since: float | None = None  # loop time the current head began
+        self._parsing: Request | None = None  # its body is still being parsed
+        self._active: Request | None = None  # being answered
+        self._task: asyncio.Task[None] | None = None
+        # requests parsed behind the active one, or a raw error answer that ends the line
+        self._queue: deque[Request | bytes] = deque()
+        self._closing = False  # close once the active request is answered (drain)
+        self._input_done = False  # read no more requests from this connection
+        self._idle_since: float | None = None
+        self._watch: RequestBody | None = None  # an incomplete body on the body clock
+        self._body_rx = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = _NEVER
+        self._read_paused = False
+        self._body_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # the active request's response
+        self._pending = b""  # a head held back to leave with the first body bytes
+        self._chunked = False
+        self._no_body = False
+        self._started = False
+        self._done = False
+        self._keep = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        peer = t.get_extra_info("peername")
+        if peer:
+            self.client_ip = peer[0]
+        self._plane.connections.add(self)
+        timeout = self._limits.header_timeout
+        if timeout > 0:  # the first head's clock starts with the connection
+            now = self._loop.time()
+            self._head_since = now
+            self._arm(now + timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._input_done:
+            return
+        self._fed = len(data)
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade:
+            # The request was complete; what follows is another protocol, which is not
+            # ours to speak: it is answered as plain HTTP and the connection closes.
+            self._input_done = True
+            last = self._queue[-1] if self._queue else self._active
+            if isinstance(last, Request):
+                last.keep_alive = False
+            return
+        except HttpParserError as exc:
+            if not self._input_done:
+                self._malformed(exc)
+            return
+        if self._in_head:
+            self._head_raw += len(data)
+            limits = self._limits
+            if self._head_raw > limits.max_header_bytes:
+                self._reject(431, f"request headers over {format_size(limits.max_header_bytes)}",
+                             "header_too_large")
+                return
+            if self._head_since is None and limits.header_timeout > 0:
+                now = self._head_since = self._loop.time()
+                self._arm(now + limits.header_timeout)
+        parsing = self._parsing
+        if parsing is not None and parsing.body is not None:
+            body = parsing.body
+            if self._watch is not body:
+                self._watch_body(body)
+            else:
+                self._body_rx = self._loop.time()
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is gone: close, and connection_lost cancels its handler
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._input_done = True
+        self._plane.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client disconnected"))
+        self._drain_waiter = None
+        gone = ConnectionResetError("client disconnected")
+        for req in (self._active, self._parsing, *self._queue):
+            if isinstance(req, Request) and req.body is not None:
+                req.body.set_error(gone)
+        self._queue.clear()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()  # the handler's upstream exchange is cancelled with it
+        self._plane.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- llhttp callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._idle_since = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_since = None
+        url = self._url
+        headers = self._headers
+        limit = self._limits.max_header_bytes
+        if self._head_raw + self._fed > limit:  # the reads could hold more: measure
+            size = len(url) + 16 + sum(len(n) + len(v) + 4 for n, v in headers)
+            if size > limit:
+                raise _Reject(431, f"request headers over {format_size(limit)}",
+                              "header_too_large")
+        self._head_raw = 0
+        parser = self._parser
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
+        length: int | None = None
+        chunked = False
+        for name, value in headers:
+            size = len(name)
+            if size == 14 and name.lower() == b"content-length":
+                length = int(value)  # llhttp checked the digits and refused duplicates
+            elif size == 17 and name.lower() == b"transfer-encoding":
+                chunked = True  # llhttp refuses a request TE that does not end in chunked
+        req = Request(self, method, url.decode("utf-8", "surrogateescape"),
+                      parser.get_http_version(), headers, length, chunked,
+                      parser.should_keep_alive())
+        if chunked or length:
+            req.body = RequestBody(self)
+        self._parsing = req
+        if self._active is None and not self._queue:
+            self._start(req)
+        else:
+            self._queue.append(req)  # pipelined: answered after the ones before it
+            self._update_reading()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        assert req is not None and req.body is not None
+        req.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        if req is None:
+            return
+        self._parsing = None
+        if req.body is not None:
+            req.body.feed_eof()
+            if self._watch is req.body:
+                self._watch = None
+        if not req.keep_alive:
+            self._input_done = True  # Connection: close, or HTTP/1.0: nothing follows
+
+    # -- refusals ----------------------------------------------------------------------
+
+    def _malformed(self, exc: HttpParserError) -> None:
+        cause = exc.__context__
+        if isinstance(cause, _Reject):
+            self._reject(cause.status, str(cause), cause.reason)
+            return
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        logger.info("bad client request from %s: %s", self.client_ip, detail)
+        parsing = self._parsing
+        if parsing is not None and parsing.body is not None:
+            # broken framing inside a body being answered: its reader gets the 400
+            self._input_done = True
+            parsing.body.set_error(ClientRequestError(
+                400, f"malformed request body: {detail}", reason="bad_request"))
+            return
+        self._reject(400, f"malformed request: {detail}", "bad_request")
+
+    def _reject(self, status: int, message: str, reason: str) -> None:
+        """Answer ``status`` after the requests before it, then close; read no more."""
+        self._input_done = True
+        self._limits.count(reason)
+        answer = r.raw_error(status, message)
+        if self._active is None and not self._queue:
+            self._write_last(answer)
+        else:
+            self._queue.append(answer)
+
+    def _write_last(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            transport.close()  # flushes, then closes
+
+    # -- serving requests --------------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        self._active = req
+        self._pending = b""
+        self._chunked = self._no_body = self._started = self._done = False
+        self._keep = False
+        # Not a TaskSet task: it is the request itself, owned by this connection, which
+        # cancels it when the client goes; a set entry and a done callback per request
+        # would be cost on the hot path for nothing.
+        self._task = self._loop.create_task(self._serve(req))
+
+    async def _serve(self, req: Request) -> None:
+        try:
+            await self._plane.handler(req)
+        except asyncio.CancelledError:
+            raise  # the connection is gone (connection_lost or a cut)
+        except ConnectionError:
+            self.abort()
+        except Exception:  # noqa: BLE001 - the handler's own boundary missed it
+            logger.exception("unhandled error answering %s %s", req.method, req.target)
+            if self._started:
+                self.abort()
+            else:
+                self._write_last(r.raw_error(500, "internal proxy error"))
+        finally:
+            self._task = None
+            if self._active is req:
+                self._finished(req)
+            if self._closing:
+                self._plane.request_done()
+
+    def _finished(self, req: Request) -> None:
+        self._active = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self._done:  # the handler ended without a whole response: cut it
+            self.abort()
+            return
+        if not self._keep:
+            self._input_done = True
+            transport.close()
+            return
+        queue = self._queue
+        if queue:
+            item = queue.popleft()
+            if isinstance(item, bytes):
+                self._write_last(item)
+                return
+            self._start(item)
+            self._update_reading()
+        elif self._closing or self._input_done:
+            transport.close()
+        else:
+            timeout = self._limits.keepalive_timeout
+            if timeout > 0 and self._parsing is None and not self._in_head:
+                now = self._idle_since = self._loop.time()
+                self._arm(now + timeout)
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered or waits its turn."""
+        return self._active is not None or bool(self._queue)
+
+    def shutdown(self) -> None:
+        """Drain: an idle connection closes now, a busy one after its current answer."""
+        self._closing = True
+        transport = self.transport
+        if not self.busy and transport is not None:
+            self._input_done = True
+            transport.close()
+
+    # -- responses (called through Request) --------------------------------------------
+
+    def _keep_alive(self, req: Request) -> bool:
+        body = req.body
+        return req.keep_alive and not self._closing and (body is None or body.complete)
+
+    def respond(self, status: int, headers: bytes, body: bytes, *, reason: str = "",
+                close: bool = False) -> None:
+        """A whole response in one write. ``headers`` are encoded lines, without framing."""
+        req = self._active
+        assert req is not None and not self._started
+        keep = not close and self._keep_alive(req)
+        parts = [r.status_line(status, reason), headers]
+        if status not in _NO_BODY:
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(_connection(keep, req.version))
+        if req.method != "HEAD" and status not in _NO_BODY:
+            parts.append(body)
+        self._started = self._done = True
+        self._keep = keep
+        self._write(b"".join(parts))
+
+    def start_response(self, status: int, reason: str, headers: bytes,
+                       content_length: int | None, *, defer: bool = False) -> None:
+        """Send the head of a streamed response (``defer``: with the first body bytes).
+        Without a length it is chunked (HTTP/1.1) or ends with the connection (1.0)."""
+        req = self._active
+        assert req is not None and not self._started
+        keep = self._keep_alive(req)
+        no_body = req.method == "HEAD" or status in _NO_BODY or status < 200
+        if content_length is not None:
+            framing = b"" if status in _NO_BODY else b"Content-Length: %d\r\n" % content_length
+        elif no_body:
+            framing = b""
+        elif req.version == "1.1":
+            framing = r.CHUNKED
+            self._chunked = True
+        else:
+            framing = b""
+            keep = False  # an HTTP/1.0 body without a length ends with the connection
+        self._no_body = no_body
+        self._keep = keep
+        self._started = True
+        head = b"".join((r.status_line(status, reason), headers, framing,
+                         _connection(keep, req.version)))
+        if defer:
+            self._pending = head
+        else:
+            self._write(head)
+
+    async def write(self, chunk: bytes) -> None:
+        """One body chunk; waits while the client's socket buffer is full."""
+        if self._no_body or not chunk:
+            return
+        if self._chunked:
+            data = b"".join((self._pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        elif self._pending:
+            data = self._pending + chunk
+        else:
+            data = chunk
+        self._pending = b""
+        self._write(data)
+        if self._write_paused:
+            waiter = self._drain_waiter = self._loop.create_future()
+            await waiter
+
+    def end(self) -> None:
+        """The response is complete (the last chunk, if chunked)."""
+        tail = r.LAST_CHUNK if self._chunked and not self._no_body else b""
+        data = self._pending + tail if self._pending else tail
+        self._pending = b""
+        self._done = True
+        if data:
+            self._write(data)
+
+    def send_continue(self) -> None:
+        self._write(r.CONTINUE)
+
+    def abort(self) -> None:
+        """Cut the connection: a response that broke midway must not look complete."""
+        self._input_done = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client disconnected")
+        transport.write(data)
+
+    # -- flow control and clocks -------------------------------------------------------
+
+    def pause_body(self) -> None:
+        if not self._body_paused:
+            self._body_paused = True
+            self._update_reading()
+
+    def resume_body(self) -> None:
+        if self._body_paused:
+            self._body_paused = False
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        pause = self._body_paused or bool(self._queue)
+        transport = self.transport
+        if pause != self._read_paused and transport is not None and not transport.is_closing():
+            self._read_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _watch_body(self, body: RequestBody) -> None:
+        self._watch = body
+        now = self._body_rx = self._loop.time()
+        timeout = self._limits.body_timeout
+        if timeout > 0:
+            self._arm(now + timeout)
+
+    def _arm(self, due: float) -> None:
+        """Make sure the timer fires by ``due``: an earlier one stays (it re-arms itself)."""
+        if self._timer is None or due < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(due, self._on_timer)
+            self._timer_due = due
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_due = _NEVER
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        limits = self._limits
+        now = self._loop.time()
+        due = _NEVER
+        if self._head_since is not None and limits.header_timeout > 0:
+            at = self._head_since + limits.header_timeout
+            if now >= at:
+                limits.count("header_timeout")
+                self._input_done = True
+                transport.close()
+                return
+            due = at
+        body = self._watch
+        if body is not None and limits.body_timeout > 0:
+            if body.complete:
+                self._watch = None
+            else:
+                if body.buffered:  # unread bytes: the proxy is the slow side, not the client
+                    self._body_rx = now
+                at = self._body_rx + limits.body_timeout
+                if now >= at:
+                    self._watch = None
+                    self._closing = True
+                    body.set_error(BodyTimeout(f"no request body byte for "
+                                               f"{limits.body_timeout:g}s"))
+                else:
+                    due = min(due, at)
+        if self._idle_since is not None and limits.keepalive_timeout > 0:
+            at = self._idle_since + limits.keepalive_timeout
+            if now >= at:
+                self._input_done = True
+                transport.close()
+                return
+            due = min(due, at)
+        if due < _NEVER:
+            self._arm(due)
+
+
+def _connection(keep: bool, version: str) -> bytes:
+    """The Connection header and the end of the head."""
+    if not keep:
+        return r.CLOSE + b"\r\n"
+    return b"\r\n" if version == "1.1" else r.KEEP_ALIVE + b"\r\n"
