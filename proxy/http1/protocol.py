@@ -81,7 +81,7 @@ class ClientProtocol(asyncio.Protocol):
         "_url", "_headers", "_head_raw", "_head_since", "_parsing", "_active", "_task",
         "_queue", "_closing", "_input_done", "_idle_since", "_watch", "_body_rx", "_timer",
         "_timer_due", "_read_paused", "_body_paused", "_write_paused", "_drain_waiter",
-        "_pending", "_chunked", "_no_body", "_started", "_done", "_keep", "_fed",
+        "_pending", "_chunked", "_no_body", "_started", "_done", "_keep", "_fed", "_wake",
     )
 
     def __init__(self, plane: DataPlane) -> None:
@@ -99,7 +99,8 @@ class ClientProtocol(asyncio.Protocol):
         self._head_since: float | None = None  # loop time the current head began
         self._parsing: Request | None = None  # its body is still being parsed
         self._active: Request | None = None  # being answered
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # serves this connection's requests
+        self._wake: asyncio.Future[None] | None = None  # it waits for the next request
         # requests parsed behind the active one, or a raw error answer that ends the line
         self._queue: deque[Request | bytes] = deque()
         self._closing = False  # close once the active request is answered (drain)
@@ -308,34 +309,47 @@ class ClientProtocol(asyncio.Protocol):
     # -- serving requests --------------------------------------------------------------
 
     def _start(self, req: Request) -> None:
+        """Make ``req`` the one being answered and wake the connection's serving task."""
         self._active = req
         self._pending = b""
         self._chunked = self._no_body = self._started = self._done = False
         self._keep = False
-        # Not a TaskSet task: it is the request itself, owned by this connection, which
-        # cancels it when the client goes; a set entry and a done callback per request
-        # would be cost on the hot path for nothing.
-        self._task = self._loop.create_task(self._serve(req))
+        if self._task is None:
+            # One task per connection, not per request: a task costs its creation and
+            # asyncio's registry of all tasks; a future to wake it costs less. Not a
+            # TaskSet task: the connection owns it and cancels it when the client goes.
+            self._task = self._loop.create_task(self._serve())
+        elif self._wake is not None:
+            wake, self._wake = self._wake, None
+            wake.set_result(None)
 
-    async def _serve(self, req: Request) -> None:
-        try:
-            await self._plane.handler(req)
-        except asyncio.CancelledError:
-            raise  # the connection is gone (connection_lost or a cut)
-        except ConnectionError:
-            self.abort()
-        except Exception:  # noqa: BLE001 - the handler's own boundary missed it
-            logger.exception("unhandled error answering %s %s", req.method, req.target)
-            if self._started:
+    async def _serve(self) -> None:
+        """Answer requests one after another while the connection lives; cancelled (by
+        connection_lost) when the client goes, which cancels the upstream exchange."""
+        handler = self._plane.handler
+        while True:
+            req = self._active
+            if req is None:
+                self._wake = self._loop.create_future()
+                await self._wake
+                continue
+            try:
+                await handler(req)
+            except ConnectionError:
                 self.abort()
-            else:
-                self._write_last(r.raw_error(500, "internal proxy error"))
-        finally:
-            self._task = None
-            if self._active is req:
-                self._finished(req)
+            except Exception:  # noqa: BLE001 - the handler's own boundary missed it
+                logger.exception("unhandled error answering %s %s", req.method, req.target)
+                if self._started:
+                    self.abort()
+                else:
+                    self._started = self._done = True
+                    self._write_last(r.raw_error(500, "internal proxy error"))
+            self._finished(req)
             if self._closing:
                 self._plane.request_done()
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
 
     def _finished(self, req: Request) -> None:
         self._active = None
