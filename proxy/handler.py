@@ -124,6 +124,7 @@ class Proxy:
         self.headers = RequestHeaders(config.server)
         self.id_header = self.headers.id_name
         self._id_line = self.id_header.encode() + b": "
+        self._id_raw = self.id_header.lower().encode("latin-1")
         self._lane_cache: dict[tuple[str, str | None], bytes] = {}
 
     def _lane_lines(self, lane: Lane) -> bytes:
@@ -137,28 +138,29 @@ class Proxy:
             lines = self._lane_cache[key] = header_lines(pairs)
         return lines
 
-    async def handle(self, request: Request) -> None:
-        """Answer one request; the connection calls it, one request at a time."""
-        try:
-            await self._handle(request)
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except ClientRequestError as exc:  # a limit the client ran into, at any step
+    def fail(self, request: Request, exc: Exception) -> None:
+        """The error boundary of ``handle`` (the connection calls it with what ``handle``
+        raised, so a request costs one coroutine less): a limit the client ran into gets
+        its 4xx; anything else is logged and answered 502, or cut once the head is out."""
+        if isinstance(exc, ClientRequestError):
             self.refuse(request, exc, self.request_id(request))
-        except Exception:
-            logger.exception("unexpected error on %s %s", request.method, request.target)
-            if request.response_started:
-                request.abort()
-                return
-            rid = self.request_id(request, new=False)
-            send(request, json_error(502, "internal proxy error", rid, self.id_header))
+            return
+        logger.error("unexpected error on %s %s", request.method, request.target,
+                     exc_info=exc)
+        if request.response_started:
+            request.abort()
+            return
+        rid = self.request_id(request, new=False)
+        send(request, json_error(502, "internal proxy error", rid, self.id_header))
 
     def request_id(self, request: Request, new: bool = True) -> str:
         """The client's request id when it is a plain one (printable ASCII, at most 200
         characters: it goes into logs, events and JSON), else a new one (or none)."""
-        rid = request.headers.get(self.id_header)
-        if rid and len(rid) <= 200 and rid.isascii() and rid.isprintable():
-            return rid
+        raw = request.headers.get_bytes(self._id_raw)
+        if raw and len(raw) <= 200 and raw.isascii():
+            rid = raw.decode("ascii")
+            if rid.isprintable():
+                return rid
         return self.headers.new_id() if new else ""
 
     def refuse(self, request: Request, exc: ClientRequestError, rid: str) -> None:
@@ -170,7 +172,9 @@ class Proxy:
             return
         send(request, json_error(exc.status, str(exc), rid, self.id_header), close=True)
 
-    async def _handle(self, request: Request) -> None:
+    async def handle(self, request: Request) -> None:
+        """Answer one request; the connection calls it, one request at a time, and hands
+        what it raises (but cancellation and a gone client) to ``fail``."""
         snap = self.runtime.snapshot
         raw_path = request.target
         if raw_path[:1] != "/":
@@ -344,12 +348,13 @@ class Proxy:
             # The body came with the headers (most JSON answers), or was waited for: the
             # head then leaves with the first body bytes, one write instead of two. An
             # answer still on its way (a stream's first token) gets its head at once.
-            request.start_response(
+            proto = request.proto  # the connection writes the response
+            proto.start_response(
                 status, up.reason, head,
                 up.content_length if status not in _NO_BODY_STATUSES else None,
                 defer=bool(first) or up.body_ready)
             read = up.read
-            write = request.write
+            write = proto.write
             if tap is None or not tap.wants_body:
                 if first:
                     await write(first)
@@ -363,7 +368,7 @@ class Proxy:
                 while chunk := await read():
                     await write(chunk)
                     keep(chunk)
-            request.end()
+            proto.end()
         except UpstreamError as exc:
             # Broke after the client got headers: the client must see a broken response,
             # never a clean end of stream (a cut SSE stream must not look complete).

@@ -63,7 +63,7 @@ ID_GENERATORS: dict[str, Callable[[], str]] = {"uuid4": uuid4_id, "hex32": hex32
 def _connection_listed(headers: tuple[tuple[bytes, bytes], ...] | RawHeaders) -> frozenset[bytes]:
     names: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":
             names.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(names)
 
@@ -104,7 +104,7 @@ class RequestHeaders:
         id_raw = self._id_raw
         underscores = self._underscores
         for name, _ in raw:
-            if name.lower() == b"connection":
+            if len(name) == 10 and name.lower() == b"connection":
                 listed = _connection_listed(raw)
                 break
         for name, value in raw:
@@ -140,7 +140,7 @@ def downstream_head(raw: list[tuple[bytes, bytes]]) -> bytes:
     bytes: llhttp already refused CR and LF in them, so they pass as they came."""
     listed: frozenset[bytes] = frozenset()
     for name, _ in raw:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":
             listed = _connection_listed(raw)
             break
     out: list[bytes] = []

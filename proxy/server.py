@@ -56,7 +56,7 @@ class App:
         self.runtime.on_apply(self._applied)
         # Request bodies pass byte for byte, Content-Encoding and all: the upstream
         # decodes them, and max_body counts the bytes on the wire.
-        self._server = server = DataPlane(proxy.handle, limits)
+        self._server = server = DataPlane(proxy.handle, proxy.fail, limits)
         self.runtime.metrics.set_client_sources(lambda: len(server.connections),
                                                 lambda: limits.rejected)
         admin_app = create_admin_app(self.runtime, token=token, loopback_only=loopback)

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.http1.protocol import ClientProtocol, Handler, Limits
+from proxy.http1.protocol import ClientProtocol, ErrorHandler, Handler, Limits
 
 
 class DataPlane:
     """Makes a ``ClientProtocol`` per accepted connection; all share one ``Limits``."""
 
-    def __init__(self, handler: Handler, limits: Limits) -> None:
+    def __init__(self, handler: Handler, on_error: ErrorHandler, limits: Limits) -> None:
         self.handler = handler
+        self.on_error = on_error
         self.limits = limits
         self.loop = asyncio.get_running_loop()
         self.connections: set[ClientProtocol] = set()

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[None]]
+# What the handler raised (but cancellation and ConnectionError): it answers or cuts.
+ErrorHandler = Callable[[Request, Exception], None]
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 _NO_BODY = frozenset({204, 304})
@@ -82,6 +84,7 @@ class ClientProtocol(asyncio.Protocol):
         "_queue", "_closing", "_input_done", "_idle_since", "_watch", "_body_rx", "_timer",
         "_timer_due", "_read_paused", "_body_paused", "_write_paused", "_drain_waiter",
         "_pending", "_chunked", "_no_body", "_started", "_done", "_keep", "_fed", "_wake",
+        "_req_length", "_req_chunked",
     )
 
     def __init__(self, plane: DataPlane) -> None:
@@ -96,6 +99,8 @@ class ClientProtocol(asyncio.Protocol):
         self._headers: RawHeaders = []
         self._head_raw = 0  # bytes read while a head is incomplete (an upper bound)
         self._fed = 0  # size of the read being parsed
+        self._req_length: int | None = None  # Content-Length of the head being parsed
+        self._req_chunked = False
         self._head_since: float | None = None  # loop time the current head began
         self._parsing: Request | None = None  # its body is still being parsed
         self._active: Request | None = None  # being answered
@@ -212,6 +217,8 @@ class ClientProtocol(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._headers = []
+        self._req_length = None
+        self._req_chunked = False
         self._idle_since = None
 
     def on_url(self, url: bytes) -> None:
@@ -219,6 +226,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            self._req_length = int(value)  # llhttp checked the digits and refused duplicates
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            self._req_chunked = True  # llhttp refuses a request TE that does not end in chunked
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -235,19 +247,9 @@ class ClientProtocol(asyncio.Protocol):
         parser = self._parser
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
-        length: int | None = None
-        chunked = False
-        for name, value in headers:
-            size = len(name)
-            if size == 14 and name.lower() == b"content-length":
-                length = int(value)  # llhttp checked the digits and refused duplicates
-            elif size == 17 and name.lower() == b"transfer-encoding":
-                chunked = True  # llhttp refuses a request TE that does not end in chunked
         req = Request(self, method, url.decode("utf-8", "surrogateescape"),
-                      parser.get_http_version(), headers, length, chunked,
+                      parser.get_http_version(), headers, self._req_length, self._req_chunked,
                       parser.should_keep_alive())
-        if chunked or length:
-            req.body = RequestBody(self)
         self._parsing = req
         if self._active is None and not self._queue:
             self._start(req)
@@ -327,6 +329,7 @@ class ClientProtocol(asyncio.Protocol):
         """Answer requests one after another while the connection lives; cancelled (by
         connection_lost) when the client goes, which cancels the upstream exchange."""
         handler = self._plane.handler
+        on_error = self._plane.on_error
         while True:
             req = self._active
             if req is None:
@@ -337,13 +340,15 @@ class ClientProtocol(asyncio.Protocol):
                 await handler(req)
             except ConnectionError:
                 self.abort()
-            except Exception:  # noqa: BLE001 - the handler's own boundary missed it
-                logger.exception("unhandled error answering %s %s", req.method, req.target)
-                if self._started:
+            except Exception as exc:  # noqa: BLE001 - the handler's error boundary
+                try:
+                    on_error(req, exc)
+                except ConnectionError:
                     self.abort()
-                else:
-                    self._started = self._done = True
-                    self._write_last(r.raw_error(500, "internal proxy error"))
+                except Exception:  # noqa: BLE001 - the boundary itself failed
+                    logger.exception("unhandled error answering %s %s", req.method,
+                                     req.target)
+                    self.abort()
             self._finished(req)
             if self._closing:
                 self._plane.request_done()

@@ -171,8 +171,8 @@ class Request:
     """One client request: llhttp's view of the head, the body stream (None without a
     body), and the response methods of the connection it came on."""
 
-    __slots__ = ("method", "target", "version", "raw_headers", "content_length", "chunked",
-                 "keep_alive", "body", "proto", "_headers")
+    __slots__ = ("method", "target", "version", "raw_headers", "headers", "content_length",
+                 "chunked", "keep_alive", "body", "body_exists", "proto", "client_ip")
 
     def __init__(self, proto: ClientProtocol, method: str, target: str, version: str,
                  raw_headers: RawHeaders, content_length: int | None, chunked: bool,
@@ -182,26 +182,13 @@ class Request:
         self.target = target  # the raw request target: path and query (or absolute form)
         self.version = version  # "1.1" or "1.0"
         self.raw_headers = raw_headers
+        self.headers = Headers(raw_headers)
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
-        self.body: RequestBody | None = None
-        self._headers: Headers | None = None
-
-    @property
-    def headers(self) -> Headers:
-        h = self._headers
-        if h is None:
-            h = self._headers = Headers(self.raw_headers)
-        return h
-
-    @property
-    def body_exists(self) -> bool:
-        return self.body is not None
-
-    @property
-    def client_ip(self) -> str:
-        return self.proto.client_ip
+        self.body_exists = chunked or bool(content_length)
+        self.body = RequestBody(proto) if self.body_exists else None
+        self.client_ip = proto.client_ip
 
     # -- the response, written by the connection ---------------------------------------
 
