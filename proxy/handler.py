@@ -354,20 +354,21 @@ class Proxy:
                 up.content_length if status not in _NO_BODY_STATUSES else None,
                 defer=bool(first) or up.body_ready)
             read = up.read
+            read_nowait = up.read_nowait  # no coroutine for bytes already here
             write = proto.write
-            if tap is None or not tap.wants_body:
-                if first:
-                    await write(first)
-                while chunk := await read():
-                    await write(chunk)
-            else:  # the shadow comparison reads the primary body: keep a capped copy
-                keep = tap.keep
-                if first:
-                    await write(first)
-                    keep(first)
-                while chunk := await read():
-                    await write(chunk)
+            # the shadow comparison reads the primary body: it keeps a capped copy
+            keep = tap.keep if tap is not None and tap.wants_body else None
+            chunk: bytes | None = first or read_nowait()
+            while True:
+                if chunk is None:
+                    chunk = await read()
+                if not chunk:
+                    break
+                if keep is not None:
                     keep(chunk)
+                if write(chunk):  # the client's socket buffer is full: wait for it
+                    await proto.drain()
+                chunk = read_nowait()
             proto.end()
         except UpstreamError as exc:
             # Broke after the client got headers: the client must see a broken response,

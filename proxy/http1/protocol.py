@@ -447,10 +447,11 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self._write(head)
 
-    async def write(self, chunk: bytes) -> None:
-        """One body chunk; waits while the client's socket buffer is full."""
+    def write(self, chunk: bytes) -> bool:
+        """One body chunk. True when the client's socket buffer is full: the caller must
+        ``await drain()`` before writing more (backpressure to the upstream)."""
         if self._no_body or not chunk:
-            return
+            return False
         if self._chunked:
             data = b"".join((self._pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
         elif self._pending:
@@ -459,6 +460,11 @@ class ClientProtocol(asyncio.Protocol):
             data = chunk
         self._pending = b""
         self._write(data)
+        return self._write_paused
+
+    async def drain(self) -> None:
+        """Until the client's socket buffer has room again (ConnectionResetError if the
+        client goes meanwhile)."""
         if self._write_paused:
             waiter = self._drain_waiter = self._loop.create_future()
             await waiter

@@ -190,23 +190,13 @@ class Request:
         self.body = RequestBody(proto) if self.body_exists else None
         self.client_ip = proto.client_ip
 
-    # -- the response, written by the connection ---------------------------------------
+    # -- the response, written by the connection (``proto``: a streamed one goes through
+    # its start_response / write / drain / end directly) -------------------------------
 
     def respond(self, status: int, headers: bytes, body: bytes, *, reason: str = "",
                 close: bool = False) -> None:
         """A whole response in one write; ``headers`` are encoded lines (no framing)."""
         self.proto.respond(status, headers, body, reason=reason, close=close)
-
-    def start_response(self, status: int, reason: str, headers: bytes,
-                       content_length: int | None, *, defer: bool = False) -> None:
-        """The head of a streamed response; ``defer`` holds it for the first body bytes."""
-        self.proto.start_response(status, reason, headers, content_length, defer=defer)
-
-    async def write(self, chunk: bytes) -> None:
-        await self.proto.write(chunk)
-
-    def end(self) -> None:
-        self.proto.end()
 
     def send_continue(self) -> None:
         self.proto.send_continue()

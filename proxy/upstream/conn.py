@@ -263,6 +263,13 @@ class Connection(asyncio.Protocol):
         assert self._error is not None
         raise self._error
 
+    def read_nowait(self) -> bytes | None:
+        if self._buf:
+            return self._take()
+        if self._state == _DONE:
+            return b""
+        return None
+
     def _take(self) -> bytes:
         buf = self._buf
         data = buf[0] if len(buf) == 1 else b"".join(buf)
