@@ -26,7 +26,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.headers import RequestHeaders, downstream_head
-from proxy.http1.protocol import Limits
+from proxy.http1.listener import Limits
 from proxy.http1.request import Request, RequestBody
 from proxy.http1.response import Reply, header_lines, json_error
 from proxy.killswitch import kill_response

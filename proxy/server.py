@@ -17,8 +17,7 @@ from proxy.config.model import ProxyConfig, ServerConfig
 from proxy.config.preflight import admin_exposed, is_loopback, split_listen
 from proxy.errors import ProxyError
 from proxy.handler import Proxy
-from proxy.http1.listener import DataPlane
-from proxy.http1.protocol import Limits
+from proxy.http1.listener import DataPlane, Limits
 from proxy.reload import ConfigWatcher
 from proxy.runtime import Runtime
 from proxy.tasks import TaskSet

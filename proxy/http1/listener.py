@@ -6,7 +6,26 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.http1.protocol import ClientProtocol, ErrorHandler, Handler, Limits
+from proxy.http1.protocol import ClientProtocol, ErrorHandler, Handler
+
+
+class Limits:
+    """The ``server`` settings every connection reads; one mutable instance per server, so a
+    reload reaches open connections too."""
+
+    __slots__ = ("header_timeout", "body_timeout", "keepalive_timeout", "max_header_bytes",
+                 "rejected")
+
+    def __init__(self, header_timeout: float, body_timeout: float, max_header_bytes: int,
+                 keepalive_timeout: float = 75.0) -> None:
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_header_bytes = max_header_bytes
+        self.rejected: dict[str, int] = {}  # reason -> count, read by the metrics collector
+
+    def count(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 class DataPlane:

@@ -1,9 +1,10 @@
 """One client connection of the data plane: bytes in to llhttp, requests out to the handler
 in order, response bytes back.
 
-The structure is uvicorn's httptools protocol (parser callbacks build the request; one
-handler task per request; pipelined requests wait their turn with reading paused), with
-the limits flipback adds at the edge:
+The structure follows uvicorn's httptools protocol (parser callbacks build the request;
+pipelined requests wait their turn with reading paused), but one task serves all of a
+connection's requests, woken by a future per request, and the response half is
+``response.Responder``. The limits flipback adds at the edge:
 
 - a header clock (slowloris guard): a head must be complete ``header_timeout`` after its
   first byte (after the connection opened, for the first request);
@@ -29,8 +30,8 @@ from typing import TYPE_CHECKING, cast
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from proxy.errors import BodyTimeout, ClientRequestError
-from proxy.http1 import response as r
 from proxy.http1.request import RawHeaders, Request, RequestBody
+from proxy.http1.response import Responder, raw_error
 from proxy.units import format_size
 
 if TYPE_CHECKING:
@@ -43,27 +44,7 @@ Handler = Callable[[Request], Awaitable[None]]
 ErrorHandler = Callable[[Request, Exception], None]
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
-_NO_BODY = frozenset({204, 304})
 _NEVER = float("inf")
-
-
-class Limits:
-    """The ``server`` settings every connection reads; one mutable instance per server, so a
-    reload reaches open connections too."""
-
-    __slots__ = ("header_timeout", "body_timeout", "keepalive_timeout", "max_header_bytes",
-                 "rejected")
-
-    def __init__(self, header_timeout: float, body_timeout: float, max_header_bytes: int,
-                 keepalive_timeout: float = 75.0) -> None:
-        self.header_timeout = header_timeout
-        self.body_timeout = body_timeout
-        self.keepalive_timeout = keepalive_timeout
-        self.max_header_bytes = max_header_bytes
-        self.rejected: dict[str, int] = {}  # reason -> count, read by the metrics collector
-
-    def count(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 class _Reject(Exception):
@@ -75,24 +56,22 @@ class _Reject(Exception):
         self.reason = reason
 
 
-class ClientProtocol(asyncio.Protocol):
-    """One client connection; answers its requests one at a time, in order."""
+class ClientProtocol(Responder, asyncio.Protocol):
+    """One client connection; answers its requests one at a time, in order (the
+    response half, framing and writes, is ``Responder``)."""
 
     __slots__ = (
-        "_plane", "_limits", "_loop", "_parser", "transport", "client_ip", "_in_head",
-        "_url", "_headers", "_head_raw", "_head_since", "_parsing", "_active", "_task",
-        "_queue", "_closing", "_input_done", "_idle_since", "_watch", "_body_rx", "_timer",
-        "_timer_due", "_read_paused", "_body_paused", "_write_paused", "_drain_waiter",
-        "_pending", "_chunked", "_no_body", "_started", "_done", "_keep", "_fed", "_wake",
+        "_plane", "_limits", "_parser", "client_ip", "_in_head", "_url", "_headers",
+        "_head_raw", "_head_since", "_parsing", "_task", "_queue", "_idle_since", "_watch",
+        "_body_rx", "_timer", "_timer_due", "_read_paused", "_body_paused", "_fed", "_wake",
         "_req_length", "_req_chunked",
     )
 
     def __init__(self, plane: DataPlane) -> None:
+        super().__init__(plane.loop)
         self._plane = plane
         self._limits = plane.limits
-        self._loop = plane.loop
         self._parser = HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
         self.client_ip = "unknown"
         self._in_head = False
         self._url = b""
@@ -103,13 +82,10 @@ class ClientProtocol(asyncio.Protocol):
         self._req_chunked = False
         self._head_since: float | None = None  # loop time the current head began
         self._parsing: Request | None = None  # its body is still being parsed
-        self._active: Request | None = None  # being answered
         self._task: asyncio.Task[None] | None = None  # serves this connection's requests
         self._wake: asyncio.Future[None] | None = None  # it waits for the next request
         # requests parsed behind the active one, or a raw error answer that ends the line
         self._queue: deque[Request | bytes] = deque()
-        self._closing = False  # close once the active request is answered (drain)
-        self._input_done = False  # read no more requests from this connection
         self._idle_since: float | None = None
         self._watch: RequestBody | None = None  # an incomplete body on the body clock
         self._body_rx = 0.0
@@ -117,15 +93,6 @@ class ClientProtocol(asyncio.Protocol):
         self._timer_due = _NEVER
         self._read_paused = False
         self._body_paused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        # the active request's response
-        self._pending = b""  # a head held back to leave with the first body bytes
-        self._chunked = False
-        self._no_body = False
-        self._started = False
-        self._done = False
-        self._keep = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -199,17 +166,6 @@ class ClientProtocol(asyncio.Protocol):
         if task is not None and not task.done():
             task.cancel()  # the handler's upstream exchange is cancelled with it
         self._plane.connection_closed(self)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     # -- llhttp callbacks --------------------------------------------------------------
 
@@ -296,7 +252,7 @@ class ClientProtocol(asyncio.Protocol):
         """Answer ``status`` after the requests before it, then close; read no more."""
         self._input_done = True
         self._limits.count(reason)
-        answer = r.raw_error(status, message)
+        answer = raw_error(status, message)
         if self._active is None and not self._queue:
             self._write_last(answer)
         else:
@@ -313,9 +269,7 @@ class ClientProtocol(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         """Make ``req`` the one being answered and wake the connection's serving task."""
         self._active = req
-        self._pending = b""
-        self._chunked = self._no_body = self._started = self._done = False
-        self._keep = False
+        self._reset_response()
         if self._task is None:
             # One task per connection, not per request: a task costs its creation and
             # asyncio's registry of all tasks; a future to wake it costs less. Not a
@@ -397,106 +351,6 @@ class ClientProtocol(asyncio.Protocol):
             self._input_done = True
             transport.close()
 
-    # -- responses (called through Request) --------------------------------------------
-
-    def _keep_alive(self, req: Request) -> bool:
-        body = req.body
-        return req.keep_alive and not self._closing and (body is None or body.complete)
-
-    def respond(self, status: int, headers: bytes, body: bytes, *, reason: str = "",
-                close: bool = False) -> None:
-        """A whole response in one write. ``headers`` are encoded lines, without framing."""
-        req = self._active
-        assert req is not None and not self._started
-        keep = not close and self._keep_alive(req)
-        parts = [r.status_line(status, reason), headers]
-        if status not in _NO_BODY:
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-        parts.append(_connection(keep, req.version))
-        if req.method != "HEAD" and status not in _NO_BODY:
-            parts.append(body)
-        self._started = self._done = True
-        self._keep = keep
-        self._write(b"".join(parts))
-
-    def start_response(self, status: int, reason: str, headers: bytes,
-                       content_length: int | None, *, defer: bool = False) -> None:
-        """Send the head of a streamed response (``defer``: with the first body bytes).
-        Without a length it is chunked (HTTP/1.1) or ends with the connection (1.0)."""
-        req = self._active
-        assert req is not None and not self._started
-        keep = self._keep_alive(req)
-        no_body = req.method == "HEAD" or status in _NO_BODY or status < 200
-        if content_length is not None:
-            framing = b"" if status in _NO_BODY else b"Content-Length: %d\r\n" % content_length
-        elif no_body:
-            framing = b""
-        elif req.version == "1.1":
-            framing = r.CHUNKED
-            self._chunked = True
-        else:
-            framing = b""
-            keep = False  # an HTTP/1.0 body without a length ends with the connection
-        self._no_body = no_body
-        self._keep = keep
-        self._started = True
-        head = b"".join((r.status_line(status, reason), headers, framing,
-                         _connection(keep, req.version)))
-        if defer:
-            self._pending = head
-        else:
-            self._write(head)
-
-    def write(self, chunk: bytes) -> bool:
-        """One body chunk. True when the client's socket buffer is full: the caller must
-        ``await drain()`` before writing more (backpressure to the upstream)."""
-        if self._no_body or not chunk:
-            return False
-        if self._chunked:
-            data = b"".join((self._pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-        elif self._pending:
-            data = self._pending + chunk
-        else:
-            data = chunk
-        self._pending = b""
-        self._write(data)
-        return self._write_paused
-
-    async def drain(self) -> None:
-        """Until the client's socket buffer has room again (ConnectionResetError if the
-        client goes meanwhile)."""
-        if self._write_paused:
-            waiter = self._drain_waiter = self._loop.create_future()
-            await waiter
-
-    def end(self) -> None:
-        """The response is complete (the last chunk, if chunked)."""
-        tail = r.LAST_CHUNK if self._chunked and not self._no_body else b""
-        data = self._pending + tail if self._pending else tail
-        self._pending = b""
-        self._done = True
-        if data:
-            self._write(data)
-
-    def send_continue(self) -> None:
-        self._write(r.CONTINUE)
-
-    def abort(self) -> None:
-        """Cut the connection: a response that broke midway must not look complete."""
-        self._input_done = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    @property
-    def started(self) -> bool:
-        return self._started
-
-    def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client disconnected")
-        transport.write(data)
-
     # -- flow control and clocks -------------------------------------------------------
 
     def pause_body(self) -> None:
@@ -576,9 +430,3 @@ class ClientProtocol(asyncio.Protocol):
         if due < _NEVER:
             self._arm(due)
 
-
-def _connection(keep: bool, version: str) -> bytes:
-    """The Connection header and the end of the head."""
-    if not keep:
-        return r.CLOSE + b"\r\n"
-    return b"\r\n" if version == "1.1" else r.KEEP_ALIVE + b"\r\n"
