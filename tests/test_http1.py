@@ -188,3 +188,27 @@ async def test_http1_a_fast_client_body_is_held_back_while_the_upstream_is_slow(
         head, body = await _response(reader)
         assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
         writer.close()
+
+
+async def test_http1_a_refused_body_still_in_flight_does_not_reset_the_answer(model, flipback):
+    """Closing a socket with unread bytes resets it, which can destroy the 413 before
+    the client reads it: the proxy stops writing, reads on for a moment, then closes."""
+    fb, v1 = await _start(model, flipback, server=", max_body: 1KiB")
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
+        writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 << 20))
+
+        async def blast() -> None:
+            try:
+                for _ in range(64):
+                    writer.write(b"z" * (128 << 10))
+                    await writer.drain()
+            except ConnectionError:
+                pass
+
+        sender = asyncio.ensure_future(blast())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        await asyncio.wait_for(sender, 10)
+        writer.close()
+    assert v1.count == 0

@@ -45,6 +45,7 @@ ErrorHandler = Callable[[Request, Exception], None]
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 _NEVER = float("inf")
+LINGER = 2.0  # seconds a refused request's body is read and dropped before the close
 
 
 class _Reject(Exception):
@@ -320,7 +321,17 @@ class ClientProtocol(Responder, asyncio.Protocol):
             return
         if not self._keep:
             self._input_done = True
-            transport.close()
+            body = req.body
+            if body is not None and not body.complete and transport.can_write_eof():
+                # The client may still be sending: a close with unread bytes resets the
+                # connection, which can destroy the answer before it is read. Stop
+                # writing, read on (discarding) until its EOF or LINGER (as nginx does).
+                transport.write_eof()
+                self._read_paused = False
+                transport.resume_reading()
+                self._loop.call_later(LINGER, transport.close)
+            else:
+                transport.close()
             return
         queue = self._queue
         if queue:
@@ -371,6 +382,7 @@ class ClientProtocol(Responder, asyncio.Protocol):
             if pause:
                 transport.pause_reading()
             else:
+                self._read_paused = False
                 transport.resume_reading()
 
     def _watch_body(self, body: RequestBody) -> None:
