@@ -4,7 +4,8 @@ match route -> kill switch -> body (buffered only when a retry or a shadow copy 
 it) -> pick stable or canary -> offer a shadow copy (scheduled, never awaited) -> send ->
 on a failure before any byte reached the client, retry on the next lane (canary -> stable
 -> fallback) -> stream the response -> record.
-This is the only place on the request path with a broad ``except``.
+``Proxy.fail`` is the request path's one error boundary: the connection
+(``proxy.http1.protocol``) hands it whatever ``handle`` raised.
 """
 
 from __future__ import annotations
