@@ -198,7 +198,7 @@ async def test_http1_a_refused_body_still_in_flight_does_not_reset_the_answer(mo
         reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
         writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 << 20))
 
-        async def blast() -> None:
+        async def blast(writer: asyncio.StreamWriter) -> None:
             try:
                 for _ in range(64):
                     writer.write(b"z" * (128 << 10))
@@ -206,7 +206,7 @@ async def test_http1_a_refused_body_still_in_flight_does_not_reset_the_answer(mo
             except ConnectionError:
                 pass
 
-        sender = asyncio.ensure_future(blast())
+        sender = asyncio.ensure_future(blast(writer))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 413"), head
         await asyncio.wait_for(sender, 10)
