@@ -350,27 +350,32 @@ class Proxy:
             # head then leaves with the first body bytes, one write instead of two. An
             # answer still on its way (a stream's first token) gets its head at once.
             proto = request.proto  # the connection writes the response
-            proto.start_response(
-                status, up.reason, head,
-                up.content_length if status not in _NO_BODY_STATUSES else None,
-                defer=bool(first) or up.body_ready)
-            read = up.read
+            length = up.content_length if status not in _NO_BODY_STATUSES else None
             read_nowait = up.read_nowait  # no coroutine for bytes already here
-            write = proto.write
             # the shadow comparison reads the primary body: it keeps a capped copy
             keep = tap.keep if tap is not None and tap.wants_body else None
             chunk: bytes | None = first or read_nowait()
-            while True:
-                if chunk is None:
-                    chunk = await read()
-                if not chunk:
-                    break
+            if chunk is not None and length is not None and len(chunk) == length:
+                # the whole body is here (most JSON answers): one call, one write
                 if keep is not None:
                     keep(chunk)
-                if write(chunk):  # the client's socket buffer is full: wait for it
-                    await proto.drain()
-                chunk = read_nowait()
-            proto.end()
+                proto.respond(status, head, chunk, reason=up.reason)
+            else:
+                proto.start_response(status, up.reason, head, length,
+                                     defer=chunk is not None)
+                read = up.read
+                write = proto.write
+                while True:
+                    if chunk is None:
+                        chunk = await read()
+                    if not chunk:
+                        break
+                    if keep is not None:
+                        keep(chunk)
+                    if write(chunk):  # the client's socket buffer is full: wait for it
+                        await proto.drain()
+                    chunk = read_nowait()
+                proto.end()
         except UpstreamError as exc:
             # Broke after the client got headers: the client must see a broken response,
             # never a clean end of stream (a cut SSE stream must not look complete).
