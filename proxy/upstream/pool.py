@@ -181,8 +181,13 @@ class UpstreamPool:
         head = self._head(method, target, headers, body, content_length)
         is_head = method == "HEAD"
         fresh = False
+        idle = self._idle
         while True:
-            conn = await self._acquire(loop, deadline, fresh)
+            if idle and not fresh and not self._closing:  # the common case: no coroutine
+                conn = idle.pop()
+                self._busy.add(conn)
+            else:
+                conn = await self._acquire(loop, deadline, fresh)
             fut = conn.start(head, is_head, deadline)
             if body is not None and not isinstance(body, bytes):
                 conn.start_body(body, content_length)
