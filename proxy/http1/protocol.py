@@ -77,7 +77,7 @@ class ClientProtocol(Responder, asyncio.Protocol):
         self._in_head = False
         self._url = b""
         self._headers: RawHeaders = []
-        self._head_raw = 0  # bytes read while a head is incomplete (an upper bound)
+        self._head_raw = 0  # size of an incomplete head (an upper bound; -1: begun this read)
         self._fed = 0  # size of the read being parsed
         self._req_length: int | None = None  # Content-Length of the head being parsed
         self._req_chunked = False
@@ -128,7 +128,11 @@ class ClientProtocol(Responder, asyncio.Protocol):
                 self._malformed(exc)
             return
         if self._in_head:
-            self._head_raw += len(data)
+            if self._head_raw < 0:  # it began in this read, after other requests maybe
+                self._head_raw = len(self._url) + sum(len(n) + len(v) + 4
+                                                      for n, v in self._headers)
+            else:  # it began in an earlier read: all of this one is head
+                self._head_raw += len(data)
             limits = self._limits
             if self._head_raw > limits.max_header_bytes:
                 self._reject(431, f"request headers over {format_size(limits.max_header_bytes)}",
@@ -172,6 +176,7 @@ class ClientProtocol(Responder, asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._head_raw = -1  # began in the current read
         self._url = b""
         self._headers = []
         self._req_length = None
