@@ -10,7 +10,7 @@ from tests.fakes import Behaviour
 from tests.waiting import wait_until
 
 PLAIN = """
-server: {{listen: "127.0.0.1:0", header_timeout: 2s{server}}}
+server: {{listen: "127.0.0.1:0"{server}}}
 upstreams:
   v1: {{url: "{v1}"}}
 routes:
@@ -231,3 +231,20 @@ async def test_http1_a_pipelined_burst_is_not_taken_for_one_big_head(model, flip
         assert head.startswith(b"HTTP/1.1 200"), head
     writer.close()
     assert v1.count == n + 1
+
+
+async def test_http1_a_pipelined_head_waiting_its_turn_is_not_a_slow_client(model, flipback):
+    """Reading pauses while a pipelined request waits for the one before it: the header
+    clock must not run out on a head the proxy itself stopped reading."""
+    fb, v1 = await _start(model, flipback, server=", header_timeout: 200ms")
+    v1.behaviour = Behaviour(delay=0.6)  # the first answer takes three header timeouts
+    reader, writer = await asyncio.open_connection("127.0.0.1", fb.app.data_port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"GET /last HTTP/1.1\r\nHo")  # /next queued: reading pauses
+    await wait_until(lambda: v1.count == 1, what="the first request upstream")
+    writer.write(b"st: x\r\n\r\n")
+    for _ in range(3):
+        head, _ = await _response(reader)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    writer.close()
+    assert [s.path for s in v1.seen] == ["/slow", "/next", "/last"]

@@ -414,6 +414,10 @@ class ClientProtocol(Responder, asyncio.Protocol):
         limits = self._limits
         now = self._loop.time()
         due = _NEVER
+        if self._read_paused:  # the proxy holds the client back: its clocks stand still
+            if self._head_since is not None:
+                self._head_since = now
+            self._body_rx = now
         if self._head_since is not None and limits.header_timeout > 0:
             at = self._head_since + limits.header_timeout
             if now >= at:
