@@ -74,7 +74,14 @@ routes:
     stable: stable
     canary: {{upstream: canary, weight: {weight:g}}}
     rollback: {{judge: {judge}}}
-"""
+{guard}"""
+
+# --guard: a quality guard on the route, reading the toy upstreams' "choices.0.text"
+GUARDS = {
+    "none": "",
+    "output": '    guard: {output: {json_path: "choices.0.text"}}\n',
+    "compare": '    guard: {compare: {sample: 10, json_paths: ["choices.0.text"]}}\n',
+}
 
 
 class Skip(Exception):
@@ -96,6 +103,7 @@ class Settings:
     open_connections: int = 64
     weight: float = 10.0
     judge: str = "sequential"  # flipback's rollback.judge
+    guard: str = "none"  # a key of GUARDS
     pause: float = 0.5
     settle: float = 4.0  # at most this long, wait for other programs to go quiet
     noise_limit: float = 0.25  # cores other programs may use for a run to count as quiet
@@ -183,6 +191,7 @@ async def start_nginx_target(group: ChildGroup, stable: str, canary: str, weight
 async def start_flipback(
     group: ChildGroup, stable: str, canary: str, weight: float, ready_within: float,
     judge: str = "sequential", workers: int = 1,
+    guard: str = "none",
 ) -> Target:
     """`python -m proxy run -c CONFIG [--workers N]`, ready when the admin /readyz answers
     200 (with workers: every worker serving). The CPU counted is the process tree's."""
@@ -200,6 +209,7 @@ async def start_flipback(
             canary=canary,
             weight=weight,
             judge=judge,
+            guard=GUARDS[guard],
         )
     )
     child = group.start_python(name, ["-m", "proxy", "run", "-c", str(config),
@@ -466,7 +476,8 @@ async def run(s: Settings, stamp: str) -> dict[str, Any]:
             targets["direct"] = Target("direct", stable_url + PATH, [stable.pid], stable)
         starters: dict[str, Callable[[], Awaitable[Target]]] = {
             **{flipback_name(n): (lambda n=n: start_flipback(
-                group, stable_url, canary_url, s.weight, s.ready_timeout, s.judge, n))
+                group, stable_url, canary_url, s.weight, s.ready_timeout, s.judge, n,
+                s.guard))
                for n in s.workers},
             "minimal": lambda: start_minimal(group, stable_url, canary_url, s.weight),
             "nginx": lambda: start_nginx_target(group, stable_url, canary_url, s.weight),
@@ -555,6 +566,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
                         help="flipback's rollback.judge")
     parser.add_argument("--workers", default="1",
                         help="flipback run --workers, one target per value: e.g. 1,2")
+    parser.add_argument("--guard", choices=tuple(GUARDS), default="none",
+                        help="a quality guard on flipback's route (output drift, or paired "
+                        "copies of 10%% of canary requests)")
     parser.add_argument("--no-wrk", action="store_true", help="use the closed-loop generator")
     parser.add_argument(
         "--settle",
@@ -586,6 +600,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         sat_connections=args.connections,
         weight=args.weight,
         judge=args.judge,
+        guard=args.guard,
         noise_limit=args.noise_limit,
     )
     if args.quick:

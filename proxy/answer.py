@@ -220,3 +220,44 @@ def value_at(body: bytes | None, path: str | tuple[str, ...]) -> Any:
     if plain is None:
         return MISSING
     return lookup(document(plain), split_path(path) if isinstance(path, str) else path)
+
+
+class Capped:
+    """The first ``cap`` bytes of a body as it streams, and whether more came (the shadow
+    keeps both sides of a pair; the quality guards keep the answers they read)."""
+
+    __slots__ = ("parts", "room", "truncated")
+
+    def __init__(self, cap: int) -> None:
+        self.parts: list[bytes] = []
+        self.room = cap
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.room
+        if len(chunk) <= room:
+            self.parts.append(chunk)
+            self.room = room - len(chunk)
+        elif not self.truncated:
+            self.truncated = True
+            if room > 0:
+                self.parts.append(chunk[:room])
+            self.room = 0
+
+    def take(self) -> bytes:
+        parts, self.parts = self.parts, []
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def stop(self) -> None:
+        """Keep nothing more (the other side failed)."""
+        self.parts = []
+        self.room = 0
+
+
+def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of a raw response header, by its lower-case name."""
+    size = len(name)
+    for key, value in headers:
+        if len(key) == size and key.lower() == name:
+            return value.decode("latin-1")
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
 
 import orjson
@@ -38,8 +39,10 @@ from proxy.rollout.machine import Rollout
 from proxy.rollout.sticky import session_key
 from proxy.runtime import Runtime
 from proxy.shadow.mirror import ShadowCopy
+from proxy.watch import AnswerWatch
 
 logger = logging.getLogger(__name__)
+_draw = random.random
 access_logger = logging.getLogger("proxy.access")
 
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -191,6 +194,9 @@ class Proxy:
                 raise ClientRequestError(400, f"unsupported Transfer-Encoding {te!r}",
                                          reason="bad_transfer_encoding")
         path = raw_path.partition("?")[0]
+        if snap.takes_feedback and path == "/feedback" and request.method == "POST":
+            await self._feedback(request, rid)
+            return
         rollout = snap.table.match(request.method, path, request.headers)
         if rollout is None:
             send(request, json_error(404, f"no route for {request.method} {path}", rid,
@@ -224,6 +230,10 @@ class Proxy:
         lane, role = choice
         if shadow is not None and not shadow.should_mirror(key):
             shadow = None
+        # guard.compare: a sample of requests also goes to stable, as a detached copy
+        pair_kind = None
+        if rollout.pairs is not None and rollout.guards is not None:
+            pair_kind = rollout.guards.pair_kind(role, _draw())
         replayable = True
         if body is not None:
             replayable = not isinstance(body, _Body)
@@ -232,7 +242,8 @@ class Proxy:
         else:
             # A copy or a retry needs the body in memory (up to inspect_body); else it
             # streams through, unless it is already here whole.
-            keep = shadow is not None or self._next_lane(rollout, lane) is not None
+            keep = (shadow is not None or pair_kind is not None
+                    or self._next_lane(rollout, lane) is not None)
             content = request.body
             assert content is not None
             body = _whole_body(content, self.inspect_body if keep else self.max_body)
@@ -254,8 +265,13 @@ class Proxy:
         # The copy is only scheduled here: it runs once the primary below is on its way.
         tap = (shadow.offer(request.method, raw_path, headers, body, request_id=rid,
                             inspect_body=self.inspect_body) if shadow is not None else None)
+        pair = None
+        if pair_kind is not None:
+            assert rollout.pairs is not None
+            pair = rollout.pairs.offer(request.method, raw_path, headers, body, request_id=rid,
+                                       inspect_body=self.inspect_body, kind=pair_kind)
         await self._forward(request, rollout, lane, role, raw_path, headers, body,
-                            replayable, rid, tap)
+                            replayable, rid, tap, pair)
 
     async def _forward(
         self,
@@ -269,6 +285,7 @@ class Proxy:
         replayable: bool,
         rid: str,
         tap: ShadowCopy | None = None,
+        pair: ShadowCopy | None = None,
     ) -> None:
         now = self._loop_time
         failure_statuses = rollout.route.rollback.failure_statuses
@@ -345,6 +362,7 @@ class Proxy:
             head += b"x-flipback-retried-from: %s\r\n" % ", ".join(retried_from).encode()
         if rid:
             head += self._id_line + rid.encode() + b"\r\n"
+        watch: AnswerWatch | None = None
         try:
             # The body came with the headers (most JSON answers), or was waited for: the
             # head then leaves with the first body bytes, one write instead of two. An
@@ -352,14 +370,21 @@ class Proxy:
             proto = request.proto  # the connection writes the response
             length = up.content_length if status not in _NO_BODY_STATUSES else None
             read_nowait = up.read_nowait  # no coroutine for bytes already here
-            # the shadow comparison reads the primary body: it keeps a capped copy
-            keep = tap.keep if tap is not None and tap.wants_body else None
+            # What reads the answer as it goes (the shadow's copy, a guard pair, the
+            # guards, LLM telemetry): None on a route with none of them.
+            if (tap is not None or pair is not None or lane.llm is not None
+                    or rollout.guards is not None):
+                watch = AnswerWatch.start(rollout, lane, role, status=status,
+                                          headers=up.headers, request_id=rid, sent_at=t0,
+                                          judged=not retried_from, tap=tap, pair=pair,
+                                          inspect_body=self.inspect_body, now=now)
+            feed = watch.feeder() if watch is not None else None
             chunk: bytes | None = first or read_nowait()
             if chunk is not None and length is not None and len(chunk) == length:
                 # the whole body is here (most JSON answers): one call, one write
-                if keep is not None:
-                    keep(chunk)
                 proto.respond(status, head, chunk, reason=up.reason)
+                if feed is not None:
+                    feed(chunk)
             else:
                 proto.start_response(status, up.reason, head, length,
                                      defer=chunk is not None)
@@ -370,15 +395,19 @@ class Proxy:
                         chunk = await read()
                     if not chunk:
                         break
-                    if keep is not None:
-                        keep(chunk)
                     if write(chunk):  # the client's socket buffer is full: wait for it
+                        if feed is not None:
+                            feed(chunk)
                         await proto.drain()
+                    elif feed is not None:
+                        feed(chunk)
                     chunk = read_nowait()
                 proto.end()
         except UpstreamError as exc:
             # Broke after the client got headers: the client must see a broken response,
             # never a clean end of stream (a cut SSE stream must not look complete).
+            if watch is not None:
+                watch.broken()
             up.release()
             lane.end(started, not retried_from,
                      role=role, outcome=_outcome_of(exc), failed=True, ttfb=ttfb,
@@ -387,6 +416,8 @@ class Proxy:
             self._log(request, rollout.name, lane.upstream, role, 0, now() - t0, rid)
             return
         except BaseException:
+            if watch is not None:
+                watch.cancel()
             up.release()
             lane.cancel(started)
             raise
@@ -395,8 +426,8 @@ class Proxy:
         lane.end(started, not retried_from,
                  role=role, outcome=outcome_index(status), failed=failed, ttfb=ttfb,
                  total=total)
-        if tap is not None:
-            tap.primary_done(lane.upstream, status, ttfb, total)
+        if watch is not None:
+            watch.done(lane.upstream, status, ttfb, total)
         if self.access_log:
             self._log(request, rollout.name, lane.upstream, role, status, total, rid)
 
@@ -453,6 +484,21 @@ class Proxy:
             if size > limit:
                 return _Body(content, self.max_body, prefix=b"".join(parts))
         return b"".join(parts)
+
+    async def _feedback(self, request: Request, rid: str) -> None:
+        """``POST /feedback`` on a config with ``guard.feedback``: a rating for an answer,
+        by the request id flipback returned with it (see ``Runtime.feedback``)."""
+        body = b""
+        if request.body_exists:
+            got = await self._buffer(request, request.content_length)
+            if not isinstance(got, bytes):
+                raise BodyTooLarge(f"a feedback body over {self.inspect_body} bytes")
+            body = got
+        status, answer = self.runtime.feedback(body)
+        headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+        if rid:
+            headers += ((self.id_header, rid),)
+        send(request, Reply(status=status, headers=headers, body=orjson.dumps(answer)))
 
     async def _killed(self, request: Request, rollout: Rollout, rid: str) -> None:
         t0 = self._loop_time()

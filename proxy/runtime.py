@@ -10,14 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.model import NotifyConfig, ProxyConfig, RouteConfig
+from proxy.config.model import (
+    CompareConfig,
+    NotifyConfig,
+    ProxyConfig,
+    RouteConfig,
+    ShadowConfig,
+)
 from proxy.events import Event, EventLog
 from proxy.fleet.link import FleetLink
 from proxy.guard.feedback import parse_feedback
+from proxy.llm.lane import LlmLane
+from proxy.llm.window import LlmWindow
 from proxy.metrics import Metrics, RouteGauges
 from proxy.notify import Notifier
 from proxy.rollout.machine import Rollout
@@ -38,6 +47,10 @@ LinkFactory = Callable[[Callable[[], Mapping[str, Rollout]]], FleetLink]
 PRIMARY_NOTIFIES = frozenset({"reload", "reload_refused", "canary_unhealthy", "canary_healthy"})
 
 TICK = 0.1  # seconds between hung-canary checks and progressive steps
+
+
+def _no_pairs_yet(kind: str, primary: Any, copy: Any) -> None:
+    """A pair mirror's sink until its rollout sets itself (in ``Rollout.__init__``)."""
 RETIRE_GRACE = 2.0  # seconds a replaced pool keeps taking requests after a reload
 
 
@@ -81,6 +94,8 @@ class Snapshot:
     table: RouteTable[Rollout]
     rollouts: dict[str, Rollout]
     pools: dict[str, UpstreamPool]
+    # Some route has guard.feedback: the data listener answers POST /feedback itself.
+    takes_feedback: bool = False
 
     def __repr__(self) -> str:
         return f"<Snapshot {len(self.rollouts)} routes, {len(self.pools)} upstreams>"
@@ -143,13 +158,17 @@ class Runtime:
                 metrics=self.metrics,
                 on_change=self._writer.schedule,
                 shadow=self._mirror(route, pools, old_rollout),
+                pairs=self._pairs(route, pools, old_rollout),
             )
             if old_rollout is not None:
                 rollout.adopt(old_rollout)
             rollouts[route.name] = rollout
         table = RouteTable([(r.match, rollouts[r.name]) for r in config.routes])
         self.metrics.declare_routes(rollouts)
-        return Snapshot(config=config, table=table, rollouts=rollouts, pools=pools)
+        feedback = any(r.guard is not None and r.guard.feedback is not None
+                       for r in config.routes)
+        return Snapshot(config=config, table=table, rollouts=rollouts, pools=pools,
+                        takes_feedback=feedback)
 
     def _mirror(self, route: RouteConfig, pools: dict[str, UpstreamPool],
                 old: Rollout | None) -> ShadowMirror | None:
@@ -162,10 +181,33 @@ class Runtime:
         if (old is not None and old.shadow is not None and old.route.shadow == cfg
                 and old.shadow.pool is pool):
             mirror: ShadowMirror = old.shadow
+        else:
+            primaries = (route.stable, *((route.canary.upstream,) if route.canary else ()))
+            mirror = ShadowMirror(route=route.name, cfg=cfg, pool=pool, metrics=self.metrics,
+                                  primaries=primaries)
+        # The copies' answers read as LLM output too (role "shadow"), as the primaries'.
+        mirror.llm = (LlmLane(route=route.name, upstream=cfg.upstream, metrics=self.metrics,
+                              window=LlmWindow(route.rollback.window, time.monotonic))
+                      if route.llm.telemetry else None)
+        return mirror
+
+    def _pairs(self, route: RouteConfig, pools: dict[str, UpstreamPool],
+               old: Rollout | None) -> ShadowMirror | None:
+        """``guard.compare``'s paired copies to stable: shadow machinery with a sink (the
+        rollout, which sets itself as the sink); kept over a reload like a shadow mirror."""
+        guard = route.guard
+        if guard is None or guard.compare is None or route.canary is None:
+            return None
+        pool = pools[route.stable]
+        if (old is not None and old.pairs is not None and old.route.guard == guard
+                and old.pairs.pool is pool):
+            mirror: ShadowMirror = old.pairs
             return mirror
-        primaries = (route.stable, *((route.canary.upstream,) if route.canary else ()))
+        c = guard.compare
+        cfg = ShadowConfig(upstream=route.stable, sample=100.0, compare=CompareConfig(
+            status=True, json_paths=c.json_paths, record=None))
         return ShadowMirror(route=route.name, cfg=cfg, pool=pool, metrics=self.metrics,
-                            primaries=primaries)
+                            sink=_no_pairs_yet)
 
     def apply(self, config: ProxyConfig) -> ReloadResult:
         """Swap in a validated config between requests (SPEC §7). Requests already under
@@ -187,11 +229,12 @@ class Runtime:
             self.fleet.resync()
         self._set_notify(config.notify)
         self._follow_health(self.snapshot)
-        mirrors = {r.shadow for r in self.snapshot.rollouts.values() if r.shadow}
+        mirrors = {m for r in self.snapshot.rollouts.values() for m in r.mirrors}
         for old_rollout in previous.rollouts.values():
-            if old_rollout.shadow is not None and old_rollout.shadow not in mirrors:
-                self._background.spawn(old_rollout.shadow.aclose(),
-                                       name=f"shadow-close-{old_rollout.name}")
+            for mirror in old_rollout.mirrors:
+                if mirror not in mirrors:
+                    self._background.spawn(mirror.aclose(),
+                                           name=f"shadow-close-{old_rollout.name}")
         for name, pool in previous.pools.items():
             if self.snapshot.pools.get(name) is not pool:
                 self._background.spawn(self._retire(pool), name=f"retire-{name}")
@@ -323,8 +366,8 @@ class Runtime:
             await self.notifier.aclose(min(timeout, self.notifier.cfg.timeout))
         await self._writer.aclose()
         await self._background.aclose(0)
-        await asyncio.gather(*(r.shadow.aclose() for r in self.snapshot.rollouts.values()
-                               if r.shadow is not None))
+        await asyncio.gather(*(m.aclose() for r in self.snapshot.rollouts.values()
+                               for m in r.mirrors))
         await asyncio.gather(*(p.aclose(timeout) for p in self.snapshot.pools.values()))
 
     async def flush_state(self) -> None:

@@ -31,6 +31,7 @@ class Behaviour:
     event_gap: float = 0.0
     first_gap: float = 0.0  # sse chunks: a pause after the first chunk only
     body: bytes | None = None
+    bodies: list[bytes] | None = None  # ok mode: request n answers bodies[n % len]
     extra_headers: dict[str, str] = field(default_factory=dict)
     chunks: list[bytes] | None = None  # sse: write exactly these chunks instead
     # ok mode: request n (counted from 0) answers pattern_status when pattern[n % len] is
@@ -90,11 +91,16 @@ class FakeModel:
                 return web.Response()
             if b.mode in ("sse", "cut"):
                 return await self._sse(request, b)
-            payload = b.body if b.body is not None else orjson.dumps({
-                "model": self.name,
-                "choices": [{"finish_reason": "stop", "message": {"content": "hi"}}],
-                "echo_len": len(body),
-            })
+            if b.bodies:
+                payload = b.bodies[(len(self.seen) - 1) % len(b.bodies)]
+            elif b.body is not None:
+                payload = b.body
+            else:
+                payload = orjson.dumps({
+                    "model": self.name,
+                    "choices": [{"finish_reason": "stop", "message": {"content": "hi"}}],
+                    "echo_len": len(body),
+                })
             resp = web.StreamResponse(status=status, headers=b.extra_headers)
             resp.content_type = "application/json"
             resp.content_length = len(payload)

@@ -124,7 +124,9 @@ async def test_bad_requests_sent_to_both_versions_trip_nothing(model, flipback):
         m.behaviour = Behaviour(pattern=THIRTY_PCT, pattern_status=400)
     fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, weight=20, rollback="", extra="")
     statuses = await burst(fb, 1000)
-    assert 290 <= statuses.count(400) <= 310 and fb.runtime.rollout("chat").latch is None
+    latch = fb.runtime.rollout("chat").latch
+    assert latch is None, latch  # failed once in a full run on a busy machine (not kept)
+    assert 290 <= statuses.count(400) <= 310
     assert v2.count > 100  # the canary was judged on real traffic
 
 

@@ -234,6 +234,25 @@ def test_reader_byte_test_reads_every_fixture_as_parsing_does(events: list[str])
     assert fast.end(at(len(chunks))) == parsed.end(at(len(chunks)))
 
 
+@pytest.mark.parametrize("events", [
+    s.OPENAI_CHAT_USAGE, s.VLLM_CHAT_NO_USAGE, s.OPENAI_TOOL_CALL, s.LLAMACPP_LENGTH,
+    s.OPENAI_ERROR_MIDWAY, s.LEGACY_COMPLETION,
+])
+@pytest.mark.parametrize("group", [2, 3])
+def test_reader_coalesced_events_read_as_parsing_does(events: list[str], group: int) -> None:
+    """Events a server wrote apart arriving together (two or three per read), after the
+    byte test took over: the several-events quick path reads them as parsing does."""
+    chunks = s.sse(events)
+    coalesced = chunks[:2] + [b"".join(chunks[i:i + group])
+                              for i in range(2, len(chunks), group)]
+    parsed = _ParseEveryEvent(start=START, content_type=SSE)
+    fast = ResponseReader(start=START, content_type=SSE)
+    for i, chunk in enumerate(coalesced):
+        parsed.feed(chunk, at(i))
+        fast.feed(chunk, at(i))
+    assert fast.end(at(len(coalesced))) == parsed.end(at(len(coalesced)))
+
+
 @pytest.mark.parametrize("key", ["reasoning", "refusal"])
 def test_reader_byte_test_counts_every_text_key_parsing_counts(key: str) -> None:
     def event(text: str) -> str:

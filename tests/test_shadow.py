@@ -19,7 +19,7 @@ from proxy.config.model import CompareConfig, ShadowConfig, UpstreamConfig
 from proxy.metrics import Metrics
 from proxy.rollout.sticky import bucket, key_hash
 from proxy.shadow.compare import PathDiff, compare
-from proxy.shadow.mirror import SESSION_BUCKETS, ShadowCopy, ShadowMirror, _Side, session_bucket
+from proxy.shadow.mirror import SESSION_BUCKETS, ShadowCopy, ShadowMirror, Side, session_bucket
 from proxy.shadow.record import DiffRecord
 from proxy.upstream.pool import UpstreamPool
 
@@ -273,8 +273,8 @@ def test_pair_is_judged_once_when_both_sides_are_in() -> None:
     mirror = make_mirror(100, compare_cfg=cfg)
     pair = ShadowCopy(mirror, "POST", "/v1/x", [], b"", "rid", 100, keep_bodies=True)
     pair.keep(b'{"a": 1}')
-    pair._shadow_done(_Side("v3", 200, 0.5, 0.6, b'{"a": 2}', False))
-    pair._primary = _Side("v1", 200, 0.1, 0.2, b'{"a": 1}', False)
+    pair._shadow_done(Side("v3", 200, 0.5, 0.6, b'{"a": 2}', False))
+    pair._primary = Side("v1", 200, 0.1, 0.2, b'{"a": 1}', False)
     verdict = mirror.judge(pair)
     assert verdict is not None and verdict.kinds == ["body"]
     assert mirror.judge(pair) is None  # already judged

@@ -37,7 +37,7 @@ class Recorder:
         self.calls: list[str] = []
         self.ended: asyncio.Future[str | BaseException] = loop.create_future()
 
-    def head(self, status: int) -> None:
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.calls.append("head")
         self.status = status
 

@@ -65,6 +65,7 @@ routes:
       sample: {sample}
       compare: {{status: true, json_paths: ["{compared}"], record: {record}}}
     retry_canary_on_stable: true
+    llm: {{telemetry: true}}
     rollback: {{window: {window:g}s, min_requests: 10, max_error_rate: 5, max_p99: {max_p99}ms,
                consecutive_failures: 5, verify: {verify}ms}}
 """

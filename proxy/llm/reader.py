@@ -109,6 +109,18 @@ class Reading:
     inter_token: tuple[int, ...]
     inter_token_sum: Seconds
 
+    def as_json(self) -> dict[str, object]:
+        """The figures a shadow diff record shows of each side (milliseconds)."""
+        return {
+            "ttft_ms": None if self.ttft is None else round(self.ttft * 1000.0, 3),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "estimated": self.estimated,
+            "finish_reason": self.finish_reason,
+            "tokens_per_second": (None if self.tokens_per_second is None
+                                  else round(self.tokens_per_second, 3)),
+        }
+
 
 class ResponseReader:
     """Telemetry of one response: ``feed(chunk, now)`` per body chunk, then ``end(now)``.
@@ -187,6 +199,8 @@ class ResponseReader:
                 self._gaps[bisect_left(INTER_TOKEN_BOUNDS, gap)] += 1  # type: ignore[index]
                 self._last_at = now
             return
+        if self._quick and chunk.endswith(b"\n\n") and self._plain_events(chunk, now):
+            return
         mode = self._mode
         if mode == _SSE:
             self._feed_sse(chunk, now)
@@ -197,6 +211,24 @@ class ResponseReader:
                 self._off()
             else:
                 self._buf += chunk
+
+    def _plain_events(self, chunk: bytes, now: float) -> bool:
+        """Several plain content events in one chunk (events a server wrote apart, read
+        together): each one ``data:`` line and a blank line, with ``"finish_reason":null``
+        as this stream writes it. Read as the one-event quick path reads one, without the
+        line-by-line parser (a fifth of a fast stream's chunks, measured). False, having
+        read nothing, for anything else."""
+        parts = chunk[:-2].split(b"\n\n")
+        null = self._style.null_finish
+        for part in parts:
+            if (not part.startswith(b"data:") or part.find(null) < 0 or b"\n" in part
+                    or b"\r" in part):
+                return False
+        style = self._style
+        for part in parts:
+            if _byte_text(part, style):
+                self._content(now)
+        return True
 
     def end(self, now: float, *, broken: bool = False) -> Reading | None:
         """The response ended at ``now``; ``broken`` when it was cut (upstream reset or

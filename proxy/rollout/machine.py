@@ -39,7 +39,7 @@ from proxy.rollout.windows import SlidingWindow, WindowStats
 
 if TYPE_CHECKING:
     from proxy.rollout.pick import SharedPins
-    from proxy.shadow.mirror import ShadowMirror
+    from proxy.shadow.mirror import ShadowMirror, Side
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class Rollout:
         metrics: Metrics,
         on_change: Callable[[], None],
         shadow: ShadowMirror | None = None,
+        pairs: ShadowMirror | None = None,
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
         rng: random.Random | None = None,
@@ -77,6 +78,10 @@ class Rollout:
         self.route = route
         self.name = route.name
         self.shadow = shadow  # the route's ShadowMirror, built by the composition root
+        # guard.compare's paired copies to stable (a ShadowMirror with a sink), or None
+        self.pairs = pairs
+        if pairs is not None:
+            pairs.sink = self.pair_done
         self._events = events
         self._metrics = metrics
         self._on_change = on_change
@@ -164,6 +169,11 @@ class Rollout:
     @property
     def live(self) -> LiveState:
         return self._s
+
+    @property
+    def mirrors(self) -> tuple[ShadowMirror, ...]:
+        """The route's shadow mirror and guard pair mirror, those it has."""
+        return tuple(m for m in (self.shadow, self.pairs) if m is not None)
 
     @property
     def latch(self) -> Latch | None:
@@ -371,6 +381,12 @@ class Rollout:
                                     copy_body=copy_body)
             if tripped is not None:
                 self._guard_trip(tripped)
+
+    def pair_done(self, kind: str, primary: Side, copy: Side) -> None:
+        """``pairs``' sink: a paired copy and its primary answer are both done."""
+        self.paired(kind, primary_status=primary.status, copy_status=copy.status,
+                    primary_body=None if primary.truncated else primary.body,
+                    copy_body=None if copy.truncated else copy.body)
 
     def rated(self, body: bytes) -> FeedbackResult:
         """A ``POST /feedback`` body for an answer of this route."""

@@ -23,17 +23,21 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any, NamedTuple
 
+from proxy.answer import Capped, header_value
 from proxy.config.model import CompareConfig, ShadowConfig
 from proxy.errors import StreamBroken, UpstreamError
 from proxy.events import rfc3339_now
+from proxy.llm.lane import LlmLane
+from proxy.llm.reader import Reading, ResponseReader
 from proxy.metrics import (
     OUTCOME_ERROR,
     OUTCOME_TIMEOUT,
     SHADOW_OUTCOMES,
     Metrics,
+    ShadowStats,
     outcome_index,
 )
 from proxy.rollout.sticky import key_hash
@@ -72,48 +76,22 @@ def session_bucket(key: str) -> int:
     return key_hash(key, _PERSON) % SESSION_BUCKETS
 
 
-class _Side(NamedTuple):
+class Side(NamedTuple):
     upstream: str
     status: int
     ttfb: float
     total: float
     body: bytes | None  # None when the comparison does not need it
     truncated: bool  # the body passed inspect_body: only its first bytes are in ``body``
+    llm: Reading | None = None  # what LLM telemetry read of the answer (llm.telemetry)
 
     def as_json(self) -> dict[str, Any]:
-        return {"upstream": self.upstream, "status": self.status,
-                "ttfb_ms": round(self.ttfb * 1000, 3), "total_ms": round(self.total * 1000, 3)}
-
-
-class _Capped:
-    """The first ``cap`` bytes of a body, and whether more came (both sides of a pair)."""
-
-    __slots__ = ("parts", "room", "truncated")
-
-    def __init__(self, cap: int) -> None:
-        self.parts: list[bytes] = []
-        self.room = cap
-        self.truncated = False
-
-    def add(self, chunk: bytes) -> None:
-        room = self.room
-        if len(chunk) <= room:
-            self.parts.append(chunk)
-            self.room = room - len(chunk)
-        elif not self.truncated:
-            self.truncated = True
-            if room > 0:
-                self.parts.append(chunk[:room])
-            self.room = 0
-
-    def take(self) -> bytes:
-        parts, self.parts = self.parts, []
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def stop(self) -> None:
-        """Keep nothing more (the other side failed)."""
-        self.parts = []
-        self.room = 0
+        out: dict[str, Any] = {
+            "upstream": self.upstream, "status": self.status,
+            "ttfb_ms": round(self.ttfb * 1000, 3), "total_ms": round(self.total * 1000, 3)}
+        if self.llm is not None:
+            out["llm"] = self.llm.as_json()
+        return out
 
 
 class ShadowCopy:
@@ -127,8 +105,8 @@ class ShadowCopy:
     """
 
     __slots__ = ("deadline", "conn", "request_id", "method", "target", "wants_body", "keep",
-                 "_mirror", "_headers", "_payload", "_t0", "_status", "_ttfb", "_p_body",
-                 "_s_body", "_primary", "_shadow", "_dead")
+                 "kind", "_mirror", "_headers", "_payload", "_t0", "_status", "_ttfb",
+                 "_p_body", "_s_body", "_primary", "_shadow", "_dead", "_reader")
 
     def __init__(self, mirror: ShadowMirror, method: str, target: str, headers: RawHeaders,
                  payload: bytes | None, request_id: str, cap: int, keep_bodies: bool) -> None:
@@ -138,6 +116,7 @@ class ShadowCopy:
         self.method = method
         self.target = target
         self.wants_body = keep_bodies
+        self.kind: str | None = None  # a guard pair's kind ("canary" or "noise")
         self._mirror = mirror
         self._headers: RawHeaders | None = headers  # until sent
         self._payload = payload
@@ -145,21 +124,29 @@ class ShadowCopy:
         self._status = 0
         self._ttfb: float | None = None
         # Capped copies of both bodies, kept only when the comparison reads them.
-        self._p_body = _Capped(cap) if keep_bodies else None
-        self._s_body = _Capped(cap) if keep_bodies else None
+        self._p_body = Capped(cap) if keep_bodies else None
+        self._s_body = Capped(cap) if keep_bodies else None
         self.keep = self._p_body.add if self._p_body is not None else _ignore
-        self._primary: _Side | None = None
-        self._shadow: _Side | None = None
+        self._primary: Side | None = None
+        self._shadow: Side | None = None
         self._dead = False
+        self._reader: ResponseReader | None = None  # the copy's answer, read as LLM output
 
     # -- the shadow side, called by the upstream connection -------------------------------
-    def head(self, status: int) -> None:
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        mirror = self._mirror
         self._status = status
-        self._ttfb = self._mirror._now() - self._t0
+        self._ttfb = mirror._now() - self._t0
+        if mirror.llm is not None and 200 <= status < 300:
+            self._reader = mirror.llm.reader(
+                start=self._t0, content_type=header_value(headers, b"content-type"),
+                content_encoding=header_value(headers, b"content-encoding"), judged=False)
 
     def body(self, chunk: bytes) -> None:
         if self._s_body is not None:
             self._s_body.add(chunk)
+        if self._reader is not None:
+            self._reader.feed(chunk, self._mirror._now())
 
     def done(self) -> None:
         self._mirror._copy_done(self)
@@ -168,18 +155,20 @@ class ShadowCopy:
         self._mirror._copy_failed(self, exc)
 
     # -- the primary side, called by the handler (and ``keep``) ----------------------------
-    def primary_done(self, upstream: str, status: int, ttfb: float, total: float) -> None:
-        """The primary response reached the client whole."""
+    def primary_done(self, upstream: str, status: int, ttfb: float, total: float,
+                     llm: Reading | None = None) -> None:
+        """The primary response reached the client whole (``llm``: what LLM telemetry
+        read of it, for the record)."""
         if self._dead:
             return
         kept = self._p_body
         body = kept.take() if kept is not None else None
         truncated = kept is not None and kept.truncated
-        self._primary = _Side(upstream, status, ttfb, total, body, truncated)
+        self._primary = Side(upstream, status, ttfb, total, body, truncated, llm)
         if self._shadow is not None:
             self._mirror.judge_safely(self)
 
-    def _shadow_done(self, side: _Side | None) -> None:
+    def _shadow_done(self, side: Side | None) -> None:
         if side is None:  # the shadow failed: nothing to compare, stop keeping the primary
             self._dead = True
             if self._p_body is not None:
@@ -194,14 +183,23 @@ class ShadowCopy:
                 f"shadow={self._shadow is not None}>")
 
 
+# Where a guard pair goes once both sides are done: (kind, primary, copy).
+PairSink = Callable[[str, Side, Side], None]
+
+
 class ShadowMirror:
     """Shadow traffic of one route. Created with the route's ``Rollout``; ``aclose``
     (shutdown, or a reload that replaces it) waits briefly for copies in flight, aborts
-    the rest unjudged, and flushes the record."""
+    the rest unjudged, and flushes the record.
+
+    The same machinery sends the paired copies of ``guard.compare`` (a sample of
+    requests also sent to stable): built with ``sink``, a mirror hands each finished pair
+    to it instead of comparing, counting and recording it as shadow traffic, and counts
+    its copies under the role ``pair``."""
 
     def __init__(self, *, route: str, cfg: ShadowConfig, pool: UpstreamPool,
                  metrics: Metrics, rng: random.Random | None = None,
-                 primaries: tuple[str, ...] = ()) -> None:
+                 primaries: tuple[str, ...] = (), sink: PairSink | None = None) -> None:
         self.route = route
         self.cfg = cfg
         self.upstream = cfg.upstream
@@ -218,11 +216,15 @@ class ShadowMirror:
         self._judges = TaskSet(f"shadow-compare-{route}", limit=JUDGES)
         self._loop: asyncio.AbstractEventLoop | None = None  # taken at the first offer
         self._now = time.monotonic  # the loop's clock, once there is a loop
+        self.sink = sink  # set again when a reload hands this mirror to a new rollout
+        # LLM telemetry of the copies' answers (the route's llm.telemetry), role "shadow"
+        self.llm: LlmLane | None = None
         # primaries: the route's stable and canary, whose mismatch series start at 0
-        self._stats = metrics.shadow(route, compares=cfg.compare is not None,
-                                     primaries=primaries)
+        self._stats = (metrics.shadow(route, compares=cfg.compare is not None,
+                                      primaries=primaries) if sink is None
+                       else ShadowStats())  # pairs are not shadow traffic
         self._outcomes = self._stats.outcomes
-        self._series = metrics.series(route, cfg.upstream, "shadow")
+        self._series = metrics.series(route, cfg.upstream, "shadow" if sink is None else "pair")
         self._in_flight = metrics.in_flight(route, cfg.upstream)
         self._compare: CompareConfig | None = cfg.compare
         self._keep_bodies = False
@@ -251,7 +253,7 @@ class ShadowMirror:
 
     def offer(self, method: str, target: str, headers: RawHeaders,
               body: bytes | AsyncIterable[bytes] | None, *, request_id: str,
-              inspect_body: int) -> ShadowCopy | None:
+              inspect_body: int, kind: str | None = None) -> ShadowCopy | None:
         """Queue the copy of a sampled request and return at once (call it right before
         sending the primary: the copy is written in the next loop step, after it). ``body``
         must be the buffered body: a streamed one (over ``inspect_body``) is not mirrored.
@@ -268,6 +270,7 @@ class ShadowMirror:
             self._now = loop.time
         copy = ShadowCopy(self, method, target, headers, body, request_id, inspect_body,
                           self._keep_bodies)
+        copy.kind = kind
         self._live.add(copy)
         self._in_flight.value += 1
         loop.call_soon(self._send, copy)
@@ -287,7 +290,11 @@ class ShadowMirror:
             self._copy_failed(copy, exc)
 
     def _copy_done(self, copy: ShadowCopy) -> None:
-        total = self._now() - copy._t0
+        now = self._now()
+        total = now - copy._t0
+        reading = None
+        if copy._reader is not None and self.llm is not None:
+            reading = self.llm.end(copy._reader, now, role="shadow", judged=False)
         ttfb = copy._ttfb if copy._ttfb is not None else total
         status = copy._status
         self._outcomes[SENT] += 1
@@ -297,9 +304,12 @@ class ShadowMirror:
             kept = copy._s_body
             data = kept.take() if kept is not None else None
             truncated = kept is not None and kept.truncated
-            copy._shadow_done(_Side(self.upstream, status, ttfb, total, data, truncated))
+            copy._shadow_done(Side(self.upstream, status, ttfb, total, data, truncated,
+                                   reading))
 
     def _copy_failed(self, copy: ShadowCopy, exc: BaseException) -> None:
+        if copy._reader is not None and self.llm is not None:
+            self.llm.end(copy._reader, self._now(), role="shadow", broken=True, judged=False)
         self._ended(copy)
         if self._closed:  # aborted by aclose: not the shadow's failure
             return
@@ -334,6 +344,10 @@ class ShadowMirror:
         if p is None or s is None or cfg is None or self._closed:
             return None
         pair._primary = pair._shadow = None  # judged once; free the bodies
+        if self.sink is not None:
+            if pair.kind is not None:
+                self.sink(pair.kind, p, s)
+            return None
         self._stats.delta.observe(s.ttfb - p.ttfb)
         p_body = None if p.truncated else p.body
         s_body = None if s.truncated else s.body
@@ -349,7 +363,7 @@ class ShadowMirror:
         self._conclude(pair, p, s, verdict, cfg, skipped)
         return verdict
 
-    async def _judge_in_thread(self, pair: ShadowCopy, p: _Side, s: _Side,
+    async def _judge_in_thread(self, pair: ShadowCopy, p: Side, s: Side,
                                p_body: bytes | None, s_body: bytes | None,
                                cfg: CompareConfig) -> None:
         verdict = await asyncio.to_thread(
@@ -357,7 +371,7 @@ class ShadowMirror:
             primary_body=p_body, shadow_body=s_body)
         self._conclude(pair, p, s, verdict, cfg, "a body was over inspect_body")
 
-    def _conclude(self, pair: ShadowCopy, p: _Side, s: _Side, verdict: Verdict,
+    def _conclude(self, pair: ShadowCopy, p: Side, s: Side, verdict: Verdict,
                   cfg: CompareConfig, skipped: str) -> None:
         if not verdict.status_differs and not verdict.paths:
             return
@@ -365,7 +379,7 @@ class ShadowMirror:
         if self._record is not None:
             self._record.append(self._entry(pair, p, s, verdict, cfg, skipped))
 
-    def _entry(self, pair: ShadowCopy, p: _Side, s: _Side, verdict: Verdict,
+    def _entry(self, pair: ShadowCopy, p: Side, s: Side, verdict: Verdict,
                cfg: CompareConfig, skipped: str) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "time": rfc3339_now(),

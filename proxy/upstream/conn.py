@@ -59,7 +59,7 @@ class Sink(Protocol):
     deadline: float
     conn: Connection | None
 
-    def head(self, status: int) -> None: ...
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     def body(self, chunk: bytes) -> None: ...
     def done(self) -> None: ...
     def failed(self, exc: BaseException) -> None: ...
@@ -465,7 +465,7 @@ class Connection(asyncio.Protocol):
         self._keep = keep
         sink = self._sink
         if sink is not None:
-            sink.head(status)
+            sink.head(status, headers)
             return
         fut = self._head_fut
         assert fut is not None

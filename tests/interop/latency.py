@@ -41,7 +41,7 @@ REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
                               "data": [v for row in ROWS for v in row]}]}),
     "llama": ("/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0}),
 }
-STREAM = ("/v1/completions", {"prompt": "Hello", "max_tokens": 16, "temperature": 0,
+STREAM = ("/v1/completions", {"prompt": "Hello", "max_tokens": 64, "temperature": 0,
                               "stream": True})
 
 
@@ -54,6 +54,15 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"n": len(values), "p50_ms": quantile(values, 0.50) * 1000,
             "p99_ms": quantile(values, 0.99) * 1000,
             "mean_ms": sum(values) / len(values) * 1000}
+
+
+def summary_rate(values: list[float]) -> dict[str, float]:
+    """Median and p10 (the slow end) of per-stream tokens/s."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"n": 0, "p50": 0.0, "p10": 0.0}
+    return {"n": len(ordered), "p50": round(quantile(ordered, 0.5), 1),
+            "p10": round(quantile(ordered, 0.1), 1)}
 
 
 def start_model(kind: str, work: Path) -> srv.ServerProcess:
@@ -70,7 +79,10 @@ def start_model(kind: str, work: Path) -> srv.ServerProcess:
     return server
 
 
-def start_flipback(upstream: str, work: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_flipback(upstream: str, work: Path,
+                   llm: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+    """flipback in front of ``upstream``; ``llm``: the route reads answers as LLM output
+    (llm.telemetry), so the figures include what that costs."""
     port, admin = srv.free_port(), srv.free_port()
     cfg = work / "flipback.yaml"
     cfg.write_text(f"""
@@ -80,7 +92,7 @@ state: {{file: {work}/state.json}}
 upstreams:
   model: {{url: "{upstream}"}}
 routes:
-  - {{name: r, match: {{path_prefix: /}}, stable: model}}
+  - {{name: r, match: {{path_prefix: /}}, stable: model, llm: {{telemetry: {str(llm).lower()}}}}}
 """)
     env = {**os.environ, "FLIPBACK_LOG_LEVEL": "WARNING"}
     env.pop("FLIPBACK_ADMIN_TOKEN", None)
@@ -108,22 +120,32 @@ async def timed_json(session: aiohttp.ClientSession, url: str, body: bytes) -> f
     return time.perf_counter() - t0
 
 
-async def timed_stream(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
-    """Seconds to the first SSE event whose text is not empty (the first token out)."""
+async def timed_stream(session: aiohttp.ClientSession, url: str, body: bytes,
+                       rates: list[float] | None = None) -> float:
+    """Seconds to the first SSE event whose text is not empty (the first token out);
+    appends the stream's tokens per second (text events after the first, over the time
+    from the first to the last) to ``rates``."""
     t0 = time.perf_counter()
     ttft = None
     buf = b""
+    events, last = 0, 0.0
     async with session.post(url, data=body,
                             headers={"Content-Type": "application/json"}) as resp:
         async for chunk in resp.content.iter_any():
-            if ttft is None:
-                buf += chunk
-                for line in buf.split(b"\n"):
-                    if line.startswith(b"data: {") and b'"text": ""' not in line:
-                        ttft = time.perf_counter() - t0
-                        break
+            buf += chunk
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            now = time.perf_counter()
+            for line in lines:
+                if line.startswith(b"data: {") and b'"text": ""' not in line:
+                    events += 1
+                    last = now
+                    if ttft is None:
+                        ttft = now - t0
         if resp.status != 200:
             raise RuntimeError(f"{url}: {resp.status}")
+    if rates is not None and ttft is not None and events > 1 and last > t0 + ttft:
+        rates.append((events - 1) / (last - t0 - ttft))
     return ttft if ttft is not None else time.perf_counter() - t0
 
 
@@ -159,9 +181,14 @@ async def measure(kind: str, model_url: str, proxy_url: str, n: int,
             lambda: timed_json(session, proxy_url + path, body))}
         if kind == "llama":
             spath, sbody = STREAM[0], json.dumps(STREAM[1]).encode()
+            direct_rates: list[float] = []
+            proxied_rates: list[float] = []
             result["ttft"] = await interleaved(
-                streams, 5, lambda: timed_stream(session, model_url + spath, sbody),
-                lambda: timed_stream(session, proxy_url + spath, sbody))
+                streams, 5,
+                lambda: timed_stream(session, model_url + spath, sbody, direct_rates),
+                lambda: timed_stream(session, proxy_url + spath, sbody, proxied_rates))
+            result["tokens_per_s"] = {"direct": summary_rate(direct_rates),
+                                      "flipback": summary_rate(proxied_rates)}
     return result
 
 
@@ -171,7 +198,7 @@ def run_one(kind: str, n: int, streams: int) -> dict[str, Any]:
         work = Path(tmp)
         server = start_model(kind, work)
         try:
-            fb, port = start_flipback(server.url, work)
+            fb, port = start_flipback(server.url, work, llm=kind == "llama")
             try:
                 return uvloop.run(measure(kind, server.url, f"http://127.0.0.1:{port}", n,
                                           streams))
@@ -195,12 +222,19 @@ def table(results: dict[str, Any]) -> str:
     for kind, res in results.items():
         rows = [(names[kind], res["json"])]
         if "ttft" in res:
-            rows.append(("llama-cpp-python TTFT, streamed, 16 tokens", res["ttft"]))
+            rows.append(("llama-cpp-python TTFT, streamed, 64 tokens", res["ttft"]))
         for label, r in rows:
             d, p = r["direct"], r["flipback"]
             lines.append(f"| {label} | {d['n']} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | "
                          f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f} | "
                          f"{r['added_p50_ms']:+.2f} / {r['added_p99_ms']:+.2f} |")
+    for kind, res in results.items():
+        rates = res.get("tokens_per_s")
+        if rates:
+            d, p = rates["direct"], rates["flipback"]
+            lines.append(f"\n{kind} tokens/s per stream (p50 / p10, n={d['n']}): direct "
+                         f"{d['p50']:.0f} / {d['p10']:.0f}, through flipback with "
+                         f"llm.telemetry {p['p50']:.0f} / {p['p10']:.0f}")
     return "\n".join(lines)
 
 
