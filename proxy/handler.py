@@ -27,7 +27,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.headers import RequestHeaders, downstream_head
+from proxy.headers import RequestHeaders, downstream_head, not_forwarded_down
 from proxy.http1.listener import Limits
 from proxy.http1.request import Request, RequestBody
 from proxy.http1.response import Reply, header_lines, json_error
@@ -129,6 +129,8 @@ class Proxy:
         self.id_header = self.headers.id_name
         self._id_line = self.id_header.encode() + b": "
         self._id_raw = self.id_header.lower().encode("latin-1")
+        self._not_down = not_forwarded_down(self._id_raw)  # flipback sets the id
+        self._not_down_no_id = not_forwarded_down(None)  # no id: the upstream's passes
         self._lane_cache: dict[tuple[str, str | None], bytes] = {}
 
     def _lane_lines(self, lane: Lane) -> bytes:
@@ -357,7 +359,8 @@ class Proxy:
                         raise
             break
 
-        head = downstream_head(up.headers) + self._lane_lines(lane)
+        head = downstream_head(up.headers, self._not_down if rid else self._not_down_no_id)
+        head += self._lane_lines(lane)
         if retried_from is not None:
             head += b"x-flipback-retried-from: %s\r\n" % ", ".join(retried_from).encode()
         if rid:

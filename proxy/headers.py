@@ -135,9 +135,23 @@ class RequestHeaders:
         return out
 
 
-def downstream_head(raw: list[tuple[bytes, bytes]]) -> bytes:
-    """Upstream response headers -> the client's header lines (hop-by-hop removed), as
-    bytes: llhttp already refused CR and LF in them, so they pass as they came."""
+# The headers flipback sets on every answer itself: an upstream's own (a server echoing
+# the request id, a flipback behind flipback) would give the client two of each.
+OWN_DOWN = frozenset({b"x-flipback-upstream", b"x-flipback-version",
+                      b"x-flipback-retried-from"})
+
+
+def not_forwarded_down(id_header: bytes | None) -> frozenset[bytes]:
+    """The response headers ``downstream_head`` drops: hop-by-hop, flipback's own, and
+    the request id header when flipback sets it (``id_header``)."""
+    return _NOT_FORWARDED_DOWN | OWN_DOWN | ({id_header.lower()} if id_header else set())
+
+
+def downstream_head(raw: list[tuple[bytes, bytes]],
+                    dropped: frozenset[bytes] = _NOT_FORWARDED_DOWN) -> bytes:
+    """Upstream response headers -> the client's header lines (hop-by-hop and ``dropped``
+    removed), as bytes: llhttp already refused CR and LF in them, so they pass as they
+    came."""
     listed: frozenset[bytes] = frozenset()
     for name, _ in raw:
         if len(name) == 10 and name.lower() == b"connection":
@@ -146,7 +160,7 @@ def downstream_head(raw: list[tuple[bytes, bytes]]) -> bytes:
     out: list[bytes] = []
     for name, value in raw:
         lname = name.lower()
-        if lname in _NOT_FORWARDED_DOWN or lname in listed:
+        if lname in dropped or lname in listed:
             continue
         out += (name, b": ", value, b"\r\n")
     return b"".join(out)

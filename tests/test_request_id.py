@@ -93,3 +93,27 @@ async def test_a_garbage_client_id_is_replaced_not_crashed_on(model, flipback):
     rid = re.search(rb"X-Request-Id: ([^\r]+)", reply, re.I).group(1).decode()
     assert uuid.UUID(rid).version == 4
     assert v2.seen[-1].headers["x-request-id"] == rid
+
+
+async def test_an_upstream_echoing_the_id_and_flipback_headers_gives_the_client_one_each(
+        model, flipback, tmp_path):
+    """Model servers echo x-request-id (uvicorn's apps do), and a flipback in front of a
+    flipback sends its own x-flipback-*: the client still gets one of each, flipback's."""
+    v1, v2, v3 = await _three(model)
+    echo = {"x-request-id": "from-upstream", "x-flipback-upstream": "inner",
+            "x-flipback-version": "inner-v"}
+    v2.behaviour = Behaviour(extra_headers=echo)
+    fb = await flipback(ROUTE, v1=v1.url, v2=v2.url, v3=v3.url, server="",
+                        record=tmp_path / "d.jsonl")
+    async with fb.session.post(fb.url + "/x", data=b"{}",
+                               headers={"x-request-id": "mine"}) as resp:
+        await resp.read()
+        assert resp.headers.getall("x-request-id") == ["mine"]
+        assert resp.headers.getall("x-flipback-upstream") == ["v2"]
+        assert "x-flipback-version" not in resp.headers  # v2 says no version
+    off = await flipback(ROUTE, v1=v1.url, v2=v2.url, v3=v3.url,
+                         server=", request_id: {generate: off}", record=tmp_path / "e.jsonl")
+    async with off.session.post(off.url + "/x", data=b"{}") as resp:
+        await resp.read()
+        # no id of its own: the upstream's passes through
+        assert resp.headers.getall("x-request-id") == ["from-upstream"]

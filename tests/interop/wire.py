@@ -40,8 +40,14 @@ class Flipback:
         return await self.get_json(f"/routes/{name}")
 
     def metric(self, name: str, **labels: str) -> float:
-        value = self.app.runtime.metrics.registry.get_sample_value(name, labels)
-        return float(value or 0.0)
+        """The sum of the samples of ``name`` whose labels include ``labels`` (a series
+        may carry more, e.g. the mismatch counter's ``primary``)."""
+        total = 0.0
+        for family in self.app.runtime.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total
 
 
 StartFlipback = Callable[[dict[str, Any]], Awaitable[Flipback]]
