@@ -375,8 +375,9 @@ class Proxy:
             read_nowait = up.read_nowait  # no coroutine for bytes already here
             # What reads the answer as it goes (the shadow's copy, a guard pair, the
             # guards, LLM telemetry): None on a route with none of them.
+            guards = rollout.guards
             if (tap is not None or pair is not None or lane.llm is not None
-                    or rollout.guards is not None):
+                    or (guards is not None and guards.reads_answers)):
                 watch = AnswerWatch.start(rollout, lane, role, status=status,
                                           headers=up.headers, request_id=rid, sent_at=t0,
                                           judged=not retried_from, tap=tap, pair=pair,

@@ -64,6 +64,12 @@ class RouteGuards:
         return stamp
 
     @property
+    def reads_answers(self) -> bool:
+        """Do the guards read the answers a client gets (output drift, feedback)? Paired
+        disagreement reads its pairs only."""
+        return self.drift is not None or self.store is not None
+
+    @property
     def guards(self) -> list[Guard]:
         """The configured guards, in config order."""
         return [g for g in (self.drift, self.feedback, self.disagreement) if g is not None]
