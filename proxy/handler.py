@@ -39,7 +39,7 @@ from proxy.rollout.machine import Rollout
 from proxy.rollout.sticky import session_key
 from proxy.runtime import Runtime
 from proxy.shadow.mirror import ShadowCopy
-from proxy.watch import AnswerWatch
+from proxy.watch import AnswerWatch, guard_answer
 
 logger = logging.getLogger(__name__)
 _draw = random.random
@@ -366,6 +366,7 @@ class Proxy:
         if rid:
             head += self._id_line + rid.encode() + b"\r\n"
         watch: AnswerWatch | None = None
+        whole_answer: bytes | None = None  # for the guards, when no watch reads it
         try:
             # The body came with the headers (most JSON answers), or was waited for: the
             # head then leaves with the first body bytes, one write instead of two. An
@@ -373,22 +374,29 @@ class Proxy:
             proto = request.proto  # the connection writes the response
             length = up.content_length if status not in _NO_BODY_STATUSES else None
             read_nowait = up.read_nowait  # no coroutine for bytes already here
+            chunk: bytes | None = first or read_nowait()
+            whole = chunk is not None and length is not None and len(chunk) == length
             # What reads the answer as it goes (the shadow's copy, a guard pair, the
-            # guards, LLM telemetry): None on a route with none of them.
+            # guards, LLM telemetry): None on a route with none of them. A whole answer
+            # on a route where only the guards read answers goes to them as it is, after
+            # the request (``whole_answer``): no watch, no copy.
             guards = rollout.guards
+            reads = guards is not None and guards.reads_answers
             if (tap is not None or pair is not None or lane.llm is not None
-                    or (guards is not None and guards.reads_answers)):
+                    or (reads and not whole)):
                 watch = AnswerWatch.start(rollout, lane, role, status=status,
                                           headers=up.headers, request_id=rid, sent_at=t0,
                                           judged=not retried_from, tap=tap, pair=pair,
                                           inspect_body=self.inspect_body, now=now)
             feed = watch.feeder() if watch is not None else None
-            chunk: bytes | None = first or read_nowait()
-            if chunk is not None and length is not None and len(chunk) == length:
+            if whole:
                 # the whole body is here (most JSON answers): one call, one write
+                assert chunk is not None
                 proto.respond(status, head, chunk, reason=up.reason)
                 if feed is not None:
                     feed(chunk)
+                elif reads:
+                    whole_answer = chunk
             else:
                 proto.start_response(status, up.reason, head, length,
                                      defer=chunk is not None)
@@ -432,6 +440,9 @@ class Proxy:
                  total=total)
         if watch is not None:
             watch.done(lane.upstream, status, ttfb, total)
+        elif whole_answer is not None:
+            guard_answer(rollout, lane, role, status, whole_answer, rid,
+                         judged=not retried_from, limit=self.inspect_body)
         if self.access_log:
             self._log(request, rollout.name, lane.upstream, role, status, total, rid)
 

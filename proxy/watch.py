@@ -25,6 +25,37 @@ from proxy.shadow.mirror import ShadowCopy
 _draw = random.random
 
 
+def _guarded_arm(rollout: Rollout, lane: Lane, role: str, status: int,
+                 judged: bool) -> str | None:
+    """The arm the route's guards read this answer as ("canary", "stable", or "replay"
+    for an answer to a request another lane failed), or None when they do not read it."""
+    if rollout.guards is None or not 200 <= status < 300 or role == "override":
+        return None
+    if lane is rollout.canary:
+        return "canary" if judged else "replay"
+    if lane is rollout.base_lane:
+        return "stable" if judged else "replay"
+    return None
+
+
+def guard_answer(rollout: Rollout, lane: Lane, role: str, status: int, body: bytes,
+                 request_id: str, *, judged: bool, limit: int) -> None:
+    """A whole answer (it came in one piece with its head) for the route's guards, read
+    after the request, without an ``AnswerWatch``: the usual JSON answer of a route whose
+    only readers are the guards (the cheap path: no watch, no copy)."""
+    arm = _guarded_arm(rollout, lane, role, status, judged)
+    if arm is None:
+        return
+    guards = rollout.guards
+    assert guards is not None
+    draw = _draw()
+    if guards.wants_answer(arm, draw):
+        rollout.answered(arm, body if len(body) <= limit else None, draw=draw,
+                         request_id=request_id)
+    elif guards.store is not None:
+        rollout.answered(arm, None, draw=draw, request_id=request_id)
+
+
 class AnswerWatch:
     """The readers of one primary answer (see the module docstring)."""
 
@@ -69,10 +100,10 @@ class AnswerWatch:
             watch.reader = llm.reader(
                 start=sent_at, content_type=header_value(headers, b"content-type"),
                 content_encoding=header_value(headers, b"content-encoding"), judged=judged)
-        guards = rollout.guards
-        if guards is not None and 200 <= status < 300 and role != "override" and (
-                lane is rollout.canary or lane is rollout.base_lane):
-            arm = ("canary" if lane is rollout.canary else "stable") if judged else "replay"
+        arm = _guarded_arm(rollout, lane, role, status, judged)
+        if arm is not None:
+            guards = rollout.guards
+            assert guards is not None
             draw = _draw()
             wanted = guards.wants_answer(arm, draw)
             if wanted or guards.store is not None:  # else the guards would not read it

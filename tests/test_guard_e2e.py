@@ -82,6 +82,9 @@ async def test_a_healthy_canary_with_the_same_answers_is_not_flipped(model, flip
     assert v2.count > 300
     route = await fb.get_json("/routes/predict")
     assert route["guards"]["output_drift"]["state"] in ("passing", "inconclusive")
+    from proxy.cli.status_table import render_status
+    assert "guards: output_drift " in render_status([route], width=200)
+    assert "JS divergence" in render_status([route], width=200)
     async with fb.session.get(fb.admin + "/metrics") as resp:
         text = await resp.text()
     assert 'flipback_guard_state{guard="output_drift",route="predict",state="failing"} 0.0' \

@@ -152,7 +152,10 @@ def _guards_note(route: Mapping[str, Any], now: datetime.datetime) -> str | None
     for name, g in guards.items():
         state = g.get("state", "?") if isinstance(g, Mapping) else "?"
         detail = g.get("detail", "") if isinstance(g, Mapping) else ""
-        parts.append(f"{name} {state}" + (f" ({detail})" if state != "passing" else ""))
+        figures = g.get("figures") if isinstance(g, Mapping) else None
+        js = figures.get("js_divergence") if isinstance(figures, Mapping) else None
+        text = f"{name} {state}" + (f" (JS divergence {js:g})" if js is not None else "")
+        parts.append(text + (f": {detail}" if state != "passing" else ""))
     return "guards: " + "; ".join(parts)
 
 
