@@ -66,6 +66,18 @@ class ReloadResult:
                 "errors": self.errors}
 
 
+def restart_notes(old: ProxyConfig, new: ProxyConfig) -> list[str]:
+    """What a reload cannot change in a running process: one note per such field."""
+    return [f"{field} changed: needs a restart (still {before})"
+            for field, before, after in (
+                ("server.listen", old.server.listen, new.server.listen),
+                ("admin.listen", old.admin.listen, new.admin.listen),
+                ("admin.token_env", old.admin.token_env, new.admin.token_env),
+                ("state.file", old.state.file, new.state.file),
+                ("state.redis", old.state.redis, new.state.redis),
+            ) if before != after]
+
+
 def describe_diff(old: ProxyConfig, new: ProxyConfig) -> str:
     """A short human diff: ``routes +a -b ~c; upstreams ~x``."""
     parts: list[str] = []
@@ -214,14 +226,7 @@ class Runtime:
         way keep the snapshot (and pools) they started with."""
         previous = self.snapshot
         old = previous.config
-        notes = [f"{field} changed: needs a restart (still {before})"
-                 for field, before, after in (
-                     ("server.listen", old.server.listen, config.server.listen),
-                     ("admin.listen", old.admin.listen, config.admin.listen),
-                     ("admin.token_env", old.admin.token_env, config.admin.token_env),
-                     ("state.file", old.state.file, config.state.file),
-                     ("state.redis", old.state.redis, config.state.redis),
-                 ) if before != after]
+        notes = restart_notes(old, config)
         diff = describe_diff(old, config)
         self.snapshot = self._build(config, previous)
         if self.fleet is not None:

@@ -16,10 +16,25 @@ from collections.abc import Callable
 from proxy.config.model import RollbackConfig
 from proxy.rollout import rules
 from proxy.rollout.judge import CANARY, JudgeState, Verdict
-from proxy.rollout.windows import SlidingWindow
+from proxy.rollout.windows import SlidingWindow, WindowStats
 from proxy.units import Percent, Seconds
 
 TICK: Seconds = 0.1
+
+
+def window_verdict(policy: RollbackConfig, canary: WindowStats,
+                   stable: WindowStats) -> Verdict:
+    """The threshold rules' state when nothing tripped: passing once the canary's window
+    holds ``min_requests``, inconclusive before."""
+    figures: dict[str, object] = {"judge": "threshold", "canary": rules.figures_of(canary),
+                                  "stable": rules.figures_of(stable)}
+    if canary.requests >= policy.min_requests:
+        return Verdict(state=JudgeState.PASSING, reason=None, figures=figures, detail=(
+            f"no threshold crossed over {canary.requests} canary requests in the "
+            f"{policy.window:g}s window"))
+    return Verdict(state=JudgeState.INCONCLUSIVE, reason=None, figures=figures, detail=(
+        f"{canary.requests} canary requests in the {policy.window:g}s window, "
+        f"{policy.min_requests} needed"))
 
 
 class ThresholdJudge:
@@ -65,18 +80,12 @@ class ThresholdJudge:
     def verdict(self) -> Verdict:
         canary = self._canary.stats(self.policy.max_p99)
         stable = self._stable.stats(self.policy.max_p99)
-        figures: dict[str, object] = {"judge": "threshold", "canary": rules.figures_of(canary),
-                                      "stable": rules.figures_of(stable)}
         if self.trip is not None:
+            figures = {"judge": "threshold", "canary": rules.figures_of(canary),
+                       "stable": rules.figures_of(stable), **self.trip.figures}
             return Verdict(state=JudgeState.FAILING, reason=self.trip.reason.value,
-                           detail=self.trip.detail, figures={**figures, **self.trip.figures})
-        if canary.requests >= self.policy.min_requests:
-            return Verdict(state=JudgeState.PASSING, reason=None, detail=(
-                f"no threshold crossed over {canary.requests} canary requests in the "
-                f"{self.policy.window:g}s window"), figures=figures)
-        return Verdict(state=JudgeState.INCONCLUSIVE, reason=None, detail=(
-            f"{canary.requests} canary requests in the {self.policy.window:g}s window, "
-            f"{self.policy.min_requests} needed"), figures=figures)
+                           detail=self.trip.detail, figures=figures)
+        return window_verdict(self.policy, canary, stable)
 
     def __repr__(self) -> str:
         state = f"failing ({self.trip.reason.value})" if self.trip is not None else "open"

@@ -20,6 +20,7 @@ from __future__ import annotations
 from proxy.config.model import RollbackConfig
 from proxy.rollout import rules
 from proxy.rollout.judge import CANARY, JudgeState, SequentialJudge, Verdict
+from proxy.rollout.judge_threshold import window_verdict
 from proxy.rollout.state import Latch
 from proxy.rollout.windows import WindowStats
 
@@ -109,12 +110,4 @@ class RouteJudge:
             return Verdict(state=JudgeState.INCONCLUSIVE, reason=None, figures={
                 "judge": self.kind}, detail="no split to judge: the canary takes no traffic "
                 "or all of it")
-        figures: dict[str, object] = {"judge": self.kind, "canary": rules.figures_of(canary),
-                                      "stable": rules.figures_of(stable)}
-        window, needed = self.policy.window, self.policy.min_requests
-        if canary.requests >= needed:
-            return Verdict(state=JudgeState.PASSING, reason=None, figures=figures, detail=(
-                f"no threshold crossed over {canary.requests} canary requests in the "
-                f"{window:g}s window"))
-        return Verdict(state=JudgeState.INCONCLUSIVE, reason=None, figures=figures, detail=(
-            f"{canary.requests} canary requests in the {window:g}s window, {needed} needed"))
+        return window_verdict(self.policy, canary, stable)

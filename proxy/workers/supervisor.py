@@ -30,7 +30,7 @@ from proxy.config.preflight import admin_exposed, split_listen
 from proxy.errors import ProxyError
 from proxy.events import EventLog
 from proxy.reload import ConfigWatcher
-from proxy.runtime import ReloadResult, describe_diff
+from proxy.runtime import ReloadResult, describe_diff, restart_notes
 from proxy.tasks import TaskSet
 from proxy.workers.channel import Frame
 from proxy.workers.hub import Hub
@@ -136,14 +136,7 @@ class Supervisor:
         """A config validated here, once: every worker gets it (a worker started later
         gets it in its welcome)."""
         old = self.config
-        notes = [f"{field} changed: needs a restart (still {before})"
-                 for field, before, after in (
-                     ("server.listen", old.server.listen, config.server.listen),
-                     ("admin.listen", old.admin.listen, config.admin.listen),
-                     ("admin.token_env", old.admin.token_env, config.admin.token_env),
-                     ("state.file", old.state.file, config.state.file),
-                     ("state.redis", old.state.redis, config.state.redis),
-                 ) if before != after]
+        notes = restart_notes(old, config)
         diff = describe_diff(old, config)
         self.snapshot = _Held(config)
         self.hub.broadcast({"t": "reload", "config": encode_config(config),
